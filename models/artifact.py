@@ -1,0 +1,67 @@
+"""The model artifact: an ONNX graph plus everything needed to use it, described by one JSON card.
+
+An artifact directory holds `model.onnx`, `tuneserve.json` (this card) and optional extras (metrics history,
+plots). The card is what makes the model self-describing: the service needs nothing else to serve it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.preprocessing import Preprocessing
+
+CARD_FILE = "tuneserve.json"
+ONNX_FILE = "model.onnx"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelCard:
+    arch: str
+    labels: list[str]
+    preprocessing: Preprocessing
+    metrics: dict[str, Any] = field(default_factory=dict)  # final validation metrics of the exported weights
+    train_config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig that produced it
+    parity: dict[str, Any] = field(default_factory=dict)  # ONNX-vs-PyTorch report from the export gate
+    input_name: str = "input"  # float32 (N, 3, input_size, input_size), normalised
+    output_name: str = "logits"  # float32 (N, num_classes)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"artifact format_version {d.get('format_version')!r} is not supported (this tuneserve reads "
+                f"{FORMAT_VERSION})"
+            )
+        d = dict(d)
+        d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
+        return cls(**d)
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / CARD_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> "ModelCard":
+        return cls.from_dict(json.loads((Path(directory) / CARD_FILE).read_text()))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")

@@ -1,0 +1,171 @@
+"""The one evaluation transform: image bytes -> normalised float32 CHW array.
+
+Training's validation, the ONNX parity gate, `tuneserve evaluate` and the HTTP service all call
+`load_image` + `eval_transform` from here, so a model sees the same pixels everywhere. It needs only
+PIL and numpy (no torch), which keeps the serving image lean. `tests/test_preprocessing.py` checks it
+against torchvision's `Resize -> CenterCrop -> ToTensor -> Normalize` within 1/255.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+# Formats PIL decodes that make sense as photos; anything else (PDF, EPS, ICO...) is refused by name.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+
+# 40 megapixels: larger than any phone photo, far below what a decompression bomb expands to.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can use; the message says why (shown to users as-is)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels reach the network: resize the shorter side, centre-crop a square, normalise."""
+
+    input_size: int = 224  # side of the square crop the network sees
+    resize_size: int = 256  # shorter side after resizing, before the crop (input_size / crop_pct)
+    interpolation: str = "bilinear"  # one of _INTERPOLATIONS, as the weights were trained
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation={self.interpolation!r} is not supported; use one of {sorted(_INTERPOLATIONS)}"
+            )
+        if not 8 <= self.input_size <= self.resize_size:
+            raise ValueError(
+                f"need 8 <= input_size <= resize_size, got input_size={self.input_size}, "
+                f"resize_size={self.resize_size}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean}, std={self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            input_size=int(d["input_size"]),
+            resize_size=int(d["resize_size"]),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+        )
+
+
+ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
+
+
+def load_image(
+    source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Decode a file path or bytes into an upright 8-bit RGB image.
+
+    EXIF orientation is applied, animated GIF/WebP give their first frame, and modes L, LA, P, RGBA,
+    CMYK, I, I;16 and F become RGB (transparent pixels over white). Raises ImageDecodeError with the
+    reason for empty, non-image, truncated, unsupported-format or oversized input.
+    `draft_size` lets JPEGs decode at a reduced scale (at least that many pixels a side): fast, for checks
+    and previews, not for the model's input, whose pixels must match training's.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageDecodeError("empty image: received 0 bytes")
+        fp: Any = io.BytesIO(bytes(source))
+    else:
+        fp = os.fspath(source)
+    try:
+        with Image.open(fp) as img:
+            if img.format not in SUPPORTED_FORMATS:
+                raise ImageDecodeError(
+                    f"unsupported image format {img.format}; send one of {', '.join(SUPPORTED_FORMATS[:-1])}"
+                )
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
+            img.seek(0)  # first frame of animations
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()  # decode now, so truncation is reported here and not later
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image: the bytes match no known image format") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image rejected as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PIL reports truncated or corrupt data as OSError("image file is truncated ...") and friends.
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grey: scale the full range to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def resize_shorter_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """Resize so the shorter side is `size`, with torchvision's rounding of the longer side."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Square centre crop with torchvision's rounding of the offsets."""
+    w, h = img.size
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def eval_transform(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+    """RGB PIL image -> float32 array (3, input_size, input_size), normalised with pp.mean/pp.std."""
+    img = center_crop(resize_shorter_side(img, pp.resize_size, pp.interpolation), pp.input_size)
+    x = np.asarray(img, dtype=np.float32)  # (H, W, 3) in [0, 255]
+    x = x / 255.0
+    x = (x - np.asarray(pp.mean, dtype=np.float32)) / np.asarray(pp.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
+
+
+def preprocess(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes or path -> float32 (3, input_size, input_size): what the exported model takes per image."""
+    return eval_transform(load_image(source, max_pixels=max_pixels), pp)

@@ -1,0 +1,31 @@
+"""The built-in model: ImageNet EfficientNet-Lite0, exported and registered on first use, with no network."""
+from __future__ import annotations
+
+import logging
+
+from models.architectures import DEFAULT_ARCH, get_architecture, imagenet_labels
+from models.samples import sample_photos
+from models.store import ModelNotFoundError, StoredModel, load_model
+from models.weights import build_model
+
+log = logging.getLogger(__name__)
+
+BUILTIN_NAME = "imagenet-efficientnet_lite0"
+
+
+def ensure_builtin_model(name: str = BUILTIN_NAME) -> StoredModel:
+    """The latest `name` in the store, exporting and registering it first if it is not there yet."""
+    try:
+        return load_model(name)
+    except ModelNotFoundError:
+        pass
+    from training.export import export_and_register
+
+    log.info("registering the built-in model %s (ImageNet %s, exported to ONNX)", name, DEFAULT_ARCH)
+    photos = sample_photos()
+    model = build_model(DEFAULT_ARCH, 1000, "imagenet")
+    return export_and_register(
+        model, name=name, arch=DEFAULT_ARCH, labels=list(imagenet_labels()), pp=get_architecture(DEFAULT_ARCH).preprocessing,
+        parity_paths=[str(p) for p in photos], metrics={"source": "ImageNet-1k pretrained weights, not fine-tuned"},
+        train_config={"arch": DEFAULT_ARCH, "weights": "imagenet"},
+    )

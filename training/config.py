@@ -1,0 +1,156 @@
+"""Fine-tuning configuration: one dataclass, whose fields are also the CLI flags and the config-file keys.
+
+Defaults are chosen for fine-tuning an ImageNet-pretrained CNN on a small labelled folder (hundreds to tens of
+thousands of images); the reason for each sits beside it. Precedence: defaults < --config FILE < CLI flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.architectures import ARCHITECTURES, DEFAULT_ARCH
+
+
+def _opt(default: Any, help: str, **choices: Any) -> Any:
+    return field(default=default, metadata={"help": help, **choices})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _opt("", "image folder: class subfolders, or train/ and val/ each with class subfolders")
+    manifest: str | None = _opt(None, "CSV of path,label rows (paths relative to the CSV) instead of subfolders")
+    val_fraction: float = _opt(0.2, "share of each class held out for validation when there is no val/ folder")
+    min_images_per_class: int = _opt(2, "refuse classes with fewer usable training images than this")
+    # model
+    arch: str = _opt(DEFAULT_ARCH, "network to fine-tune", choices=tuple(ARCHITECTURES))
+    weights: str = _opt("imagenet", "'imagenet' (official weights), 'none', or a local state-dict .pth path")
+    # schedule: a short frozen-backbone phase trains the new head before its random gradients reach the
+    # pretrained features, then everything trains with the backbone at a lower learning rate.
+    epochs: int = _opt(8, "total epochs, head-only epochs included")
+    head_epochs: int = _opt(2, "first epochs train only the new head (backbone frozen, BatchNorm statistics kept)")
+    batch_size: int = _opt(32, "images per optimizer step per process (before gradient accumulation)")
+    grad_accum_steps: int = _opt(1, "optimizer step every N batches: effective batch = batch_size * N * world size")
+    lr: float = _opt(1e-3, "peak AdamW learning rate of the head (linear scaling: x k for k x the batch)")
+    backbone_lr_mult: float = _opt(0.1, "backbone learning rate = lr * this, once unfrozen (keeps ImageNet features)")
+    weight_decay: float = _opt(0.05, "AdamW decoupled weight decay (not applied to biases and norm weights)")
+    warmup_epochs: float = _opt(0.5, "linear warm-up at the start of each phase, then cosine decay to zero")
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing: better calibrated, less over-confident heads")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    class_weighting: bool = _opt(False, "weight the loss by inverse class frequency, for imbalanced data")
+    augment: str = _opt("trivialaugment", "training augmentation", choices=("none", "flip", "trivialaugment"))
+    patience: int = _opt(4, "stop when validation top-1 has not improved for this many epochs (0 disables)")
+    # hardware
+    device: str = _opt("auto", "where to train", choices=("auto", "cuda", "cpu"))
+    amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32")
+    channels_last: bool = _opt(True, "NHWC memory format on CUDA: faster convolutions on tensor cores")
+    workers: int = _opt(-1, "DataLoader worker processes per rank (-1: min(8, CPUs per rank))")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across ranks (for small per-GPU batches under DDP)")
+    seed: int = _opt(0, "seed for the split, initialisation of the head, shuffling and augmentation")
+    # outputs
+    output_dir: str = _opt("runs", "parent directory of run folders (checkpoints, metrics, plots)")
+    name: str | None = _opt(None, "model name in the BentoML store (default: <data folder>-<arch>)")
+    resume: str | None = _opt(None, "continue an interrupted run from its folder or last.pt")
+    export: bool = _opt(True, "export the best checkpoint to ONNX (with the parity gate) and register it")
+    parity_images: int = _opt(32, "validation images the ONNX parity gate compares PyTorch and onnxruntime on")
+    exporter: str = _opt("dynamo", "torch.onnx exporter", choices=("dynamo", "torchscript"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(what)
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of: {', '.join(choices)}")
+        need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(0 <= self.head_epochs <= self.epochs, f"head_epochs must be in [0, epochs={self.epochs}], got {self.head_epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.backbone_lr_mult >= 0, f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
+        need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.min_images_per_class >= 1, f"min_images_per_class must be >= 1, got {self.min_images_per_class}")
+        need(self.parity_images >= 1, f"parity_images must be >= 1, got {self.parity_images}")
+
+    def effective_workers(self, world_size: int = 1) -> int:
+        if self.workers >= 0:
+            return self.workers
+        return max(0, min(8, (os.cpu_count() or 1) // max(1, world_size)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Keys of a YAML, TOML or JSON file, with '-' accepted for '_'; unknown keys are an error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise ValueError(f"config file {p} must end in .yaml, .yml, .toml or .json")
+    except ValueError:
+        raise
+    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError
+        raise ValueError(f"cannot parse config file {p}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {p} must hold a mapping of keys to values, found {type(raw).__name__}")
+    raw = raw.get("train", raw) if isinstance(raw.get("train"), dict) else raw  # allow a [train] table
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"unknown key {key!r} in {p}; known keys: {', '.join(sorted(known))}")
+        out[name] = value
+    return out
+
+
+def make_config(file: str | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < file < overrides (overrides whose value is None are ignored)."""
+    values: dict[str, Any] = read_config_file(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(TrainConfig)
+    return TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Config-file values to the field's type, with an error naming the key and the value."""
+    if value is None:
+        return None
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # X | None -> X
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a valid {base.__name__}") from None

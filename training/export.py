@@ -1,0 +1,124 @@
+"""PyTorch -> ONNX with a dynamic batch axis, a parity gate on real images, and registration in the store.
+
+The gate is not optional: torch.onnx's exporters have shipped numerically wrong graphs for torchvision CNNs
+(pytorch#169178), and a wrong graph serves wrong labels silently. The exported model must match PyTorch on
+real validation images, within MAX_ABS_LOGIT_DIFF and with identical top-1, at batch 1 and at batch N.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models.artifact import ModelCard
+from models.preprocessing import Preprocessing, preprocess
+from models.runtime import OnnxClassifier
+from models.store import StoredModel, save_model
+
+log = logging.getLogger(__name__)
+
+MAX_ABS_LOGIT_DIFF = 1e-3  # fp32 vs fp32: real discrepancies are ~1e-5; wrong graphs are off by >> 1e-2
+OPSET = 18  # supported by every onnxruntime >= 1.14 and by TensorRT 10
+
+
+class ExportParityError(RuntimeError):
+    def __init__(self, report: dict[str, Any]):
+        self.report = report
+        super().__init__(
+            f"ONNX export failed the parity gate on {report['images']} images: max |logit diff| = "
+            f"{report['max_abs_logit_diff']:.3g} (limit {report['tolerance']:.0e}), top-1 agreement "
+            f"{report['top1_agreement']:.2%} (need 100%), batch-1 max diff {report['batch1_max_abs_logit_diff']:.3g}"
+        )
+
+
+def export_onnx(model: nn.Module, pp: Preprocessing, path: Path, exporter: str = "dynamo") -> Path:
+    """Write `model` (float32, CPU, eval) to `path`: input 'input' (N,3,S,S) float32 -> 'logits' (N,C)."""
+    model = model.float().cpu().eval()
+    example = torch.zeros(2, 3, pp.input_size, pp.input_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation chatter; the parity gate is the real check
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=True, external_data=False, opset_version=OPSET,
+                input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+            )
+        elif exporter == "torchscript":
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=OPSET,
+                input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        else:
+            raise ValueError(f"exporter {exporter!r} is not one of: dynamo, torchscript")
+    return path
+
+
+def parity_report(model: nn.Module, onnx_path: Path, images: np.ndarray) -> dict[str, Any]:
+    """images: float32 (N,3,S,S), already preprocessed. Compares PyTorch fp32 and onnxruntime (CPU) logits."""
+    model = model.float().cpu().eval()
+    with torch.no_grad():
+        reference = model(torch.from_numpy(images)).numpy()  # (N, C)
+    session = OnnxClassifier(onnx_path, device="cpu")
+    batched = session(images)
+    single = session(images[:1])
+    diff = np.abs(batched - reference)
+    return {
+        "images": int(images.shape[0]),
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "batch1_max_abs_logit_diff": float(np.abs(single - reference[:1]).max()),
+        "top1_agreement": float((batched.argmax(1) == reference.argmax(1)).mean()),
+        "tolerance": MAX_ABS_LOGIT_DIFF,
+        "provider": session.providers[0],
+    }
+
+
+def check_parity(report: dict[str, Any]) -> None:
+    ok = (
+        report["max_abs_logit_diff"] <= report["tolerance"]
+        and report["batch1_max_abs_logit_diff"] <= report["tolerance"]
+        and report["top1_agreement"] == 1.0
+    )
+    if not ok:
+        raise ExportParityError(report)
+
+
+def load_parity_images(paths: list[str], pp: Preprocessing) -> np.ndarray:
+    """Real images through the one eval transform -> float32 (N,3,S,S)."""
+    if not paths:
+        raise ValueError("the parity gate needs at least one real image")
+    return np.stack([preprocess(p, pp) for p in paths])
+
+
+def export_and_register(
+    model: nn.Module,
+    *,
+    name: str,
+    arch: str,
+    labels: list[str],
+    pp: Preprocessing,
+    parity_paths: list[str],
+    metrics: dict[str, Any],
+    train_config: dict[str, Any],
+    exporter: str = "dynamo",
+    extra_files: dict[str, Path] | None = None,
+) -> StoredModel:
+    """Export, gate, and register as `name:<new version>`. Nothing is registered when any step fails."""
+    with tempfile.TemporaryDirectory(prefix="tuneserve-export-") as tmp:
+        onnx_path = export_onnx(model, pp, Path(tmp) / "model.onnx", exporter)
+        report = parity_report(model, onnx_path, load_parity_images(parity_paths, pp))
+        log.info(
+            "ONNX parity on %d real images: max |logit diff| %.2e, top-1 agreement %.1f%%",
+            report["images"], report["max_abs_logit_diff"], 100 * report["top1_agreement"],
+        )
+        check_parity(report)
+        card = ModelCard(arch=arch, labels=list(labels), preprocessing=pp, metrics=metrics,
+                         train_config=train_config, parity=report)
+        return save_model(name, card, onnx_path, extra_files)

@@ -1,0 +1,89 @@
+"""torch Datasets and DataLoaders over checked samples.
+
+Validation uses models.preprocessing.eval_transform (the one transform shared with export and serving);
+training adds torchvision's random augmentation on top of the same decode (models.preprocessing.load_image).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from models.preprocessing import Preprocessing, eval_transform, load_image
+from training.config import TrainConfig
+from training.data import Dataset, Sample
+from training.distributed import DistEnv
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Sample], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        s = self.samples[i]
+        return self.transform(load_image(s.path)), s.label  # float32 (3, S, S), int
+
+
+class EvalTransform:
+    """Picklable wrapper (DataLoader workers) of the shared numpy eval transform."""
+
+    def __init__(self, pp: Preprocessing):
+        self.pp = pp
+
+    def __call__(self, img) -> torch.Tensor:
+        return torch.from_numpy(eval_transform(img, self.pp))
+
+
+def train_transform(pp: Preprocessing, augment: str) -> T.Compose:
+    interp = InterpolationMode(pp.interpolation)
+    steps: list = [T.RandomResizedCrop(pp.input_size, interpolation=interp, antialias=True)]
+    if augment in ("flip", "trivialaugment"):
+        steps.append(T.RandomHorizontalFlip())
+    if augment == "trivialaugment":
+        steps.append(T.TrivialAugmentWide(interpolation=interp))
+    steps += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp.mean, pp.std)]
+    return T.Compose(steps)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r takes items r, r+W, r+2W...: every item exactly once across ranks (DistributedSampler pads
+    with duplicates, which would skew validation metrics)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def make_loaders(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv):
+    """-> (train_loader, val_loader, train_sampler if distributed else None)."""
+    workers = cfg.effective_workers(env.world_size)
+    # Training workers are re-created each epoch (cheap with fork): their augmentation seeds then come from
+    # the RNG that train() reseeds per epoch, which keeps resumed runs identical to uninterrupted ones.
+    common = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
+    if workers > 0:
+        common["prefetch_factor"] = 4
+    train_set = ImageDataset(ds.train, train_transform(pp, cfg.augment))
+    if env.distributed:
+        train_sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed)
+        sampler: Sampler = train_sampler
+    else:
+        train_sampler = None
+        # Drawn from the global torch RNG, which train() reseeds at every epoch: resumable and deterministic.
+        sampler = RandomSampler(train_set)
+    per_rank = -(-len(train_set) // env.world_size)
+    # A last batch of 1 breaks BatchNorm in train mode; drop the ragged tail when there is more than one batch.
+    drop_last = per_rank > cfg.batch_size
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
+    val_set = ImageDataset(ds.val, EvalTransform(pp))
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, sampler=ShardSampler(len(val_set), env.rank, env.world_size), **common)
+    return train_loader, val_loader, train_sampler

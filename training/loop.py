@@ -1,0 +1,111 @@
+"""One epoch of training and one pass of evaluation. Tensors: images float32 (B, 3, S, S), labels int64 (B,)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.distributed import DistEnv, all_reduce_sum
+from training.metrics import summarize
+
+
+def lr_factor(step: int, steps_per_epoch: int, head_epochs: int, epochs: int, warmup_epochs: float) -> float:
+    """Per optimizer step: each phase (head-only, then full) warms up linearly, then decays on a cosine to 0."""
+    head_steps = head_epochs * steps_per_epoch
+    total_steps = epochs * steps_per_epoch
+    start, length = (0, head_steps) if step < head_steps else (head_steps, total_steps - head_steps)
+    t = step - start
+    warm = min(int(warmup_epochs * steps_per_epoch), length // 2)
+    if t < warm:
+        return (t + 1) / (warm + 1)
+    progress = (t - warm) / max(1, length - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    env: DistEnv,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    grad_accum_steps: int,
+    grad_clip: float,
+    desc: str,
+) -> dict[str, Any]:
+    """model is already in the right train/eval mode for its phase; returns train loss/top-1 over all ranks."""
+    device = env.device
+    n_batches = len(loader)  # type: ignore[arg-type]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = torch.zeros((), dtype=torch.int64, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if env.is_main else True, unit="batch")
+    for i, (x, y) in enumerate(bar):
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        y = y.to(device, non_blocking=True)
+        step_now = (i + 1) % grad_accum_steps == 0 or i + 1 == n_batches
+        # Skip DDP's gradient all-reduce on accumulation micro-steps: it only needs to happen once per step.
+        sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)  # (B, C)
+            loss = criterion(logits.float(), y)
+        scaler.scale(loss / grad_accum_steps).backward()
+        if step_now:
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.numel()
+        if env.is_main and i % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    totals = all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]), env)
+    elapsed = time.perf_counter() - start
+    n = max(int(totals[2].item()), 1)
+    return {"train_loss": totals[0].item() / n, "train_top1": totals[1].item() / n, "train_images": n,
+            "seconds": elapsed, "images_per_s": n / elapsed}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable, env: DistEnv, amp_dtype: torch.dtype | None, channels_last: bool,
+    classes: list[str], desc: str = "val",
+) -> dict[str, Any]:
+    """Every rank evaluates its own shard with the *unwrapped* model (a DDP forward on only some ranks can
+    hang), then the confusion matrix, loss and top-5 counts are summed across ranks: exact, not averaged."""
+    model.eval()
+    c = len(classes)
+    device = env.device
+    confusion = torch.zeros(c * c, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=None if env.is_main else True, unit="batch"):
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x).float()  # (B, C)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        confusion += torch.bincount(y * c + logits.argmax(1), minlength=c * c)
+        if c >= 5:
+            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
+    all_reduce_sum(confusion, env)
+    all_reduce_sum(loss_sum, env)
+    all_reduce_sum(top5, env)
+    cm = confusion.view(c, c).cpu().numpy().astype(np.int64)
+    return summarize(cm, loss_sum.item(), int(top5.item()) if c >= 5 else None, classes)

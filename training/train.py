@@ -1,0 +1,287 @@
+"""`train(cfg)`: check the data, fine-tune in two phases, keep the best epoch, export it to ONNX, register it.
+
+Runs as one process or as one rank of `torchrun` (DDP). Rank 0 alone logs, writes checkpoints, metrics and
+plots, and exports; every rank trains and evaluates its shard. Each epoch starts from RNG seeds derived from
+(seed, epoch, rank), and `last.pt` (written atomically at every epoch's end) holds model, optimizer,
+scheduler, scaler, history and RNG state, so a resumed run continues exactly where the interrupted one was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from models.architectures import get_architecture
+from models.preprocessing import Preprocessing
+from models.store import StoredModel, validate_name
+from models.weights import build_model, head_parameters
+from training import checkpoint as ckpt_io
+from training.config import TrainConfig
+from training.data import Dataset, discover
+from training.loaders import make_loaders
+from training.distributed import DistEnv, barrier, cleanup, setup
+from training.export import export_and_register
+from training.loop import evaluate, lr_factor, train_one_epoch
+from training.metrics import write_history, write_report
+from training.plots import plot_confusion, plot_curves
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    model: StoredModel | None = None
+    stopped_early: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def default_name(cfg: TrainConfig) -> str:
+    folder = Path(cfg.manifest or cfg.data).resolve()
+    stem = folder.stem if cfg.manifest else folder.name
+    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in f"{stem}-{cfg.arch}".lower()).strip("-._")
+    return cleaned[:63] or cfg.arch
+
+
+def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run a whole fine-tuning job. `on_epoch_end(epoch, row)` is called on rank 0 after each checkpoint."""
+    env = setup(cfg.device)
+    try:
+        return _train(cfg, env, on_epoch_end)
+    finally:
+        cleanup(env)
+
+
+def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
+    resume = ckpt_io.load(cfg.resume) if cfg.resume else None
+    if resume is not None:
+        cfg = _resumed_config(cfg, resume)
+    name = validate_name(cfg.name or default_name(cfg))
+    arch = get_architecture(cfg.arch)
+    pp = arch.preprocessing
+
+    ds = discover(cfg.data, cfg.manifest, cfg.val_fraction, cfg.seed, cfg.min_images_per_class)
+    if resume is not None and resume["classes"] != ds.classes:
+        raise ValueError(f"cannot resume: the checkpoint's classes {resume['classes']} differ from the data's {ds.classes}")
+    if env.is_main:
+        log.info("data: %s | %d classes | %d train, %d val images | %d skipped",
+                 ds.layout, len(ds.classes), len(ds.train), len(ds.val), len(ds.skipped))
+
+    run_dir = Path(resume["run_dir"]) if resume is not None else _new_run_dir(cfg, name, env)
+    _seed_everything(cfg.seed, 0, env.rank)  # the new head's initialisation depends on the seed only
+    model = build_model(cfg.arch, len(ds.classes), cfg.weights).to(env.device)
+    channels_last = cfg.channels_last and env.device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and env.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    amp_dtype = _amp_dtype(cfg, env)
+    train_loader, val_loader, train_sampler = make_loaders(ds, pp, cfg, env)
+    steps_per_epoch = -(-len(train_loader) // cfg.grad_accum_steps)
+
+    head = set(id(p) for p in head_parameters(model, cfg.arch))
+    optimizer = torch.optim.AdamW(_param_groups(model, head, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, steps_per_epoch=steps_per_epoch, head_epochs=cfg.head_epochs, epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs))
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(weight=_class_weights(ds, cfg, env), label_smoothing=cfg.label_smoothing)
+
+    state = {"epoch": 0, "best_top1": -1.0, "best_loss": float("inf"), "best_epoch": 0, "since_best": 0, "history": []}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        state.update({k: resume[k] for k in state})
+        ckpt_io.set_rng_state(resume["rng"])
+        if env.is_main:
+            log.info("resumed %s after epoch %d", run_dir, state["epoch"])
+
+    stopped_early = False
+    ddp_model: nn.Module = model
+    phase = None
+    for epoch in range(state["epoch"], cfg.epochs):
+        new_phase = "head" if epoch < cfg.head_epochs else "full"
+        if new_phase != phase:
+            phase = new_phase
+            ddp_model = _prepare_phase(model, head, phase, env)
+        _seed_everything(cfg.seed, epoch + 1, env.rank)
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
+        _set_train_mode(model, head, phase)
+        lr_now = optimizer.param_groups[-1]["lr"]
+        stats = train_one_epoch(
+            ddp_model, train_loader, optimizer, scheduler, scaler, criterion, env, amp_dtype, channels_last,
+            cfg.grad_accum_steps, cfg.grad_clip, desc=f"epoch {epoch + 1}/{cfg.epochs} ({phase})",
+        )
+        _sync_buffers(model, env)
+        val = evaluate(model, val_loader, env, amp_dtype, channels_last, ds.classes)
+        row = {"epoch": epoch + 1, "phase": phase, "lr": lr_now, **stats,
+               **{f"val_{k}": v for k, v in val.items() if k in ("loss", "top1", "top5", "macro_f1")},
+               "val": val}
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        improved = val["top1"] > state["best_top1"] or (val["top1"] == state["best_top1"] and val["loss"] < state["best_loss"])
+        if improved:
+            state.update(best_top1=val["top1"], best_loss=val["loss"], best_epoch=epoch + 1, since_best=0)
+        else:
+            state["since_best"] += 1
+        if env.is_main:
+            log.info("epoch %d/%d %s: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f%s | %.0f img/s%s",
+                     epoch + 1, cfg.epochs, phase, stats["train_loss"], stats["train_top1"], val["loss"], val["top1"],
+                     f" top-5 {val['top5']:.3f}" if "top5" in val else "", stats["images_per_s"],
+                     " *best*" if improved else "")
+            _save_epoch(run_dir, cfg, ds, pp, model, optimizer, scheduler, scaler, state, improved)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
+        if cfg.patience and state["since_best"] >= cfg.patience and epoch + 1 >= cfg.head_epochs:
+            stopped_early = epoch + 1 < cfg.epochs
+            if env.is_main and stopped_early:
+                log.info("early stop: no validation top-1 gain for %d epochs", cfg.patience)
+            break
+
+    best_row = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
+    result = TrainResult(run_dir, state["best_epoch"], best_row["val"], state["history"], None, stopped_early, ds.skipped)
+    if env.is_main:
+        write_report(best_row["val"], ds.classes, run_dir)
+        plot_confusion(best_row["val"]["confusion"], ds.classes, run_dir / "confusion_matrix.png")
+        if cfg.export:
+            result.model = export_best(run_dir, name, ds, cfg)
+    barrier(env)
+    return result
+
+
+def export_best(run_dir: Path, name: str, ds: Dataset, cfg: TrainConfig) -> StoredModel:
+    best = ckpt_io.load(run_dir / "best.pt")
+    model = build_model(best["arch"], len(best["classes"]), "none")
+    model.load_state_dict(best["model"])
+    val = best["metrics"]
+    metrics = {"val_top1": val["top1"], "val_loss": val["loss"], "val_macro_f1": val["macro_f1"],
+               "best_epoch": best["epoch"], "val_images": val["images"]}
+    if "top5" in val:
+        metrics["val_top5"] = val["top5"]
+    metrics["per_class"] = val["per_class"]
+    metrics["confusion"] = val["confusion"]
+    extras = {f: run_dir / f for f in ("history.json", "history.csv", "curves.png", "confusion_matrix.png", "val_report.json")
+              if (run_dir / f).is_file()}
+    stored = export_and_register(
+        model, name=name, arch=best["arch"], labels=best["classes"], pp=Preprocessing.from_dict(best["preprocessing"]),
+        parity_paths=[s.path for s in ds.val[: cfg.parity_images]], metrics=metrics, train_config=best["config"],
+        exporter=cfg.exporter, extra_files=extras,
+    )
+    return stored
+
+
+def _resumed_config(cfg: TrainConfig, resume: dict[str, Any]) -> TrainConfig:
+    """The checkpoint's config wins (same data, model and schedule), except where to run and whether to
+    export; `epochs` too when it was changed from the default (to extend a finished run)."""
+    saved = dict(resume["config"])
+    saved.update(resume=cfg.resume, export=cfg.export, device=cfg.device, workers=cfg.workers)
+    if cfg.epochs != TrainConfig.epochs:
+        saved["epochs"] = cfg.epochs
+    return TrainConfig(**saved)
+
+
+def _new_run_dir(cfg: TrainConfig, name: str, env: DistEnv) -> Path:
+    # Every rank derives the same folder name; only rank 0 creates it.
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.output_dir) / f"{name}-{stamp}"
+    if env.is_main:
+        suffix = 1
+        base = run_dir
+        while run_dir.exists():
+            suffix += 1
+            run_dir = base.with_name(f"{base.name}-{suffix}")
+        run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _seed_everything(seed: int, epoch: int, rank: int) -> None:
+    s = seed * 1_000_003 + epoch * 1_009 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _amp_dtype(cfg: TrainConfig, env: DistEnv) -> torch.dtype | None:
+    if not cfg.amp or env.device.type != "cuda":
+        return None  # CPU: fp32 (bf16 autocast on CPU is slower than fp32 on most CPUs, and less accurate)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _param_groups(model: nn.Module, head: set[int], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Head and backbone at their own learning rates; no weight decay on biases and norm layers (1-D params)."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        key = ("head" if id(p) in head else "backbone", p.ndim > 1)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (part, decay), params in sorted(groups.items()):  # backbone groups first, head last
+        lr = cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0)
+        out.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0, "name": f"{part}{'' if decay else '_no_decay'}"})
+    return out
+
+
+def _class_weights(ds: Dataset, cfg: TrainConfig, env: DistEnv) -> torch.Tensor | None:
+    if not cfg.class_weighting:
+        return None
+    counts = torch.tensor(ds.counts("train"), dtype=torch.float32)
+    return (counts.sum() / (len(counts) * counts)).to(env.device)  # mean weight 1 over images
+
+
+def _prepare_phase(model: nn.Module, head: set[int], phase: str, env: DistEnv) -> nn.Module:
+    """Freeze the backbone for the head phase; wrap in DDP anew, since DDP fixes its trainable set when built."""
+    for p in model.parameters():
+        p.requires_grad_(phase == "full" or id(p) in head)
+    if env.distributed:
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
+
+
+def _set_train_mode(model: nn.Module, head: set[int], phase: str) -> None:
+    """Full phase: all train(). Head phase: backbone in eval() so BatchNorm keeps its ImageNet statistics."""
+    if phase == "full":
+        model.train()
+        return
+    model.eval()
+    for m in model.modules():
+        if any(id(p) in head for p in m.parameters(recurse=False)):
+            m.train()
+
+
+def _sync_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Ranks' BatchNorm running statistics drift apart after their last local batch; take rank 0's."""
+    if env.distributed:
+        for b in model.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
+def _save_epoch(run_dir, cfg, ds, pp, model, optimizer, scheduler, scaler, state, improved) -> None:
+    common = {
+        "arch": cfg.arch, "classes": ds.classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(),
+        "run_dir": str(run_dir), "epoch": state["epoch"],
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    ckpt_io.save_atomic({
+        **common, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": ckpt_io.rng_state(),
+        **{k: state[k] for k in ("best_top1", "best_loss", "best_epoch", "since_best", "history")},
+    }, run_dir / "last.pt")
+    if improved:
+        ckpt_io.save_atomic({**common, "metrics": state["history"][-1]["val"]}, run_dir / "best.pt")
+    write_history(state["history"], run_dir)
+    plot_curves(state["history"], run_dir / "curves.png")

@@ -1,0 +1,5 @@
+import sys
+
+from tuneserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""`tuneserve` command line: train, export, evaluate, models, demo.
+
+Every user mistake ends in one readable `error: ...` line and a non-zero exit, never a traceback.
+Heavy imports (torch, bentoml) happen inside the subcommands so `tuneserve --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+log = logging.getLogger("tuneserve")
+
+EXIT_USAGE = 2  # bad arguments or input data: the user can fix it
+EXIT_FAILURE = 1  # the job itself failed (e.g. the ONNX parity gate)
+EXIT_INTERRUPTED = 130
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults are None so that a --config file can fill them in."""
+    import typing
+
+    from training.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        base = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, type=base, default=None, choices=f.metadata.get("choices"), help=help_text,
+                           metavar=None if f.metadata.get("choices") else f.name.upper())
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML/TOML/JSON file with the same keys as these flags")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneserve", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a pretrained CNN on an image folder, export to ONNX, register it")
+    _add_train_flags(p)
+
+    p = sub.add_parser("export", help="export a training checkpoint to ONNX (parity-gated) and register it")
+    p.add_argument("checkpoint", help="best.pt / last.pt, or a run folder (uses its best.pt)")
+    p.add_argument("--name", help="model name in the store (default: the run's)")
+    p.add_argument("--data", help="labelled folder whose validation images feed the parity gate (default: the run's)")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+
+    p = sub.add_parser("evaluate", help="evaluate a registered model on a labelled image folder")
+    p.add_argument("tag", help="model tag (name or name:version)")
+    p.add_argument("--data", required=True, help="DIR/<class>/* (or DIR/val/<class>/*)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--json", action="store_true", help="print the full metrics as JSON")
+
+    p = sub.add_parser("models", help="list tuneserve models in the BentoML model store")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="classify real sample photos with the built-in ImageNet model")
+    p.add_argument("--top-k", type=int, default=3)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    for noisy in ("bentoml", "httpx", "matplotlib", "PIL", "onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - mapped to readable messages below
+        code = _user_error_code(e)
+        if code is None or args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return code
+
+
+def _user_error_code(e: Exception) -> int | None:
+    from models.preprocessing import ImageDecodeError
+    from models.store import ModelNotFoundError
+    from models.weights import WeightsUnavailableError
+
+    if isinstance(e, (ValueError, ModelNotFoundError, WeightsUnavailableError, ImageDecodeError, FileNotFoundError)):
+        return EXIT_USAGE  # DataError and config errors are ValueErrors
+    from training.export import ExportParityError
+
+    if isinstance(e, ExportParityError):
+        return EXIT_FAILURE
+    return None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig, make_config
+    from training.train import train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    cfg = make_config(args.config, **overrides)
+    if not cfg.data and not cfg.resume:
+        raise ValueError("--data DIR is required (a folder of class subfolders, or with train/ and val/)")
+    result = train(cfg)
+    if result.model is None and cfg.export:
+        return 0  # not rank 0
+    m = result.best_metrics
+    print(f"\nrun folder:   {result.run_dir}  (checkpoints, history.csv, curves.png, confusion_matrix.png)")
+    print(f"best epoch:   {result.best_epoch} of {len(result.history)}{' (stopped early)' if result.stopped_early else ''}")
+    line = f"validation:   top-1 {m['top1']:.2%}"
+    if "top5" in m:
+        line += f", top-5 {m['top5']:.2%}"
+    print(f"{line}, macro-F1 {m['macro_f1']:.3f}, loss {m['loss']:.4f} on {m['images']} images")
+    if result.skipped:
+        print(f"skipped:      {len(result.skipped)} unusable file(s), listed in the log above")
+    if result.model is not None:
+        print(f"model:        {result.model.tag}  ({result.model.path})")
+        print(f"serve it:     tuneserve serve --model {result.model.tag}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training import checkpoint as ckpt_io
+    from training.config import TrainConfig
+    from training.data import discover
+    from training.train import default_name, export_best
+
+    path = Path(args.checkpoint)
+    ckpt = ckpt_io.load(path / "best.pt" if path.is_dir() else path)
+    cfg = TrainConfig(**{**ckpt["config"], **({"data": args.data} if args.data else {}), "exporter": args.exporter})
+    ds = discover(cfg.data, cfg.manifest, cfg.val_fraction, cfg.seed, cfg.min_images_per_class)
+    stored = export_best(Path(ckpt["path"]), args.name or cfg.name or default_name(cfg), ds, cfg)
+    print(f"model: {stored.tag}  ({stored.path})")
+    print(f"parity: max |logit diff| {stored.card.parity['max_abs_logit_diff']:.2e}, "
+          f"top-1 agreement {stored.card.parity['top1_agreement']:.0%} on {stored.card.parity['images']} images")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.store import load_model
+    from training.evaluate import evaluate_stored
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model = load_model(args.tag)
+    m = evaluate_stored(model, args.data, args.batch_size, args.device)
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    print(f"{model.tag} on {args.data}: {m['images']} images ({m['skipped']} skipped), {m['provider']}")
+    print(f"top-1 {m['top1']:.2%}" + (f"  top-5 {m['top5']:.2%}" if "top5" in m else "") + f"  macro-F1 {m['macro_f1']:.3f}  loss {m['loss']:.4f}")
+    rows = [(c, v) for c, v in m["per_class"].items() if v["support"] > 0]
+    width = max(len(c) for c, _ in rows)
+    print(f"{'class':<{width}}  precision  recall     f1  support")
+    for c, v in rows:
+        print(f"{c:<{width}}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.store import list_models
+
+    found = list_models()
+    if args.json:
+        print(json.dumps([{"tag": s.tag, "arch": s.card.arch, "labels": s.card.labels, "metrics": {
+            k: v for k, v in s.card.metrics.items() if not isinstance(v, (dict, list))}, "created": s.creation_time,
+            "path": str(s.path)} for s in found], indent=1))
+        return 0
+    if not found:
+        print("no tuneserve models yet: run `tuneserve train --data DIR` or `tuneserve demo`")
+        return 0
+    rows = [(s.tag, s.card.arch, str(s.card.num_classes), _fmt_top1(s.card.metrics), s.creation_time[:19]) for s in found]
+    header = ("TAG", "ARCH", "CLASSES", "VAL TOP-1", "CREATED")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _fmt_top1(metrics: dict[str, Any]) -> str:
+    return f"{metrics['val_top1']:.2%}" if "val_top1" in metrics else "-"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from models.preprocessing import preprocess
+    from models.runtime import OnnxClassifier, softmax, top_k
+    from models.samples import sample_photos
+    from training.builtin import ensure_builtin_model
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    model = ensure_builtin_model()
+    session = OnnxClassifier(model.onnx_path)
+    photos = sample_photos()
+    batch = np.stack([preprocess(p, model.card.preprocessing) for p in photos])
+    probs = softmax(session(batch))
+    print(f"model {model.tag} on {session.providers[0]}")
+    for path, p in zip(photos, probs):
+        preds = ", ".join(f"{d['label']} {d['score']:.2f}" for d in top_k(p, model.card.labels, args.top_k))
+        print(f"  {path.name:<20} {preds}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "models": cmd_models, "demo": cmd_demo}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
