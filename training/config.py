@@ -33,7 +33,8 @@ class TrainConfig:
     # schedule: a short frozen-backbone phase trains the new head before its random gradients reach the
     # pretrained features, then everything trains with the backbone at a lower learning rate.
     epochs: int = _opt(8, "total epochs, head-only epochs included")
-    head_epochs: int = _opt(2, "first epochs train only the new head (backbone frozen, BatchNorm statistics kept)")
+    head_epochs: int = _opt(-1, "first epochs train only the new head (backbone frozen, BatchNorm statistics "
+                            "kept); -1: min(2, epochs - 1)")
     batch_size: int = _opt(32, "images per optimizer step per process (before gradient accumulation)")
     grad_accum_steps: int = _opt(1, "optimizer step every N batches: effective batch = batch_size * N * world size")
     lr: float = _opt(1e-3, "peak AdamW learning rate of the head (linear scaling: x k for k x the batch)")
@@ -64,6 +65,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        if self.head_epochs == -1:
+            self.head_epochs = max(0, min(2, self.epochs - 1))
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise ValueError(what)

@@ -80,9 +80,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         log.info("data: %s | %d classes | %d train, %d val images | %d skipped",
                  ds.layout, len(ds.classes), len(ds.train), len(ds.val), len(ds.skipped))
 
-    run_dir = Path(resume["run_dir"]) if resume is not None else _new_run_dir(cfg, name, env)
     _seed_everything(cfg.seed, 0, env.rank)  # the new head's initialisation depends on the seed only
     model = build_model(cfg.arch, len(ds.classes), cfg.weights).to(env.device)
+    run_dir = Path(resume["run_dir"]) if resume is not None else _new_run_dir(cfg, name, env)
     channels_last = cfg.channels_last and env.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

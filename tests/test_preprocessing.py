@@ -1,0 +1,142 @@
+"""The one eval transform: agreement with torchvision, and decoding of every input we promise to accept."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from models.architectures import get_architecture
+from models.preprocessing import ImageDecodeError, Preprocessing, eval_transform, load_image, preprocess
+from models.samples import sample_photos
+
+
+def torchvision_eval(pp: Preprocessing) -> T.Compose:
+    return T.Compose([
+        T.Resize(pp.resize_size, interpolation=T.InterpolationMode(pp.interpolation)),
+        T.CenterCrop(pp.input_size),
+        T.ToTensor(),
+        T.Normalize(pp.mean, pp.std),
+    ])
+
+
+def real_photos(hymenoptera):
+    return sample_photos() + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:6]
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet50", "efficientnet_b0", "convnext_tiny"])
+def test_matches_torchvision_eval_transform(arch, hymenoptera):
+    pp = get_architecture(arch).preprocessing
+    reference = torchvision_eval(pp)
+    photos = real_photos(hymenoptera)
+    assert len(photos) >= 8
+    for path in photos:
+        img = load_image(path)
+        ours = eval_transform(img, pp)
+        theirs = reference(img).numpy()
+        assert ours.shape == theirs.shape == (3, pp.input_size, pp.input_size)
+        assert ours.dtype == np.float32
+        # within 1/255 of a pixel, measured in normalised units
+        assert np.abs(ours - theirs).max() <= (1 / 255) / min(pp.std), path.name
+
+
+def test_preprocessing_resolved_from_the_weights():
+    assert get_architecture("resnet50").preprocessing == Preprocessing(224, 232, "bilinear")
+    lite = get_architecture("efficientnet_lite0").preprocessing
+    assert (lite.input_size, lite.resize_size, lite.interpolation, lite.mean) == (224, 256, "bicubic", (0.5, 0.5, 0.5))
+    assert get_architecture("efficientnet_lite2").preprocessing.input_size == 260
+
+
+def test_preprocessing_roundtrips_and_rejects_bad_values():
+    pp = Preprocessing(240, 274, "bicubic", (0.5, 0.5, 0.5), (0.25, 0.5, 0.5))
+    assert Preprocessing.from_dict(pp.to_dict()) == pp
+    with pytest.raises(ValueError, match="interpolation='lanczos'"):
+        Preprocessing(interpolation="lanczos")
+    with pytest.raises(ValueError, match="input_size <= resize_size"):
+        Preprocessing(input_size=300, resize_size=256)
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_modes_become_rgb(mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 20, 3), dtype=np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(30, 20) * 100))
+        assert img.mode == "I;16"
+        data = _encode(img, "PNG")
+    else:
+        data = _encode(rgb.convert(mode), "TIFF" if mode == "CMYK" else "PNG")
+    out = load_image(data)
+    assert out.mode == "RGB" and out.size == (20, 30)
+    if mode == "I;16":  # the full 16-bit range is scaled, not clipped at 255
+        arr = np.asarray(out)[..., 0]
+        assert arr.min() == 0 and arr.max() == 255 and len(np.unique(arr)) > 100
+
+
+def test_transparent_pixels_become_white():
+    img = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert np.asarray(load_image(_encode(img, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    out = load_image(_encode(img, "JPEG", exif=exif))
+    assert out.size == (20, 40)
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    r, g, b = np.asarray(load_image(data))[8, 8]
+    assert r > 200 and b < 50
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_supported_formats_decode(fmt):
+    img = Image.new("RGB", (33, 17), (0, 128, 255))
+    out = preprocess(_encode(img, fmt), Preprocessing())
+    assert out.shape == (3, 224, 224)
+
+
+def test_bad_inputs_raise_readable_errors(tmp_path):
+    good = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    with pytest.raises(ImageDecodeError, match="empty image"):
+        load_image(b"")
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        load_image(b"hello, this is text and not a picture")
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        load_image(good[: len(good) // 2])
+    with pytest.raises(ImageDecodeError, match="unsupported image format PPM"):
+        load_image(_encode(Image.new("RGB", (8, 8)), "PPM"))
+    with pytest.raises(ImageDecodeError, match="over the limit of 1000"):
+        load_image(good, max_pixels=1000)
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises((ImageDecodeError, FileNotFoundError)):
+        load_image(missing)
+
+
+def test_preprocess_from_path_equals_from_bytes(hymenoptera):
+    path = next((hymenoptera / "val" / "ants").glob("*.jpg"))
+    pp = Preprocessing()
+    np.testing.assert_array_equal(preprocess(path, pp), preprocess(path.read_bytes(), pp))
+
+
+def test_serving_side_imports_no_torch():
+    """models.preprocessing/runtime/store/artifact must not pull in torch (lean serving image)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, models, models.preprocessing, models.runtime, models.store, models.artifact, models.samples;"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -1,0 +1,138 @@
+"""Fine-tuning end to end on tiny data: outputs, exact resume, the parity gate, and the CLI's errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.store import load_model
+from models.weights import build_model
+from training import checkpoint as ckpt_io
+from training.config import TrainConfig
+from training.evaluate import evaluate_stored
+from training.export import ExportParityError, check_parity, export_onnx, parity_report
+from training.train import train
+from tuneserve.cli import main as cli_main
+
+FAST = dict(batch_size=4, workers=0, head_epochs=1)
+
+
+def test_tiny_run_writes_everything_and_registers(tiny_folder, tmp_path):
+    result = train(TrainConfig(data=str(tiny_folder), epochs=2, output_dir=str(tmp_path / "runs"), name="tiny", **FAST))
+    run = result.run_dir
+    for f in ["last.pt", "best.pt", "history.json", "history.csv", "val_report.json", "per_class.csv",
+              "confusion_matrix.csv", "curves.png", "confusion_matrix.png"]:
+        assert (run / f).is_file(), f
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((run / "history.json").read_text())
+    assert [h["phase"] for h in history] == ["head", "full"]
+    assert set(history[0]["val"]["per_class"]) == {"alpha", "beta", "gamma"}
+    assert np.array(history[0]["val"]["confusion"]).sum() == 3  # 20% of 6 images per class
+    stored = load_model(result.model.tag)
+    card = stored.card
+    assert card.labels == ["alpha", "beta", "gamma"] and card.arch == "efficientnet_lite0"
+    assert card.parity["top1_agreement"] == 1.0 and card.parity["max_abs_logit_diff"] <= 1e-3
+    assert card.metrics["best_epoch"] == result.best_epoch and card.train_config["epochs"] == 2
+    assert (stored.path / "curves.png").is_file() and (stored.path / "history.csv").is_file()
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_folder, tmp_path):
+    """Same seed on CPU: stop after epoch 2 of 3 (Ctrl-C), resume, and end with identical weights."""
+    common = dict(data=str(tiny_folder), epochs=3, head_epochs=1, batch_size=4, workers=1, export=False, seed=7)
+    full = train(TrainConfig(output_dir=str(tmp_path / "a"), **common))
+
+    def interrupt(epoch, row):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(output_dir=str(tmp_path / "b"), **common), on_epoch_end=interrupt)
+    (run_b,) = (tmp_path / "b").iterdir()
+    assert ckpt_io.load(run_b)["epoch"] == 2
+    resumed = train(TrainConfig(resume=str(run_b), workers=1, export=False))
+    assert resumed.run_dir == run_b
+    a, b = ckpt_io.load(full.run_dir / "last.pt"), ckpt_io.load(run_b / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+def test_parity_gate_rejects_a_wrong_graph(tmp_path, tiny_folder):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, "none")
+    other = build_model("resnet18", 3, "none")  # different random weights: a "wrongly exported" graph
+    from models.architectures import get_architecture
+    from training.export import load_parity_images
+
+    pp = get_architecture("resnet18").preprocessing
+    images = load_parity_images([str(p) for p in sorted(tiny_folder.rglob("*.png"))[:4]], pp)
+    good = export_onnx(model, pp, tmp_path / "good.onnx")
+    check_parity(parity_report(model, good, images))  # passes
+    bad = export_onnx(other, pp, tmp_path / "bad.onnx")
+    with pytest.raises(ExportParityError, match=r"max \|logit diff\| = .* \(limit 1e-03\)"):
+        check_parity(parity_report(model, bad, images))
+
+
+def test_torchscript_exporter_also_passes_the_gate(tmp_path, tiny_folder):
+    from models.architectures import get_architecture
+    from training.export import load_parity_images
+
+    model = build_model("mobilenet_v3_large", 3, "none")
+    pp = get_architecture("mobilenet_v3_large").preprocessing
+    images = load_parity_images([str(p) for p in sorted(tiny_folder.rglob("*.png"))[:3]], pp)
+    report = parity_report(model, export_onnx(model, pp, tmp_path / "ts.onnx", "torchscript"), images)
+    check_parity(report)
+    assert report["images"] == 3
+
+
+@pytest.mark.slow
+def test_real_photos_finetune_and_evaluate_agree(hymenoptera, tmp_path, capsys):
+    """Fine-tune on a subset of real photos; the registered ONNX model, evaluated through the serving runtime
+    and preprocessing, reproduces training's own validation numbers."""
+    subset = tmp_path / "hym"
+    for split, n in [("train", 16), ("val", 10)]:
+        for c in ["ants", "bees"]:
+            (subset / split / c).mkdir(parents=True)
+            for p in sorted((hymenoptera / split / c).glob("*.jpg"))[:n]:
+                shutil.copy(p, subset / split / c / p.name)
+    result = train(TrainConfig(data=str(subset), epochs=3, head_epochs=2, batch_size=8, workers=0, lr=2e-3,
+                               output_dir=str(tmp_path / "runs"), name="hym-subset"))
+    assert result.best_metrics["top1"] >= 0.8  # ImageNet features separate ants from bees almost at once
+    served = evaluate_stored(load_model(result.model.tag), str(subset))
+    assert served["confusion"] == result.best_metrics["confusion"]
+    assert served["loss"] == pytest.approx(result.best_metrics["loss"], abs=1e-3)
+    assert cli_main(["evaluate", result.model.tag, "--data", str(subset)]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {result.best_metrics['top1']:.2%}" in out and "ants" in out
+    assert cli_main(["models"]) == 0
+    assert result.model.tag in capsys.readouterr().out
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuneserve", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ}, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "/no/such/folder"], "error: data folder '/no/such/folder' does not exist"),
+    (["train"], "error: --data DIR is required"),
+    (["train", "--data", ".", "--epochs", "0"], "error: epochs must be >= 1, got 0"),
+    (["train", "--data", ".", "--config", "missing.yaml"], "error: config file 'missing.yaml' does not exist"),
+    (["train", "--data", "TINY", "--weights", "nothere.pth"], "error: --weights 'nothere.pth' is not a file"),
+    (["evaluate", "no-such-model", "--data", "."], "error: model 'no-such-model' is not in the BentoML model store"),
+    (["export", "nothing.pt"], "error: checkpoint 'nothing.pt' does not exist"),
+    (["train", "--data", ".", "--arch", "vgg"], "invalid choice: 'vgg'"),
+])
+def test_cli_errors_are_one_readable_line(args, message, tmp_path, tiny_folder):
+    proc = _cli(*[str(tiny_folder) if a == "TINY" else a for a in args], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
