@@ -1,0 +1,96 @@
+"""Service settings: one frozen dataclass, filled from `TUNESERVE_*` environment variables.
+
+Environment variables are the only channel that reaches every `bentoml serve` worker process (and a
+container built from the Bento), so `tuneserve serve` flags are turned into these variables too.
+Every field names its variable in `metadata["env"]`; a bad value fails start-up with a message that
+names the variable, the value and what is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from models.preprocessing import DEFAULT_MAX_PIXELS
+
+DEVICES = ("auto", "cuda", "cpu")
+
+# Adaptive-batching defaults per device, chosen by measurement (docs/benchmarks.md, "Serving (issue 3)").
+# CPU (2-core sandbox): onnxruntime's throughput for EfficientNet-Lite0 peaks at batch 4 (142 img/s vs 111
+# at batch 1) and falls off above 8, so bigger batches only add latency; 8 still lets a burst drain in
+# one call. The latency bound has to cover one full batch (~65 ms at 8) plus the batch ahead of it,
+# with room for the preprocessing threads competing for the same two cores: below ~300 ms BentoML's
+# dispatcher starts shedding requests (503) at concurrency 16; 1000 ms sheds only under real overload.
+# CUDA: not measurable here (no GPU); EfficientNet-class models keep gaining throughput up to batch
+# 32-64 on a data-centre GPU, and a 64-image batch takes a few ms, so 64 / 200 ms is the starting point.
+BATCHING_DEFAULTS = {"cpu": (8, 1000), "cuda": (64, 200)}
+
+
+def _setting(default: Any, env: str, help: str, minimum: int | None = None) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "min": minimum})
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model: str | None = _setting(None, "TUNESERVE_MODEL", "model tag (name or name:version); none: the built-in ImageNet model")
+    device: str = _setting("auto", "TUNESERVE_DEVICE", "onnxruntime device: auto (CUDA when usable), cuda or cpu")
+    max_batch_size: int | None = _setting(
+        None, "TUNESERVE_MAX_BATCH_SIZE", "most images per inference call; 1 turns adaptive batching off "
+        "(default: measured per device, see BATCHING_DEFAULTS)", 1)
+    max_latency_ms: int | None = _setting(
+        None, "TUNESERVE_MAX_LATENCY_MS", "BentoML's batching latency bound: queued requests that would "
+        "exceed it are shed with 503 (default: measured per device)", 1)
+    max_image_bytes: int = _setting(20 * 1024 * 1024, "TUNESERVE_MAX_IMAGE_BYTES", "largest accepted image file (413 above)", 1)
+    max_pixels: int = _setting(DEFAULT_MAX_PIXELS, "TUNESERVE_MAX_PIXELS", "largest accepted width x height (413 above: decompression bombs)", 1)
+    max_request_bytes: int = _setting(128 * 1024 * 1024, "TUNESERVE_MAX_REQUEST_BYTES", "largest /classify_batch body, all images together (413 above)", 1)
+    max_batch_images: int = _setting(64, "TUNESERVE_MAX_BATCH_IMAGES", "most images in one /classify_batch request (413 above)", 1)
+    max_in_flight: int = _setting(512, "TUNESERVE_MAX_IN_FLIGHT", "images being decoded or classified per worker before new requests get 503", 1)
+    top_k: int = _setting(5, "TUNESERVE_TOP_K", "predictions per image when the request does not say", 1)
+    preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: one per CPU, at most 16)", 0)
+    workers: int = _setting(1, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session", 1)
+    timeout_s: int = _setting(60, "TUNESERVE_TIMEOUT_S", "per-request timeout in seconds", 1)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"TUNESERVE_DEVICE={self.device!r} is not one of: {', '.join(DEVICES)}")
+        for f in dataclasses.fields(self):
+            value, minimum = getattr(self, f.name), f.metadata["min"]
+            if minimum is not None and value is not None and value < minimum:
+                raise ValueError(f"{f.metadata['env']}={value} is out of range: it must be an integer >= {minimum}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceConfig":
+        """Read every TUNESERVE_* variable that is set (and not empty); unset ones keep their defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"], "").strip()
+            if not raw:
+                continue
+            if f.name in ("model", "device"):
+                values[f.name] = raw
+                continue
+            try:
+                values[f.name] = int(raw)
+            except ValueError:
+                raise ValueError(f"{f.metadata['env']}={raw!r} is not an integer ({f.metadata['help']})") from None
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that reproduce this config in another process (unset fields are left out)."""
+        return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+    def batching(self, device: str) -> tuple[int, int]:
+        """(max_batch_size, max_latency_ms) for `device` ("cpu" or "cuda"): explicit settings win."""
+        size, latency = BATCHING_DEFAULTS["cuda" if device == "cuda" else "cpu"]
+        return (self.max_batch_size or size, self.max_latency_ms or latency)
+
+    def threads(self) -> int:
+        return self.preprocess_threads or max(1, min(16, os.cpu_count() or 1))
+
+
+def describe_settings() -> str:
+    """One line per variable, for --help texts and docs."""
+    return "\n".join(f"  {f.metadata['env']:<30} {f.metadata['help']}" for f in dataclasses.fields(ServiceConfig))
