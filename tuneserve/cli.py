@@ -1,4 +1,4 @@
-"""`tuneserve` command line: train, export, evaluate, models, demo.
+"""`tuneserve` command line: train, export, evaluate, models, serve, predict, demo.
 
 Every user mistake ends in one readable `error: ...` line and a non-zero exit, never a traceback.
 Heavy imports (torch, bentoml) happen inside the subcommands so `tuneserve --help` is instant.
@@ -62,9 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list tuneserve models in the BentoML model store")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("demo", help="classify real sample photos with the built-in ImageNet model")
+    p = sub.add_parser(
+        "serve", help="serve a registered model over HTTP (BentoML): POST /classify, /classify_batch, GET /model",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_serve_epilog())
+    p.add_argument("--model", metavar="TAG", help="model tag, name or name:version (default: the built-in ImageNet "
+                   "model, exported on first use)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
+    p.add_argument("--port", type=int, default=3000, help="TCP port (default: 3000)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes, each with its own model session (default: 1)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None, help="onnxruntime device (default: auto)")
+    p.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                   help="most images per inference call; 1 turns adaptive batching off (default: measured per device)")
+    p.add_argument("--max-latency-ms", type=int, default=None, metavar="MS",
+                   help="adaptive batching latency bound; work that cannot meet it is shed with 503")
+
+    p = sub.add_parser("predict", help="classify image files with a running service and print a table")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+    p.add_argument("--url", default=None, help="service URL (default: $TUNESERVE_URL or http://127.0.0.1:3000)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the service's answers as JSON")
+
+    p = sub.add_parser("demo", help="serve the built-in ImageNet model on a free port and classify real sample "
+                       "photos over HTTP")
     p.add_argument("--top-k", type=int, default=3)
     return parser
+
+
+def _serve_epilog() -> str:
+    from service.config import describe_settings
+
+    return "Every setting can also come from the environment (flags win):\n" + describe_settings()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,6 +125,10 @@ def _user_error_code(e: Exception) -> int | None:
     from training.export import ExportParityError
 
     if isinstance(e, ExportParityError):
+        return EXIT_FAILURE
+    from service.process import ServerFailed
+
+    if isinstance(e, ServerFailed):
         return EXIT_FAILURE
     return None
 
@@ -192,29 +223,123 @@ def _fmt_top1(metrics: dict[str, Any]) -> str:
     return f"{metrics['val_top1']:.2%}" if "val_top1" in metrics else "-"
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
+DEFAULT_URL = "http://127.0.0.1:3000"
 
-    from models.preprocessing import preprocess
-    from models.runtime import OnnxClassifier, softmax, top_k
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from models.store import load_model
+    from service.config import ServiceConfig
+    from service.process import serve_command
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    # Resolve the model here, so that an unknown tag is one readable error before anything starts.
+    if args.model:
+        model = load_model(args.model)
+    else:
+        from training.builtin import ensure_builtin_model
+
+        model = ensure_builtin_model()
+    flags = {"TUNESERVE_MODEL": model.tag, "TUNESERVE_WORKERS": args.workers, "TUNESERVE_DEVICE": args.device,
+             "TUNESERVE_MAX_BATCH_SIZE": args.max_batch_size, "TUNESERVE_MAX_LATENCY_MS": args.max_latency_ms}
+    env = {**os.environ, **{k: str(v) for k, v in flags.items() if v is not None}}
+    ServiceConfig.from_env(env)  # bad values fail here, naming the flag's variable, not in every worker
+    print(f"serving {model.tag} on http://{args.host}:{args.port}  (POST /classify, POST /classify_batch, "
+          f"GET /model, docs at /)", flush=True)
+    # exec: `tuneserve serve` becomes `bentoml serve`, so Ctrl-C, SIGTERM and the exit code are bentoml's own.
+    cmd = serve_command(args.host, args.port)
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import httpx
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    paths = [Path(p) for p in args.images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
+    url = (args.url or os.environ.get("TUNESERVE_URL") or DEFAULT_URL).rstrip("/")
+    answers, failed = [], 0
+    with httpx.Client(base_url=url, timeout=120.0) as client:
+        for path in paths:
+            try:
+                r = client.post("/classify", params={"top_k": args.top_k}, content=path.read_bytes(),
+                                headers={"content-type": "application/octet-stream"})
+            except httpx.TransportError as e:
+                print(f"error: cannot reach the tuneserve service at {url} ({type(e).__name__}: {e}); start one "
+                      "with `tuneserve serve` or pass --url", file=sys.stderr)
+                return EXIT_USAGE
+            answer = _answer_json(r)
+            if r.status_code != 200:
+                failed += 1
+                print(f"error: {path}: {answer.get('error', r.text[:200])} (HTTP {r.status_code})", file=sys.stderr)
+                continue
+            answers.append((path, answer))
+    if args.json:
+        print(json.dumps([{"image": str(p), **a} for p, a in answers], indent=1))
+    elif answers:
+        print(f"model {answers[0][1]['model']} at {url}")
+        _print_predictions([(p.name, a["predictions"]) for p, a in answers])
+    return EXIT_USAGE if failed else 0
+
+
+def _answer_json(r: Any) -> dict[str, Any]:
+    try:
+        body = r.json()
+    except ValueError:
+        return {"error": r.text[:200] or r.reason_phrase}
+    return body if isinstance(body, dict) else {"error": str(body)[:200]}
+
+
+def _print_predictions(rows: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """One line per prediction: IMAGE  RANK  LABEL  SCORE, the image named on its first line only."""
+    width = max(len("IMAGE"), *(len(name) for name, _ in rows))
+    label_width = max(len("LABEL"), *(len(str(p["label"])) for _, preds in rows for p in preds))
+    print(f"{'IMAGE':<{width}}  RANK  {'LABEL':<{label_width}}  SCORE")
+    for name, preds in rows:
+        for rank, p in enumerate(preds, 1):
+            print(f"{name if rank == 1 else '':<{width}}  {rank:>4}  {p['label']:<{label_width}}  {p['score']:.3f}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import httpx
+
     from models.samples import sample_photos
+    from service.process import running_server
     from training.builtin import ensure_builtin_model
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     model = ensure_builtin_model()
-    session = OnnxClassifier(model.onnx_path)
     photos = sample_photos()
-    batch = np.stack([preprocess(p, model.card.preprocessing) for p in photos])
-    probs = softmax(session(batch))
-    print(f"model {model.tag} on {session.providers[0]}")
-    for path, p in zip(photos, probs):
-        preds = ", ".join(f"{d['label']} {d['score']:.2f}" for d in top_k(p, model.card.labels, args.top_k))
-        print(f"  {path.name:<20} {preds}")
+    if not photos:
+        raise FileNotFoundError("no sample photos found (they ship with scikit-image and matplotlib)")
+    print(f"starting the service (bentoml serve) with {model.tag} ...", flush=True)
+    with running_server(env={"TUNESERVE_MODEL": model.tag}) as url:
+        with httpx.Client(base_url=url, timeout=120.0) as client:
+            info = client.get("/model").json()
+            rows = []
+            for path in photos:
+                r = client.post("/classify", params={"top_k": args.top_k}, content=path.read_bytes())
+                r.raise_for_status()
+                rows.append((path.name, r.json()["predictions"]))
+        print(f"model {info['tag']} served at {url} by onnxruntime on {info['runtime']['provider']}")
+        _print_predictions(rows)
+    print("\nserver stopped. Serve it yourself with `tuneserve serve`, then `tuneserve predict IMAGE...` "
+          "(or see docs/serving.md for curl and Python).")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "models": cmd_models, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "models": cmd_models,
+            "serve": cmd_serve, "predict": cmd_predict, "demo": cmd_demo}
 
 
 if __name__ == "__main__":
