@@ -136,3 +136,20 @@ def test_cli_errors_are_one_readable_line(args, message, tmp_path, tiny_folder):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks(tiny_folder, tmp_path):
+    """The same `tuneserve train` under torchrun: gloo on CPU, every validation image counted once, rank 0 writes."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
+         "--data", str(tiny_folder), "--epochs", "2", "--batch-size", "2", "--workers", "0",
+         "--output-dir", str(tmp_path / "runs"), "--no-export"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    history = json.loads((run / "history.json").read_text())
+    assert [int(np.array(h["val"]["confusion"]).sum()) for h in history] == [3, 3]  # 3 val images, not 2 x 2
+    assert history[0]["train_images"] == 16  # 15 training images, padded to 8 per rank by DistributedSampler
+    assert proc.stdout.count("run folder:") == 1

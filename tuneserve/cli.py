@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -142,8 +143,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data and not cfg.resume:
         raise ValueError("--data DIR is required (a folder of class subfolders, or with train/ and val/)")
     result = train(cfg)
-    if result.model is None and cfg.export:
-        return 0  # not rank 0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports for everyone
     m = result.best_metrics
     print(f"\nrun folder:   {result.run_dir}  (checkpoints, history.csv, curves.png, confusion_matrix.png)")
     print(f"best epoch:   {result.best_epoch} of {len(result.history)}{' (stopped early)' if result.stopped_early else ''}")
