@@ -25,7 +25,8 @@ FAST = dict(batch_size=4, workers=0, head_epochs=1)
 
 
 def test_tiny_run_writes_everything_and_registers(tiny_folder, tmp_path):
-    result = train(TrainConfig(data=str(tiny_folder), epochs=2, output_dir=str(tmp_path / "runs"), name="tiny", **FAST))
+    result = train(TrainConfig(data=str(tiny_folder), epochs=2, output_dir=str(tmp_path / "runs"), name="tiny",
+                               class_weighting=True, **FAST))
     run = result.run_dir
     for f in ["last.pt", "best.pt", "history.json", "history.csv", "val_report.json", "per_class.csv",
               "confusion_matrix.csv", "curves.png", "confusion_matrix.png"]:
@@ -41,6 +42,11 @@ def test_tiny_run_writes_everything_and_registers(tiny_folder, tmp_path):
     assert card.parity["top1_agreement"] == 1.0 and card.parity["max_abs_logit_diff"] <= 1e-3
     assert card.metrics["best_epoch"] == result.best_epoch and card.train_config["epochs"] == 2
     assert (stored.path / "curves.png").is_file() and (stored.path / "history.csv").is_file()
+    # `tuneserve export RUN` re-exports the best checkpoint as a new version of the same name
+    assert cli_main(["export", str(run), "--name", "tiny"]) == 0
+    again = load_model("tiny")
+    assert again.tag != stored.tag and again.card.labels == card.labels
+    assert again.card.metrics["val_top1"] == card.metrics["val_top1"]
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_folder, tmp_path):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from models.architectures import get_architecture
 from models.preprocessing import Preprocessing
@@ -114,7 +115,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     stopped_early = False
     ddp_model: nn.Module = model
     phase = None
-    for epoch in range(state["epoch"], cfg.epochs):
+    epochs_bar = tqdm(range(state["epoch"], cfg.epochs), desc="epochs", unit="epoch", disable=None if env.is_main else True,
+                      initial=state["epoch"], total=cfg.epochs)
+    for epoch in epochs_bar:
         new_phase = "head" if epoch < cfg.head_epochs else "full"
         if new_phase != phase:
             phase = new_phase
@@ -140,6 +143,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
             state.update(best_top1=val["top1"], best_loss=val["loss"], best_epoch=epoch + 1, since_best=0)
         else:
             state["since_best"] += 1
+        epochs_bar.set_postfix(val_top1=f"{val['top1']:.3f}", best=f"{state['best_top1']:.3f}")
         if env.is_main:
             log.info("epoch %d/%d %s: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f%s | %.0f img/s%s",
                      epoch + 1, cfg.epochs, phase, stats["train_loss"], stats["train_top1"], val["loss"], val["top1"],
@@ -160,16 +164,18 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         write_report(best_row["val"], ds.classes, run_dir)
         plot_confusion(best_row["val"]["confusion"], ds.classes, run_dir / "confusion_matrix.png")
         if cfg.export:
-            result.model = export_best(run_dir, name, ds, cfg)
+            result.model = export_checkpoint(run_dir / "best.pt", name, ds, cfg)
     barrier(env)
     return result
 
 
-def export_best(run_dir: Path, name: str, ds: Dataset, cfg: TrainConfig) -> StoredModel:
-    best = ckpt_io.load(run_dir / "best.pt")
+def export_checkpoint(path: Path, name: str, ds: Dataset, cfg: TrainConfig) -> StoredModel:
+    """Export a best.pt or last.pt checkpoint (with its run's metrics files and plots) and register it."""
+    best = ckpt_io.load(path)
+    run_dir = Path(path).parent
     model = build_model(best["arch"], len(best["classes"]), "none")
     model.load_state_dict(best["model"])
-    val = best["metrics"]
+    val = best["metrics"] if "metrics" in best else best["history"][-1]["val"]  # last.pt: its own epoch
     metrics = {"val_top1": val["top1"], "val_loss": val["loss"], "val_macro_f1": val["macro_f1"],
                "best_epoch": best["epoch"], "val_images": val["images"]}
     if "top5" in val:

@@ -166,13 +166,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from training import checkpoint as ckpt_io
     from training.config import TrainConfig
     from training.data import discover
-    from training.train import default_name, export_best
+    from training.train import default_name, export_checkpoint
 
     path = Path(args.checkpoint)
     ckpt = ckpt_io.load(path / "best.pt" if path.is_dir() else path)
     cfg = TrainConfig(**{**ckpt["config"], **({"data": args.data} if args.data else {}), "exporter": args.exporter})
     ds = discover(cfg.data, cfg.manifest, cfg.val_fraction, cfg.seed, cfg.min_images_per_class)
-    stored = export_best(Path(ckpt["path"]), args.name or cfg.name or default_name(cfg), ds, cfg)
+    stored = export_checkpoint(Path(ckpt["path"]), args.name or cfg.name or default_name(cfg), ds, cfg)
     print(f"model: {stored.tag}  ({stored.path})")
     print(f"parity: max |logit diff| {stored.card.parity['max_abs_logit_diff']:.2e}, "
           f"top-1 agreement {stored.card.parity['top1_agreement']:.0%} on {stored.card.parity['images']} images")

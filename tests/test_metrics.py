@@ -1,0 +1,28 @@
+"""Metric arithmetic on a hand-checked confusion matrix."""
+import numpy as np
+import pytest
+
+from training.loop import lr_factor
+from training.metrics import summarize
+
+
+def test_summarize_known_confusion():
+    # rows = true class, columns = predicted
+    cm = np.array([[3, 1, 0], [0, 2, 0], [1, 0, 0]])
+    m = summarize(cm, loss_sum=7.0, top5_correct=None, classes=["a", "b", "c"])
+    assert m["images"] == 7 and m["top1"] == pytest.approx(5 / 7) and m["loss"] == pytest.approx(1.0)
+    a, b, c = (m["per_class"][k] for k in "abc")
+    assert (a["precision"], a["recall"], a["support"]) == (pytest.approx(3 / 4), pytest.approx(3 / 4), 4)
+    assert (b["precision"], b["recall"]) == (pytest.approx(2 / 3), 1.0)
+    assert (c["precision"], c["recall"], c["f1"]) == (0.0, 0.0, 0.0)  # never predicted: 0, not NaN
+    assert m["macro_f1"] == pytest.approx((0.75 + 0.8 + 0.0) / 3)
+    assert "top5" not in m
+    assert summarize(cm, 0.0, 6, ["a", "b", "c"])["top5"] == pytest.approx(6 / 7)
+
+
+def test_lr_schedule_warms_up_and_decays_per_phase():
+    f = [lr_factor(s, steps_per_epoch=10, head_epochs=2, epochs=6, warmup_epochs=0.5) for s in range(60)]
+    assert f[0] < f[2] < f[4] < f[5] == pytest.approx(1.0)  # linear warm-up over 5 steps, then the peak
+    assert f[19] < 0.05  # head phase decays to ~0
+    assert f[20] < f[24] < f[25] == pytest.approx(1.0)  # the full phase warms up again
+    assert all(x >= y for x, y in zip(f[25:], f[26:]))  # then decays monotonically
