@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import httpx
 
@@ -47,11 +47,14 @@ def running_server(
     port: int | None = None,
     ready_timeout_s: float = 180.0,
     log_path: Path | None = None,
+    command: Sequence[str] | None = None,
 ) -> Iterator[str]:
     """Start the service with `env` added to this process's environment; yield its URL once /readyz says
-    200; stop it (its whole process group) on exit. Its output goes to `log_path` (a temp file if None)."""
+    200; stop it (its whole process group) on exit. Its output goes to `log_path` (a temp file if None).
+    `command` replaces `bentoml serve ...` (e.g. `tuneserve serve ...`); it must listen on host:port."""
     port = port or free_port(host)
     url = f"http://{host}:{port}"
+    temporary_log = log_path is None
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="tuneserve-server-", suffix=".log")
         os.close(fd)
@@ -59,7 +62,7 @@ def running_server(
     with open(log_path, "wb") as out:
         # Own session: stopping it reaches bentoml's worker processes too, and Ctrl-C in a terminal
         # goes to us first, so the finally-block below decides how the server stops.
-        proc = subprocess.Popen(serve_command(host, port), env={**os.environ, **(env or {})}, stdout=out,
+        proc = subprocess.Popen(list(command or serve_command(host, port)), env={**os.environ, **(env or {})}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_ready(proc, url, ready_timeout_s, log_path)
@@ -67,6 +70,8 @@ def running_server(
         yield url
     finally:
         stop(proc)
+        if temporary_log:
+            log_path.unlink(missing_ok=True)  # a failure's tail is already in the ServerFailed message
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:

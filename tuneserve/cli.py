@@ -236,17 +236,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    # Resolve the model here, so that an unknown tag is one readable error before anything starts.
-    if args.model:
-        model = load_model(args.model)
+    flags = {"TUNESERVE_WORKERS": args.workers, "TUNESERVE_DEVICE": args.device,
+             "TUNESERVE_MAX_BATCH_SIZE": args.max_batch_size, "TUNESERVE_MAX_LATENCY_MS": args.max_latency_ms}
+    env = {**os.environ, **{k: str(v) for k, v in flags.items() if v is not None}}
+    cfg = ServiceConfig.from_env(env)  # bad values fail here, naming the variable, not in every worker
+    # Resolve the model here too, so that an unknown tag is one readable error before anything starts;
+    # the workers get its exact name:version.
+    if args.model or cfg.model:
+        model = load_model(args.model or cfg.model)
     else:
         from training.builtin import ensure_builtin_model
 
         model = ensure_builtin_model()
-    flags = {"TUNESERVE_MODEL": model.tag, "TUNESERVE_WORKERS": args.workers, "TUNESERVE_DEVICE": args.device,
-             "TUNESERVE_MAX_BATCH_SIZE": args.max_batch_size, "TUNESERVE_MAX_LATENCY_MS": args.max_latency_ms}
-    env = {**os.environ, **{k: str(v) for k, v in flags.items() if v is not None}}
-    ServiceConfig.from_env(env)  # bad values fail here, naming the flag's variable, not in every worker
+    env["TUNESERVE_MODEL"] = model.tag
     print(f"serving {model.tag} on http://{args.host}:{args.port}  (POST /classify, POST /classify_batch, "
           f"GET /model, docs at /)", flush=True)
     # exec: `tuneserve serve` becomes `bentoml serve`, so Ctrl-C, SIGTERM and the exit code are bentoml's own.

@@ -1,0 +1,46 @@
+"""Helpers shared by the tests/test_service*.py modules (imported by name: tests/ is on sys.path)."""
+from __future__ import annotations
+
+import functools
+import io
+import re
+
+from PIL import Image
+
+from models.samples import sample_photos
+from models.store import StoredModel
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_model() -> StoredModel:
+    """The built-in ImageNet model in this session's BentoML home (exported once, ~15 s)."""
+    from training.builtin import ensure_builtin_model
+
+    return ensure_builtin_model()
+
+
+def photo(name: str) -> bytes:
+    """A real sample photo by file name (coffee.png, chelsea.png, rocket.jpg, ...)."""
+    return next(p for p in sample_photos() if p.name == name).read_bytes()
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+_HIST = re.compile(r'^bentoml_service_adaptive_batch_size_(bucket|count)\{([^}]*)\} ([0-9.e+]+)$', re.M)
+
+
+def adaptive_batches(metrics_text: str) -> tuple[int, int]:
+    """(dispatched batches, of which single-request ones) for the `infer` API, from Prometheus text."""
+    total = single = 0.0
+    for kind, labels, value in _HIST.findall(metrics_text):
+        if 'method_name="infer"' not in labels:
+            continue
+        if kind == "count":
+            total += float(value)
+        elif 'le="1.0"' in labels:
+            single += float(value)
+    return int(total), int(single)

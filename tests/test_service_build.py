@@ -1,0 +1,51 @@
+"""`bentoml build` with the repository's bentofile.yaml works offline and packs the model, a Dockerfile on the
+CUDA base and torch-free requirements; the exported Bento archive carries the ONNX model itself."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from service_support import builtin_model
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bentoml_cli(*args: str, env: dict[str, str]) -> str:
+    r = subprocess.run([sys.executable, "-m", "bentoml", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"bentoml {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def test_bentoml_build_offline(tmp_path):
+    model = builtin_model()
+    # No index, no network: lock_packages is off, so nothing may need one (the sandbox is offline anyway).
+    env = {**os.environ, "TUNESERVE_MODEL": model.tag, "PIP_NO_INDEX": "1", "UV_OFFLINE": "1",
+           "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    out = bentoml_cli("build", "--output", "tag", env=env)
+    tag = next(line.split("__tag__:")[1].strip() for line in out.splitlines() if "__tag__:" in line)
+    assert tag.startswith("tuneserve:")
+
+    archive = tmp_path / "tuneserve.bento"
+    bentoml_cli("export", tag, str(archive), env=env)
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        name, version = model.tag.split(":")
+        assert f"./models/{name}/{version}/model.onnx" in names
+        assert f"./models/{name}/{version}/tuneserve.json" in names
+        assert "./src/service/service.py" in names and "./src/models/preprocessing.py" in names
+        assert not any(n.startswith(("./src/tests", "./src/training", "./src/runs", "./src/.venv")) for n in names)
+        dockerfile = tar.extractfile("./env/docker/Dockerfile").read().decode()
+        requirements = tar.extractfile("./env/python/requirements.txt").read().decode()
+    assert "FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04" in dockerfile
+    assert f"TUNESERVE_MODEL={model.tag}" in dockerfile  # the image serves exactly the packed version
+    assert "uv venv --python 3.11" in dockerfile and "python3-pip" in dockerfile
+    assert "onnxruntime-gpu==1.31.*" in requirements and "bentoml==" in requirements
+    assert "torch" not in requirements

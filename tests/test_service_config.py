@@ -1,0 +1,81 @@
+"""Service settings and request-parsing rules, without a model or a server (fast)."""
+from __future__ import annotations
+
+import pytest
+
+from models.preprocessing import ImageDecodeError, load_image
+from service.config import BATCHING_DEFAULTS, ServiceConfig
+from service.inputs import HTTPError, decode_error_status, parse_top_k
+from service_support import encode
+
+
+def test_defaults_and_env_mapping():
+    cfg = ServiceConfig.from_env({})
+    assert cfg == ServiceConfig()
+    assert cfg.max_image_bytes == 20 * 1024 * 1024 and cfg.model is None and cfg.device == "auto"
+    cfg = ServiceConfig.from_env({"TUNESERVE_MODEL": "hym:v1", "TUNESERVE_MAX_BATCH_SIZE": " 16 ",
+                                  "TUNESERVE_DEVICE": "cpu", "TUNESERVE_TOP_K": ""})
+    assert (cfg.model, cfg.max_batch_size, cfg.device, cfg.top_k) == ("hym:v1", 16, "cpu", 5)
+    assert ServiceConfig.from_env(cfg.to_env()) == cfg  # what `tuneserve serve` hands to bentoml's workers
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TUNESERVE_MAX_BATCH_SIZE": "many"}, r"TUNESERVE_MAX_BATCH_SIZE='many' is not an integer"),
+    ({"TUNESERVE_MAX_BATCH_SIZE": "0"}, r"TUNESERVE_MAX_BATCH_SIZE=0 is out of range: it must be an integer >= 1"),
+    ({"TUNESERVE_MAX_IMAGE_BYTES": "-5"}, r"TUNESERVE_MAX_IMAGE_BYTES=-5 is out of range"),
+    ({"TUNESERVE_DEVICE": "tpu"}, r"TUNESERVE_DEVICE='tpu' is not one of: auto, cuda, cpu"),
+])
+def test_bad_settings_name_the_variable_and_what_is_accepted(env, message):
+    with pytest.raises(ValueError, match=message):
+        ServiceConfig.from_env(env)
+
+
+def test_batching_defaults_per_device_and_overrides():
+    assert ServiceConfig().batching("cpu") == BATCHING_DEFAULTS["cpu"]
+    assert ServiceConfig().batching("cuda") == BATCHING_DEFAULTS["cuda"]
+    assert ServiceConfig(max_batch_size=1).batching("cuda") == (1, BATCHING_DEFAULTS["cuda"][1])
+    assert ServiceConfig(max_latency_ms=50).batching("cpu") == (BATCHING_DEFAULTS["cpu"][0], 50)
+
+
+def test_default_model_is_the_builtin_one():
+    import ast
+    from pathlib import Path
+
+    from training.builtin import BUILTIN_NAME
+
+    # Read service/service.py's constant without importing it (the import resolves a model).
+    tree = ast.parse((Path(__file__).parents[1] / "service" / "service.py").read_text())
+    value = next(n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "id", "") == "DEFAULT_MODEL")
+    assert value == BUILTIN_NAME
+
+
+@pytest.mark.parametrize("raw, expected", [(None, 5), ("", 5), ("3", 3), (" 7 ", 7), ("1000", 1000), ("5000", 1000)])
+def test_top_k_defaults_and_clamps_to_the_number_of_classes(raw, expected):
+    assert parse_top_k(raw, 5, 1000) == expected
+
+
+@pytest.mark.parametrize("raw, message", [("abc", "is not an integer"), ("2.5", "is not an integer"),
+                                          ("0", "out of range"), ("-3", "out of range")])
+def test_bad_top_k_is_a_400_that_says_what_to_send(raw, message):
+    with pytest.raises(HTTPError, match=message) as e:
+        parse_top_k(raw, 5, 1000)
+    assert e.value.status == 400 and "integer >= 1" in e.value.message
+
+
+def _decode_failure(data: bytes, **kw) -> ImageDecodeError:
+    with pytest.raises(ImageDecodeError) as e:
+        load_image(data, **kw)
+    return e.value
+
+
+def test_decode_failures_map_to_status_codes():
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 48), (200, 30, 30))
+    jpeg = encode(img, "JPEG")
+    assert decode_error_status(_decode_failure(b"")) == 400
+    assert decode_error_status(_decode_failure(b"plain text, not pixels")) == 400
+    assert decode_error_status(_decode_failure(jpeg[: len(jpeg) // 2])) == 400
+    assert decode_error_status(_decode_failure(encode(img, "ICO"))) == 415
+    assert decode_error_status(_decode_failure(encode(img, "PNG"), max_pixels=1000)) == 413

@@ -1,0 +1,183 @@
+"""End to end: fine-tune on real photos with the training code, then serve the model with `tuneserve serve`
+(a real `bentoml serve` process on a free port) and check what comes back over HTTP: the same top-1 as
+PyTorch on the same images, correct answers under concurrency with real batching, the CLI client, the
+demo, 503 instead of a hang under overload, and batching switched off."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.process import free_port, running_server
+from service_support import adaptive_batches, builtin_model, photo
+from tuneserve.cli import main
+
+pytestmark = pytest.mark.slow
+
+PER_CLASS_TRAIN = 10
+PER_CLASS_VAL = 6
+
+
+@pytest.fixture(scope="module")
+def finetuned(hymenoptera, tmp_path_factory):
+    """A 1-epoch fine-tune on a small real subset, through the training code; (stored model, run folder)."""
+    from training.config import TrainConfig
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("hym-subset")
+    for split, n in (("train", PER_CLASS_TRAIN), ("val", PER_CLASS_VAL)):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for src in sorted((hymenoptera / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(src, root / split / cls / src.name)
+    cfg = TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, workers=0, name="e2e-hym",
+                      output_dir=str(root / "runs"), parity_images=8)
+    result = train(cfg)
+    assert result.model is not None
+    return result.model, result.run_dir
+
+
+@pytest.fixture(scope="module")
+def server(finetuned):
+    """`tuneserve serve --model TAG` as a child process; its URL."""
+    model, _ = finetuned
+    port = free_port()
+    command = [sys.executable, "-m", "tuneserve", "serve", "--model", model.tag, "--host", "127.0.0.1", "--port", str(port)]
+    with running_server(port=port, command=command) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def real_photos(hymenoptera) -> list[Path]:
+    """Validation photos the model was not trained on (both classes), plus the dataset's one GIF."""
+    val = [p for cls in ("ants", "bees") for p in sorted((hymenoptera / "val" / cls).glob("*.jpg"))[PER_CLASS_VAL:PER_CLASS_VAL + 8]]
+    return val + sorted(hymenoptera.rglob("*.gif"))
+
+
+def test_served_top1_equals_pytorch(server, finetuned, real_photos):
+    import torch
+
+    from models.preprocessing import preprocess
+    from models.weights import build_model
+    from training import checkpoint
+
+    model, run_dir = finetuned
+    ckpt = checkpoint.load(run_dir / "best.pt")
+    net = build_model(ckpt["arch"], len(ckpt["classes"]), "none")
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    batch = np.stack([preprocess(p, model.card.preprocessing) for p in real_photos])
+    with torch.no_grad():
+        probs = torch.softmax(net(torch.from_numpy(batch)), dim=1).numpy()
+    expected = [ckpt["classes"][i] for i in probs.argmax(1)]
+
+    with httpx.Client(base_url=server, timeout=60) as client:
+        answers = [client.post("/classify", content=p.read_bytes(), params={"top_k": 2}) for p in real_photos]
+        info = client.get("/model").json()
+    assert [a.status_code for a in answers] == [200] * len(real_photos)
+    assert [a.json()["predictions"][0]["label"] for a in answers] == expected
+    for a, p in zip(answers, probs):
+        top = a.json()["predictions"][0]
+        assert top["score"] == pytest.approx(float(p.max()), abs=1e-4)
+    assert {a.json()["model"] for a in answers} == {model.tag}
+    assert info["tag"] == model.tag and info["labels"] == ["ants", "bees"] and info["arch"] == ckpt["arch"]
+    assert info["metrics"]["val_images"] == 2 * PER_CLASS_VAL and info["parity"]["top1_agreement"] == 1.0
+
+
+def test_concurrent_requests_batch_on_the_real_server(server, real_photos):
+    async def run() -> tuple[list[httpx.Response], dict[str, list], str, str]:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+            expected = {p: (await client.post("/classify", content=p.read_bytes())).json() for p in real_photos}
+            before = (await client.get("/metrics")).text
+            jobs = [real_photos[i % len(real_photos)] for i in range(64)]
+            answers = await asyncio.gather(*(client.post("/classify", content=p.read_bytes()) for p in jobs))
+            after = (await client.get("/metrics")).text
+        return answers, [expected[p] for p in jobs], before, after
+
+    answers, expected, before, after = asyncio.run(run())
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    for a, e in zip(answers, expected):
+        assert [p["label"] for p in a.json()["predictions"]] == [p["label"] for p in e["predictions"]]
+        assert a.json()["predictions"][0]["score"] == pytest.approx(e["predictions"][0]["score"], abs=1e-5)
+    (b0, s0), (b1, s1) = adaptive_batches(before), adaptive_batches(after)
+    assert (b1 - b0) - (s1 - s0) > 0, "no inference call carried more than one image"
+    assert b1 - b0 < len(answers)
+
+
+def test_classify_batch_on_the_real_server(server, real_photos):
+    with httpx.Client(base_url=server, timeout=60) as client:
+        files = [("images", (p.name, p.read_bytes())) for p in real_photos]
+        r = client.post("/classify_batch", files=files, params={"top_k": 1})
+        singles = [client.post("/classify", content=p.read_bytes(), params={"top_k": 1}).json() for p in real_photos]
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == [p.name for p in real_photos]
+    assert [x["predictions"][0]["label"] for x in results] == [s["predictions"][0]["label"] for s in singles]
+
+
+def test_predict_cli(server, real_photos, capsys, tmp_path):
+    assert main(["predict", *map(str, real_photos[:2]), "--url", server, "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "IMAGE" in out and real_photos[0].name in out and ("ants" in out or "bees" in out)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    assert main(["predict", str(bad), "--url", server]) == 2
+    assert "not an image" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "missing.jpg"), "--url", server]) == 2
+    assert "no such image file" in capsys.readouterr().err
+    assert main(["predict", str(real_photos[0]), "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert "cannot reach the tuneserve service" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_unknown_model_before_starting(capsys):
+    assert main(["serve", "--model", "no-such-model:v1", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model 'no-such-model:v1' is not in the BentoML model store")
+    assert main(["serve", "--max-batch-size", "0"]) == 2
+    assert "TUNESERVE_MAX_BATCH_SIZE=0 is out of range" in capsys.readouterr().err
+
+
+def test_demo_classifies_the_sample_photos_over_http():
+    builtin_model()
+    r = subprocess.run([sys.executable, "-m", "tuneserve", "demo"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "served at http://127.0.0.1:" in r.stdout
+    coffee_line = next(line for line in r.stdout.splitlines() if line.startswith("coffee.png"))
+    assert "espresso" in coffee_line
+    assert "server stopped" in r.stdout
+
+
+def test_overload_is_a_fast_503_not_a_hang():
+    """A latency bound far below one inference makes BentoML's batcher shed queued work; the shed requests
+    must come back as 503 with a JSON reason, and the server must keep answering."""
+    model = builtin_model()
+    with running_server(env={"TUNESERVE_MODEL": model.tag, "TUNESERVE_MAX_LATENCY_MS": "5"}) as url:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                for _ in range(12):  # past BentoML's dispatcher warm-up, which never sheds
+                    await client.post("/classify", content=photo("coffee.png"))
+                return await asyncio.gather(*(client.post("/classify", content=photo("coffee.png")) for _ in range(48)))
+
+        answers = asyncio.run(burst())
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503} and 503 in codes, codes
+        shed = next(a for a in answers if a.status_code == 503)
+        assert "TUNESERVE_MAX_LATENCY_MS=5" in shed.json()["error"] and shed.headers["retry-after"] == "1"
+        assert httpx.post(f"{url}/classify", content=photo("coffee.png"), timeout=30).status_code == 200
+
+
+def test_batching_can_be_switched_off():
+    model = builtin_model()
+    with running_server(env={"TUNESERVE_MODEL": model.tag, "TUNESERVE_MAX_BATCH_SIZE": "1"}) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            batching = client.get("/model").json()["batching"]
+            assert batching["enabled"] is False and batching["max_batch_size"] == 1
+            r = client.post("/classify", content=photo("coffee.png"))
+            assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "espresso"
+            assert adaptive_batches(client.get("/metrics").text) == (0, 0)

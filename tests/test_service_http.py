@@ -1,0 +1,298 @@
+"""The service's endpoints in-process: BentoML's ASGI app (`Classifier.to_asgi()`) behind Starlette's
+TestClient, which runs the app's lifespan (model load, warm-up) and all requests on one event loop, so the
+adaptive batcher, the thread pool and the limits work as under `bentoml serve`. Real model, real photos."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.preprocessing import preprocess
+from models.runtime import OnnxClassifier, softmax
+from service_support import adaptive_batches, builtin_model, encode, photo
+
+# prometheus_client picks its multi-process mode when first imported; bentoml serve sets this variable
+# for its workers, an in-process app needs one too (nothing has imported prometheus_client yet here).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="tuneserve-test-prometheus-"))
+
+MAX_IMAGE_BYTES = 2_000_000  # small limits, so that the tests stay small
+MAX_PIXELS = 4_000_000
+MAX_BATCH_IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return builtin_model()
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    from starlette.testclient import TestClient
+
+    settings = {"TUNESERVE_MODEL": model.tag, "TUNESERVE_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+                "TUNESERVE_MAX_PIXELS": str(MAX_PIXELS), "TUNESERVE_MAX_BATCH_IMAGES": str(MAX_BATCH_IMAGES)}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in settings.items():
+            mp.setenv(k, v)
+        service = importlib.import_module("service.service")  # reads TUNESERVE_* once, at import
+    assert service.CONFIG.max_image_bytes == MAX_IMAGE_BYTES, "service.service was imported before this fixture"
+    with TestClient(service.Classifier.to_asgi(), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """What the model says when called directly: the HTTP answers must match it."""
+    session = OnnxClassifier(model.onnx_path, device="cpu")
+
+    def probs(data: bytes) -> np.ndarray:
+        return softmax(session(preprocess(data, model.card.preprocessing)[None]))[0]
+
+    return probs
+
+
+def top1(answer: dict) -> str:
+    return answer["predictions"][0]["label"]
+
+
+def assert_error(r, status: int, *fragments: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    message = r.json()["error"]
+    for f in fragments:
+        assert f in message, message
+
+
+# -- answers -----------------------------------------------------------------------------------------------
+
+def test_raw_body_answer_matches_the_model(client, model, reference):
+    data = photo("coffee.png")
+    r = client.post("/classify", content=data, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == model.tag
+    assert len(body["predictions"]) == 5  # default top_k
+    assert top1(body) == "espresso"
+    expected = reference(data)
+    for p in body["predictions"]:
+        assert p["score"] == pytest.approx(float(expected[model.card.labels.index(p["label"])]), abs=1e-5)
+    scores = [p["score"] for p in body["predictions"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_multipart_upload_and_top_k(client):
+    data = photo("chelsea.png")
+    r = client.post("/classify", files={"image": ("chelsea.png", data, "image/png")}, params={"top_k": 2})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    assert top1(r.json()) in ("tiger cat", "tabby", "Egyptian cat")
+    r = client.post("/classify", files={"image": ("chelsea.png", data)}, data={"top_k": "3"})
+    assert len(r.json()["predictions"]) == 3  # a form field works too
+    # Content-Type is advisory: curl --data-binary sends application/x-www-form-urlencoded.
+    r = client.post("/classify", content=data, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and top1(r.json()) == top1(client.post("/classify", content=data).json())
+
+
+def test_top_k_larger_than_the_classes_is_clamped(client):
+    r = client.post("/classify", content=photo("coffee.png"), params={"top_k": 5000})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1000
+
+
+@pytest.mark.parametrize("fmt, params", [("JPEG", {"quality": 95}), ("WEBP", {"lossless": True}), ("GIF", {}),
+                                         ("BMP", {}), ("TIFF", {}), ("PNG", {})])
+def test_every_served_format(client, reference, fmt, params):
+    data = encode(Image.open(io_bytes(photo("coffee.png"))).convert("RGB"), fmt, **params)
+    r = client.post("/classify", content=data)
+    assert r.status_code == 200, r.text
+    assert top1(r.json()) == photo_top1(reference, data)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])
+def test_image_modes_become_rgb(client, reference, mode):
+    rgb = Image.open(io_bytes(photo("coffee.png"))).convert("RGB")
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)  # uint16 -> I;16
+    else:
+        img = rgb.convert(mode)
+    data = encode(img, "JPEG" if mode == "CMYK" else "PNG")
+    assert Image.open(io_bytes(data)).mode == mode
+    r = client.post("/classify", content=data)
+    assert r.status_code == 200, r.text
+    assert top1(r.json()) == photo_top1(reference, data)
+    if mode in ("P", "RGBA", "CMYK"):
+        assert top1(r.json()) == "espresso"  # colour survives these conversions
+
+
+def test_exif_orientation_is_applied(client, reference):
+    upright = Image.open(io_bytes(photo("coffee.png"))).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored_sideways = upright.transpose(Image.Transpose.ROTATE_90)
+    with_exif = encode(stored_sideways, "PNG", exif=exif)
+    without_exif = encode(stored_sideways, "PNG")
+    expected = client.post("/classify", content=encode(upright, "PNG"), params={"top_k": 3}).json()
+    assert client.post("/classify", content=with_exif, params={"top_k": 3}).json() == expected
+    assert client.post("/classify", content=without_exif, params={"top_k": 3}).json() != expected
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animations_use_their_first_frame(client, fmt):
+    first = Image.open(io_bytes(photo("coffee.png"))).convert("RGB")
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (first.height, first.width, 3), dtype=np.uint8)) for _ in range(2)]
+    lossless = {"lossless": True} if fmt == "WEBP" else {}  # same pixels in both files
+    animated = encode(first, fmt, save_all=True, append_images=noise, duration=100, loop=0, **lossless)
+    assert getattr(Image.open(io_bytes(animated)), "n_frames", 1) == 3
+    single = encode(first, fmt, **lossless)
+    assert client.post("/classify", content=animated).json() == client.post("/classify", content=single).json()
+
+
+def test_batch_answers_in_order_with_per_image_errors(client, model):
+    names = ["coffee.png", "chelsea.png", "rocket.jpg"]
+    files = [("images", (n, photo(n))) for n in names]
+    files.insert(1, ("images", ("notes.txt", b"not an image")))
+    r = client.post("/classify_batch", files=files, params={"top_k": 1})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == ["coffee.png", "notes.txt", "chelsea.png", "rocket.jpg"]
+    assert results[1]["status"] == 400 and "not an image" in results[1]["error"]
+    for name, result in zip(names, [results[0], *results[2:]]):
+        single = client.post("/classify", content=photo(name), params={"top_k": 1}).json()
+        assert result["predictions"] == single["predictions"]
+
+
+def test_model_endpoint(client, model):
+    info = client.get("/model").json()
+    assert info["tag"] == model.tag and info["arch"] == "efficientnet_lite0"
+    assert info["num_classes"] == len(info["labels"]) == 1000 and info["input_size"] == 224
+    assert info["parity"]["top1_agreement"] == 1.0 and "source" in info["metrics"]
+    assert info["runtime"]["provider"] == "CPUExecutionProvider"
+    assert info["batching"]["enabled"] is True and info["batching"]["max_batch_size"] > 1
+    assert info["limits"]["max_image_bytes"] == MAX_IMAGE_BYTES
+
+
+def test_bentoml_endpoints_and_openapi(client):
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/").status_code == 200  # Swagger UI
+    spec = client.get("/docs.json").json()
+    assert {"/classify", "/classify_batch", "/model", "/infer", "/readyz"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    client.post("/classify", content=photo("coffee.png"))
+    metrics = client.get("/metrics").text
+    assert "bentoml_service_adaptive_batch_size" in metrics and 'endpoint="/classify"' in metrics
+
+
+# -- bad input: a 4xx JSON answer each, and the server keeps serving ------------------------------------------
+
+def test_bad_images(client):
+    jpeg = encode(Image.open(io_bytes(photo("coffee.png"))).convert("RGB"), "JPEG")
+    assert_error(client.post("/classify", content=b""), 400, "empty image")
+    assert_error(client.post("/classify", content=b"%PDF-1.4 definitely not pixels"), 400, "not an image")
+    assert_error(client.post("/classify", content=jpeg[: len(jpeg) // 2]), 400, "truncated")
+    assert_error(client.post("/classify", content=encode(Image.new("RGB", (32, 32)), "ICO")), 415,
+                 "unsupported image format ICO", "JPEG")
+    assert_error(client.post("/classify", files={"image": ("empty.jpg", b"")}), 400, "empty image")
+
+
+def test_byte_and_pixel_limits(client):
+    too_big = b"\xff\xd8" + b"\0" * MAX_IMAGE_BYTES
+    assert_error(client.post("/classify", content=too_big), 413, f"limit of {MAX_IMAGE_BYTES} bytes",
+                 "TUNESERVE_MAX_IMAGE_BYTES")
+    assert_error(client.post("/classify", files={"image": ("big.jpg", too_big)}), 413, "TUNESERVE_MAX_IMAGE_BYTES")
+
+    def chunked():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(3):
+            yield b"\0" * (MAX_IMAGE_BYTES // 2)
+
+    assert_error(client.post("/classify", content=chunked()), 413, "more than")
+    bomb = encode(Image.new("L", (2500, 2000)), "PNG")  # 5 Mpx over a 4 Mpx limit, in a few kB
+    assert len(bomb) < 50_000
+    assert_error(client.post("/classify", content=bomb), 413, "2500x2000", f"limit of {MAX_PIXELS}")
+
+
+@pytest.mark.parametrize("top_k, fragment", [("abc", "not an integer"), ("0", "out of range"), ("-1", "out of range"),
+                                             ("1.5", "not an integer")])
+def test_bad_top_k(client, top_k, fragment):
+    assert_error(client.post("/classify", content=photo("coffee.png"), params={"top_k": top_k}), 400, fragment)
+    assert_error(client.post("/classify", files={"image": ("c.png", photo("coffee.png"))}, data={"top_k": top_k}),
+                 400, fragment)
+    assert_error(client.post("/classify_batch", files=[("images", ("c.png", photo("coffee.png")))],
+                             params={"top_k": top_k}), 400, fragment)
+
+
+def test_bad_forms(client):
+    coffee = photo("coffee.png")
+    assert_error(client.post("/classify", data={"top_k": "3"}, files={"other": ("", b"")}), 400, "'image'")
+    assert_error(client.post("/classify", files=[("image", ("a.png", coffee)), ("image", ("b.png", coffee))]), 400,
+                 "/classify_batch")
+    assert_error(client.post("/classify", content=b"--xyz\r\ngarbage",
+                             headers={"content-type": "multipart/form-data; boundary=abc"}), 400)
+    assert_error(client.post("/classify_batch", content=coffee), 415, "multipart/form-data")
+    assert_error(client.post("/classify_batch", data={"top_k": "1"}, files={"x": ("", b"")}), 400, "no file")
+    too_many = [("images", (f"{i}.png", coffee)) for i in range(MAX_BATCH_IMAGES + 1)]
+    assert_error(client.post("/classify_batch", files=too_many), 413, f"the limit is {MAX_BATCH_IMAGES}",
+                 "TUNESERVE_MAX_BATCH_IMAGES")
+    assert client.get("/classify").status_code == 405
+
+
+def test_still_serving_after_bad_input(client):
+    for bad in (b"", b"junk", b"\x89PNG\r\n\x1a\n" + b"\0" * 20):
+        assert client.post("/classify", content=bad).status_code == 400
+    r = client.post("/classify", content=photo("coffee.png"))
+    assert r.status_code == 200 and top1(r.json()) == "espresso"
+
+
+# -- concurrency -----------------------------------------------------------------------------------------------
+
+def test_concurrent_requests_are_batched_and_answered_correctly(client):
+    names = ["coffee.png", "chelsea.png", "rocket.jpg", "astronaut.png"]
+    expected = {n: client.post("/classify", content=photo(n), params={"top_k": 3}).json() for n in names}
+    before = adaptive_batches(client.get("/metrics").text)
+    jobs = [names[i % len(names)] for i in range(48)]
+    with ThreadPoolExecutor(24) as pool:  # TestClient sends each thread's request into the app's one loop
+        answers = list(pool.map(lambda n: client.post("/classify", content=photo(n), params={"top_k": 3}), jobs))
+    assert [a.status_code for a in answers] == [200] * len(jobs)
+    for name, a in zip(jobs, answers):
+        got, want = a.json()["predictions"], expected[name]["predictions"]
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
+    after = adaptive_batches(client.get("/metrics").text)
+    batches, single = after[0] - before[0], after[1] - before[1]
+    assert 0 < batches < len(jobs), (batches, single)  # fewer inference calls than images
+    assert batches - single > 0  # at least one call carried several images
+
+
+def test_overload_answers_503_quickly(client):
+    import bentoml
+
+    svc = bentoml.get_current_service()
+    saved = svc.config
+    svc.config = dataclasses.replace(saved, max_in_flight=1)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: client.post("/classify", content=photo("astronaut.png")), range(16)))
+    finally:
+        svc.config = saved
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    busy = next(a for a in answers if a.status_code == 503)
+    assert "TUNESERVE_MAX_IN_FLIGHT=1" in busy.json()["error"] and busy.headers["retry-after"] == "1"
+    assert client.post("/classify", content=photo("coffee.png")).status_code == 200
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+
+def io_bytes(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def photo_top1(reference, data: bytes) -> str:
+    return builtin_model().card.labels[int(np.argmax(reference(data)))]
