@@ -17,14 +17,15 @@ from models.preprocessing import DEFAULT_MAX_PIXELS
 DEVICES = ("auto", "cuda", "cpu")
 
 # Adaptive-batching defaults per device, chosen by measurement (docs/benchmarks.md, "Serving (issue 3)").
-# CPU (2-core sandbox): onnxruntime's throughput for EfficientNet-Lite0 peaks at batch 4 (142 img/s vs 111
-# at batch 1) and falls off above 8, so bigger batches only add latency; 8 still lets a burst drain in
-# one call. The latency bound has to cover one full batch (~65 ms at 8) plus the batch ahead of it,
-# with room for the preprocessing threads competing for the same two cores: below ~300 ms BentoML's
-# dispatcher starts shedding requests (503) at concurrency 16; 1000 ms sheds only under real overload.
-# CUDA: not measurable here (no GPU); EfficientNet-class models keep gaining throughput up to batch
-# 32-64 on a data-centre GPU, and a 64-image batch takes a few ms, so 64 / 200 ms is the starting point.
-BATCHING_DEFAULTS = {"cpu": (8, 1000), "cuda": (64, 200)}
+# CPU (2-core sandbox, EfficientNet-Lite0): onnxruntime alone gains little from batching (376 -> 403 img/s
+# from batch 1 to 4 on both cores, flat to falling with one thread), and the service is CPU-bound on
+# decoding; end to end at 16 clients, batches of 4 or 8 beat batching off by ~9% and 16 does not help.
+# 8 lets a burst drain in one call. The latency bound only decides when queued work is shed with 503:
+# 100 ms shed 35% of requests at 16 clients, 300 ms shed half at 64 clients, 1000 ms 3% at 64 (the
+# service saturates from 4 clients on; 64 is 16 times that).
+# CUDA: not measurable here (no GPU). EfficientNet-class models keep gaining throughput up to batch
+# 32-64 on a data-centre GPU, where a batch of 64 takes milliseconds: 64 is the starting point.
+BATCHING_DEFAULTS = {"cpu": (8, 1000), "cuda": (64, 1000)}
 
 
 def _setting(default: Any, env: str, help: str, minimum: int | None = None) -> Any:
@@ -48,6 +49,7 @@ class ServiceConfig:
     max_in_flight: int = _setting(512, "TUNESERVE_MAX_IN_FLIGHT", "images being decoded or classified per worker before new requests get 503", 1)
     top_k: int = _setting(5, "TUNESERVE_TOP_K", "predictions per image when the request does not say", 1)
     preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: one per CPU, at most 16)", 0)
+    ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: half the CPUs, at least 1)", 0)
     workers: int = _setting(1, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session", 1)
     timeout_s: int = _setting(60, "TUNESERVE_TIMEOUT_S", "per-request timeout in seconds", 1)
 
@@ -89,6 +91,15 @@ class ServiceConfig:
 
     def threads(self) -> int:
         return self.preprocess_threads or max(1, min(16, os.cpu_count() or 1))
+
+    def onnxruntime_threads(self, device: str) -> int:
+        """Intra-op threads for the session (0 = onnxruntime's default: one per core).
+        On CPU the model shares the machine with decoding: by default it gets half the cores, measured
+        +19% end-to-end on 2 cores over onnxruntime's default, whose idle threads spin on the cores
+        the decoders need. On CUDA these threads only run the odd CPU-side node: the default is fine."""
+        if self.ort_threads or device == "cuda":
+            return self.ort_threads
+        return max(1, (os.cpu_count() or 1) // 2)
 
 
 def describe_settings() -> str:

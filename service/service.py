@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,13 @@ INFER_OPTIONS: dict[str, Any] = (
     name="tuneserve",
     workers=CONFIG.workers,
     traffic={"timeout": CONFIG.timeout_s},
+    # BentoML's self-proxy (behind self.to_async) replaces its aiohttp session every `max_requests` calls
+    # or `max_age` seconds and closes the old one with calls still in flight: "Server disconnected" -> 500
+    # under load (seen at 16 concurrent clients within seconds). The connection is in-process (an ASGI
+    # connector): there is nothing to refresh, so never.
+    runner_connection={"max_requests": 2**62, "max_age": 1e12},
+    # The internal /infer self-calls would double the access log; /classify lines say it all.
+    logging={"access": {"skip_paths": ["/infer"]}},
     # Recorded in the Bento (and its Dockerfile) so that a built image serves exactly the packed version.
     envs=[{"name": "TUNESERVE_MODEL", "value": MODEL.tag}],
 )
@@ -98,18 +106,24 @@ class Classifier:
         started = time.perf_counter()
         self.config = CONFIG
         self.model = load_model(MODEL.tag)
-        self.session = OnnxClassifier(self.model.onnx_path, device=CONFIG.device)
+        self.session = OnnxClassifier(self.model.onnx_path, device=CONFIG.device,
+                                      intra_op_threads=CONFIG.onnxruntime_threads(DEVICE))
         self.labels = self.model.card.labels
-        self._parked: dict[str, np.ndarray] = {}  # handle -> preprocessed image, until infer() has run
+        # handle -> preprocessed image (parked by classify) and handle -> logits (parked by infer). The lock
+        # makes "write logits only for handles still waiting" atomic against classify's clean-up, so a
+        # caller that gave up (client gone, request shed) leaves nothing behind.
+        self._inputs: dict[str, np.ndarray] = {}
+        self._outputs: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
         self._in_flight = 0  # images admitted and not answered yet (event-loop only: no lock)
         self._pool = ThreadPoolExecutor(CONFIG.threads(), thread_name_prefix="tuneserve-preprocess")
         self._ready = False
         self._warm_up()
         self._ready = True
         log.info(
-            "serving %s (%s, %d classes) with onnxruntime on %s; adaptive batching %s; %d preprocessing "
-            "threads; ready in %.1f s", self.model.tag, self.model.card.arch, len(self.labels),
-            self.session.providers[0],
+            "serving %s (%s, %d classes) with onnxruntime on %s (%s intra-op threads); adaptive batching %s; "
+            "%d preprocessing threads; ready in %.1f s", self.model.tag, self.model.card.arch, len(self.labels),
+            self.session.providers[0], CONFIG.onnxruntime_threads(DEVICE) or "default",
             f"max_batch_size={MAX_BATCH_SIZE} max_latency_ms={MAX_LATENCY_MS}" if BATCHING else "off",
             CONFIG.threads(), time.perf_counter() - started,
         )
@@ -134,15 +148,19 @@ class Classifier:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @bentoml.api(**INFER_OPTIONS)
-    def infer(self, handles: list[str]) -> list[list[float]]:
-        """Internal: logits for images that /classify and /classify_batch parked in this worker, one
-        list per handle. Called through the adaptive batcher, so `handles` come from many requests."""
-        arrays = [self._parked.get(h) for h in handles]
-        found = [a for a in arrays if a is not None]
-        # An unknown handle (only possible from an outside caller) gets [] rather than an exception,
-        # which would fail every request that shares its batch.
-        logits = iter(self.session(np.stack(found)).tolist() if found else [])
-        return [next(logits) if a is not None else [] for a in arrays]
+    def infer(self, handles: list[str]) -> list[bool]:
+        """Internal: run the model on images that /classify and /classify_batch parked in this worker and
+        park the logits under the same handles; True for each handle done. Called through the adaptive
+        batcher, so `handles` come from many requests. An unknown handle (only possible from an outside
+        caller) gets False rather than an exception, which would fail every request sharing its batch."""
+        found = [(h, a) for h, a in ((h, self._inputs.get(h)) for h in handles) if a is not None]
+        if found:
+            logits = self.session(np.stack([a for _, a in found]))
+            with self._lock:
+                for (h, _), row in zip(found, logits):
+                    if h in self._inputs:
+                        self._outputs[h] = row
+        return [h in self._outputs for h in handles]
 
     # -- used by service/routes.py --------------------------------------------------------------------
 
@@ -182,9 +200,12 @@ class Classifier:
     async def classify(self, arrays: list[np.ndarray]) -> np.ndarray:
         """Probabilities (N, classes) for preprocessed images, through the batched `infer` API."""
         handles = [uuid.uuid4().hex for _ in arrays]
-        self._parked.update(zip(handles, arrays))
+        self._inputs.update(zip(handles, arrays))
         try:
-            rows = await self.to_async.infer(handles)  # type: ignore[attr-defined]  # set by BentoML
+            done = await self.to_async.infer(handles)  # type: ignore[attr-defined]  # set by BentoML
+            if not all(done):
+                raise RuntimeError("infer() did not find a parked image; this is a bug")
+            return softmax(np.stack([self._outputs[h] for h in handles]))
         except BentoMLException as e:
             if e.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
                 # BentoML's dispatcher sheds queued work it cannot finish within max_latency_ms.
@@ -194,11 +215,10 @@ class Classifier:
                 ) from None
             raise
         finally:
-            for h in handles:
-                self._parked.pop(h, None)
-        if any(len(r) == 0 for r in rows):
-            raise RuntimeError("infer() lost a parked image; this is a bug")
-        return softmax(np.asarray(rows, dtype=np.float32))
+            with self._lock:
+                for h in handles:
+                    self._inputs.pop(h, None)
+                    self._outputs.pop(h, None)
 
     def describe(self) -> dict[str, Any]:
         card = self.model.card
@@ -212,7 +232,9 @@ class Classifier:
             "metrics": card.metrics,
             "parity": card.parity,
             "created": self.model.creation_time,
-            "runtime": {"provider": self.session.providers[0], "device": self.session.device},
+            "runtime": {"provider": self.session.providers[0], "device": self.session.device,
+                        "intra_op_threads": CONFIG.onnxruntime_threads(DEVICE),
+                        "preprocess_threads": CONFIG.threads()},
             "batching": {"enabled": BATCHING, "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS},
             "limits": {
                 "max_image_bytes": self.config.max_image_bytes,
