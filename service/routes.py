@@ -64,14 +64,19 @@ def _check_image_size(image: ImageInput, limit: int) -> None:
         raise too_large(f"image {image.name!r}", len(image.data), limit, "TUNESERVE_MAX_IMAGE_BYTES")
 
 
-@json_errors
-async def classify(request: Request) -> Response:
+def _admit_request(request: Request):
+    """Common start of both classify routes: the service, its settings, the class count and the query's
+    top_k. Capacity and a bad query-string top_k are refused before a possibly large body is read."""
     svc = _service()
     cfg = svc.config
     n_classes = len(svc.labels)
     svc.check_capacity()
-    # A bad query-string top_k is refused before a possibly large body is read.
-    k = parse_top_k(request.query_params.get("top_k"), cfg.top_k, n_classes)
+    return svc, cfg, n_classes, parse_top_k(request.query_params.get("top_k"), cfg.top_k, n_classes)
+
+
+@json_errors
+async def classify(request: Request) -> Response:
+    svc, cfg, n_classes, k = _admit_request(request)
     if is_multipart(request):
         body = await read_body(request, cfg.max_image_bytes + MULTIPART_OVERHEAD_PER_PART, "TUNESERVE_MAX_IMAGE_BYTES")
         files, fields = await read_form(request, body, 1, HTTPError(
@@ -95,11 +100,7 @@ async def classify(request: Request) -> Response:
 
 @json_errors
 async def classify_batch(request: Request) -> Response:
-    svc = _service()
-    cfg = svc.config
-    n_classes = len(svc.labels)
-    svc.check_capacity()
-    k = parse_top_k(request.query_params.get("top_k"), cfg.top_k, n_classes)
+    svc, cfg, n_classes, k = _admit_request(request)
     if not is_multipart(request):
         raise HTTPError(415, "/classify_batch takes multipart/form-data with one file part per image "
                              "(e.g. curl -F images=@a.jpg -F images=@b.jpg); for one raw image use /classify")
