@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 DEFAULT_ARCH = "efficientnet_lite0"  # ImageNet weights ship in a pip package: works with no network
+# The built-in model (ImageNet DEFAULT_ARCH, registered on first use); torch-free, so serving can name it.
+BUILTIN_NAME = f"imagenet-{DEFAULT_ARCH}"
 
 
 @dataclass(frozen=True)

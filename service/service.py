@@ -34,6 +34,7 @@ from bentoml.exceptions import BentoMLException
 
 from models.preprocessing import ImageDecodeError, preprocess
 from models.runtime import OnnxClassifier, gpu_present, softmax
+from models.architectures import BUILTIN_NAME
 from models.store import StoredModel, load_model
 from service.config import ServiceConfig
 from service.inputs import HTTPError, decode_error_status
@@ -43,20 +44,16 @@ log = logging.getLogger("tuneserve.service")
 # bentoml's server logging config leaves the root logger at WARNING; the start-up lines below must show.
 log.setLevel(logging.INFO)
 
-# The built-in model's name (= training.builtin.BUILTIN_NAME; training/ is not in the serving image).
-DEFAULT_MODEL = "imagenet-efficientnet_lite0"
-
-
 def resolve_model(cfg: ServiceConfig) -> StoredModel:
     """The chosen model, or the built-in one, exported and registered on first use (needs torch, once)."""
     if cfg.model:
         return load_model(cfg.model)  # ModelNotFoundError names the tag and lists the known models
     try:
-        return load_model(DEFAULT_MODEL)
+        return load_model(BUILTIN_NAME)
     except LookupError:
         from training.builtin import ensure_builtin_model  # lazy: torch is needed only for this export
 
-        log.info("no model chosen and %s is not registered yet: exporting it (once, ~15 s)", DEFAULT_MODEL)
+        log.info("no model chosen and %s is not registered yet: exporting it (once, ~15 s)", BUILTIN_NAME)
         return ensure_builtin_model()
 
 

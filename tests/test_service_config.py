@@ -47,19 +47,6 @@ def test_onnxruntime_threads_leave_cpus_for_decoding(monkeypatch):
     assert ServiceConfig().threads() == 1
 
 
-def test_default_model_is_the_builtin_one():
-    import ast
-    from pathlib import Path
-
-    from training.builtin import BUILTIN_NAME
-
-    # Read service/service.py's constant without importing it (the import resolves a model).
-    tree = ast.parse((Path(__file__).parents[1] / "service" / "service.py").read_text())
-    value = next(n.value.value for n in tree.body if isinstance(n, ast.Assign)
-                 and getattr(n.targets[0], "id", "") == "DEFAULT_MODEL")
-    assert value == BUILTIN_NAME
-
-
 @pytest.mark.parametrize("raw, expected", [(None, 5), ("", 5), ("3", 3), (" 7 ", 7), ("1000", 1000), ("5000", 1000)])
 def test_top_k_defaults_and_clamps_to_the_number_of_classes(raw, expected):
     assert parse_top_k(raw, 5, 1000) == expected

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import logging
 
-from models.architectures import DEFAULT_ARCH, get_architecture, imagenet_labels
+from models.architectures import BUILTIN_NAME, DEFAULT_ARCH, get_architecture, imagenet_labels
 from models.samples import sample_photos
 from models.store import ModelNotFoundError, StoredModel, load_model
 from models.weights import build_model
 
 log = logging.getLogger(__name__)
-
-BUILTIN_NAME = "imagenet-efficientnet_lite0"
-
 
 def ensure_builtin_model(name: str = BUILTIN_NAME) -> StoredModel:
     """The latest `name` in the store, exporting and registering it first if it is not there yet."""
