@@ -1,5 +1,5 @@
 """`bentoml build` with the repository's bentofile.yaml works offline and packs the model, a Dockerfile on the
-CUDA base and torch-free requirements; the exported Bento archive carries the ONNX model itself."""
+CUDA base and torch-free requirements, from the lean template; the exported Bento archive carries the ONNX model itself."""
 from __future__ import annotations
 
 import os
@@ -46,6 +46,7 @@ def test_bentoml_build_offline(tmp_path):
         requirements = tar.extractfile("./env/python/requirements.txt").read().decode()
     assert "FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04" in dockerfile
     assert f"TUNESERVE_MODEL={model.tag}" in dockerfile  # the image serves exactly the packed version
-    assert "uv venv --python 3.11" in dockerfile and "python3-pip" in dockerfile
+    assert "uv venv -p 3.11" in dockerfile and "USER bentoml" in dockerfile  # uv's Python 3.11, run as non-root
+    assert "build-essential" not in dockerfile and " git" not in dockerfile  # deploy/Dockerfile.template's lean base
     assert "onnxruntime-gpu==1.31.*" in requirements and "bentoml==" in requirements
     assert "torch" not in requirements

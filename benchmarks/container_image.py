@@ -1,0 +1,135 @@
+"""Size and cold start of the serving image, built the way tests/test_container.py builds it (podman, local base).
+
+    python benchmarks/container_image.py --out benchmarks/results/container.json
+
+Builds the Bento from bentofile.yaml with only the base image swapped for a local Debian bookworm (this machine
+cannot pull nvidia/cuda), containerizes it with podman and reports: the image's size, the base's size, the part
+tuneserve adds (Python venv + Bento), the largest installed Python packages, and cold start (`podman run` to
+the first 200 from /readyz, and to the first answered /classify) over --runs fresh containers.
+Needs podman, runc, debootstrap (apt-get install podman runc debootstrap) and runs as root.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the podman recipe lives with the test that proves it
+sys.path.insert(0, str(ROOT))
+
+import container_support as cs  # noqa: E402
+
+PHOTO = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val" / "bees"
+
+
+def image_bytes(image: str, env: dict[str, str]) -> int:
+    out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", image], env=env,
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def largest_packages(image: str, env: dict[str, str], n: int = 6) -> list[tuple[str, int]]:
+    code = ("import os, sys; root = [p for p in sys.path if p.endswith('site-packages')][0]; "
+            "sizes = {d: sum(os.path.getsize(os.path.join(a, f)) for a, _, fs in os.walk(os.path.join(root, d)) "
+            "for f in fs) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}; "
+            "[print(d, s) for d, s in sorted(sizes.items(), key=lambda x: -x[1])[:%d]]" % n)
+    out = subprocess.run(["podman", "run", "--rm", "--entrypoint", "python", image, "-c", code], env=env,
+                         capture_output=True, text=True, check=True)
+    return [(line.split()[0], int(line.split()[1])) for line in out.stdout.splitlines()]
+
+
+def cold_start(image: str, env: dict[str, str], photo: bytes) -> tuple[float, float]:
+    """Seconds from `podman run` to /readyz 200, and to the first /classify answer."""
+    name, port = f"tuneserve-bench-{uuid.uuid4().hex[:8]}", free_port()
+    flags = cs.podman_flags_like_kubernetes(cs.deployment_manifest())
+    start = time.monotonic()
+    try:
+        subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", *flags, image],
+                       env=env, check=True, capture_output=True)
+        url = f"http://127.0.0.1:{port}"
+        cs.wait_ready(url)
+        ready = time.monotonic() - start
+        req = urllib.request.Request(f"{url}/classify", data=photo, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+        return ready, time.monotonic() - start
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], env=env, capture_output=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5, help="fresh containers started for the cold-start figure")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "container.json")
+    args = ap.parse_args()
+    if cs.missing_tools():
+        sys.exit(f"error: needs {', '.join(cs.missing_tools())} (apt-get install podman runc debootstrap)")
+
+    with tempfile.TemporaryDirectory(prefix="tuneserve-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["BENTOML_HOME"] = str(work / "bentoml")
+        from training.builtin import ensure_builtin_model
+
+        model = ensure_builtin_model()
+        env = {**cs.podman_env(work), "TUNESERVE_MODEL": model.tag}
+        base = cs.ensure_base_image(env)
+        t0 = time.monotonic()
+        bento = cs.build_bento(cs.bentofile_with_base(work, base), env)
+        uv_folder = cs.offline_uv_config(Path(env["BENTOML_HOME"], "bentos", *bento.split(":")), work)
+        image = f"localhost/tuneserve-bench:{uuid.uuid4().hex[:8]}"
+        cs.containerize(bento, image, uv_folder, work, env)
+        build_s = time.monotonic() - t0
+        try:
+            size, base_size = image_bytes(image, env), image_bytes(base, env)
+            packages = largest_packages(image, env)
+            photo = sorted(PHOTO.glob("*.jpg"))[0].read_bytes()
+            starts = [cold_start(image, env, photo) for _ in range(args.runs)]
+        finally:
+            subprocess.run(["podman", "rmi", "-f", image], env=env, capture_output=True)
+
+    ready = [r for r, _ in starts]
+    first = [f for _, f in starts]
+    result = {
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.node()} ({os.cpu_count()} CPUs, no GPU)",
+        "model": model.tag, "build_s_with_cached_base": round(build_s, 1),
+        "image_mb": round(size / 1e6), "base_mb": round(base_size / 1e6), "added_mb": round((size - base_size) / 1e6),
+        "largest_packages_mb": {name: round(b / 1e6) for name, b in packages},
+        "ready_s": {"median": round(statistics.median(ready), 2), "max": round(max(ready), 2), "runs": len(ready)},
+        "first_answer_s": {"median": round(statistics.median(first), 2), "max": round(max(first), 2)},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"{'measure':34s} value")
+    print(f"{'image size (local bookworm base)':34s} {result['image_mb']} MB")
+    print(f"{'  of which base (Debian + Python)':34s} {result['base_mb']} MB")
+    print(f"{'  added by tuneserve (venv + Bento)':34s} {result['added_mb']} MB")
+    for name, mb in result["largest_packages_mb"].items():
+        print(f"{'    ' + name:34s} {mb} MB")
+    print(f"{'build (bento + image, base cached)':34s} {result['build_s_with_cached_base']} s")
+    print(f"{'cold start to /readyz 200':34s} median {result['ready_s']['median']} s, max {result['ready_s']['max']} s ({len(ready)} runs)")
+    print(f"{'cold start to first /classify':34s} median {result['first_answer_s']['median']} s, max {result['first_answer_s']['max']} s")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

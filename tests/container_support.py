@@ -1,0 +1,157 @@
+"""Building and running the serving image with podman on a machine with no Docker engine and no registry.
+
+What the sandbox needs, found by trying (issue 6):
+- podman's default runtime crun fails here; runc works. Containers must start with lowered limits, or
+  runc's setrlimit is refused. A private containers.conf (CONTAINERS_CONF) sets both.
+- Base images cannot be pulled: a Debian bookworm root filesystem is made with debootstrap and imported.
+  It carries Python 3.11 (= bentofile's python_version, so uv finds it and downloads nothing) and uv (so
+  BentoML's Dockerfile does not pip-install one).
+- Python packages install offline: a wheelhouse is downloaded on the host (`pip download` of the Bento's
+  requirements) and given to uv at build time through a volume at /etc/uv holding uv.toml
+  (no-index + find-links), the system-wide config file uv reads.
+- `bentoml containerize` with a dockerfile_template rejects its own temporary build context unless that lies
+  under the working directory (BentoML issue #5566), so it runs with TMPDIR inside its cwd.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Bump the suffix when the recipe below changes: an existing image of that name is reused (saves ~45 s locally).
+BASE_IMAGE = "localhost/tuneserve-test-base:bookworm-1"
+DEBIAN_MIRROR = os.environ.get("TUNESERVE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+[engine]
+runtime = "runc"
+"""
+REQUIRED_TOOLS = ("podman", "runc", "debootstrap")
+
+
+def missing_tools() -> list[str]:
+    return [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 900,
+        input: bytes | None = None) -> str:
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, timeout=timeout, input=input)
+    out, err = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:4])} ... exited {r.returncode}:\n{out[-3000:]}\n{err[-3000:]}")
+    return out + err
+
+
+def podman_env(workdir: Path) -> dict[str, str]:
+    conf = workdir / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    return {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+
+def ensure_base_image(env: dict[str, str]) -> str:
+    """Debian bookworm (minbase) + Python 3.11 + venv + CA certificates + this environment's uv, as a podman image."""
+    if subprocess.run(["podman", "image", "exists", BASE_IMAGE], env=env).returncode == 0:
+        return BASE_IMAGE
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    if uv is None:
+        raise AssertionError("uv is not installed: it comes with the dev extra (pip install -e '.[dev]')")
+    with tempfile.TemporaryDirectory(prefix="tuneserve-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
+             str(rootfs), DEBIAN_MIRROR], timeout=900)
+        shutil.copy2(uv, rootfs / "usr/local/bin/uv")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        try:
+            r = subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout, env=env,
+                               capture_output=True, timeout=600)
+        finally:
+            tar.stdout.close()
+            tar.wait()
+        if r.returncode != 0:
+            raise AssertionError(f"podman import failed: {r.stderr.decode()[-2000:]}")
+    return BASE_IMAGE
+
+
+def bentofile_with_base(workdir: Path, base_image: str) -> Path:
+    """The repository's bentofile.yaml with only docker.base_image swapped (the production file stays as is)."""
+    text = (ROOT / "bentofile.yaml").read_text()
+    lines = [f'  base_image: "{base_image}"' if line.strip().startswith("base_image:") else line
+             for line in text.splitlines()]
+    assert sum(line.startswith("  base_image:") for line in lines) == 1, "bentofile.yaml must set docker.base_image once"
+    path = workdir / "bentofile.test.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def bentoml(*args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 900) -> str:
+    return run([sys.executable, "-m", "bentoml", *args], env=env, cwd=cwd, timeout=timeout)
+
+
+def build_bento(bentofile: Path, env: dict[str, str]) -> str:
+    out = bentoml("build", "-f", str(bentofile), "--output", "tag", env=env)
+    return next(line.split("__tag__:")[1].strip() for line in out.splitlines() if "__tag__:" in line)
+
+
+def offline_uv_config(bento_path: Path, workdir: Path) -> Path:
+    """A folder for /etc/uv at build time: uv.toml pointing uv at wheels downloaded here, and nothing else."""
+    folder = workdir / "uv-build"
+    wheels = folder / "wheels"
+    wheels.mkdir(parents=True)
+    run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-d", str(wheels),
+         "-r", str(bento_path / "env" / "python" / "requirements.txt")], timeout=900)
+    (folder / "uv.toml").write_text('no-index = true\nfind-links = ["/etc/uv/wheels"]\n')
+    return folder
+
+
+def containerize(bento_tag: str, image: str, uv_folder: Path, workdir: Path, env: dict[str, str]) -> str:
+    tmp = workdir / "build-tmp"  # under cwd, no dot in the path: BentoML #5566
+    tmp.mkdir()
+    return bentoml("containerize", bento_tag, "--backend", "podman", "-t", image,
+                   "--opt", f"volume={uv_folder}:/etc/uv:ro", env={**env, "TMPDIR": str(tmp)}, cwd=workdir)
+
+
+def wait_ready(url: str, timeout: float = 120) -> float:
+    """Seconds until GET {url}/readyz answers 200."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url}/readyz did not answer 200 within {timeout} s")
+
+
+def deployment_manifest() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())
+
+
+def podman_flags_like_kubernetes(deployment: dict) -> list[str]:
+    """`podman run` flags that give the container what the Deployment gives its pod: environment, user,
+    read-only root with emptyDir mounts, no capabilities, no privilege escalation."""
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    sc = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    flags = [f"--env={e['name']}={e['value']}" for e in container.get("env", [])]
+    if "runAsUser" in sc:
+        flags.append(f"--user={sc['runAsUser']}:{sc.get('runAsGroup', sc['runAsUser'])}")
+    if sc.get("readOnlyRootFilesystem"):
+        flags.append("--read-only")
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    flags += [f"--tmpfs={m['mountPath']}" for m in container.get("volumeMounts", []) if m["name"] in empty_dirs]
+    if "ALL" in sc.get("capabilities", {}).get("drop", []):
+        flags.append("--cap-drop=ALL")
+    if sc.get("allowPrivilegeEscalation") is False:
+        flags.append("--security-opt=no-new-privileges")
+    return flags

@@ -1,0 +1,77 @@
+"""deploy/kubernetes/ parses and agrees with the service and the image: ports, probes, metrics, user, image.
+
+(tests/test_container.py starts the real image the way the Deployment does and requests its probe and
+metrics paths.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "kubernetes"
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def _container(manifests) -> dict:
+    (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_every_manifest_is_listed_in_the_kustomization(manifests):
+    listed = set(manifests["Kustomization"]["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= manifests.keys()
+
+
+def test_deployment_serves_bentoml_port_with_its_probes_and_one_gpu(manifests):
+    c = _container(manifests)
+    (port,) = c["ports"]
+    assert port["containerPort"] == 3000 and port["name"] == "http"  # BentoML's port, EXPOSEd by the image
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert {"cpu", "memory"} <= c["resources"]["requests"].keys()
+    annotations = manifests["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == ("3000", "/metrics")
+
+
+def test_pod_runs_as_the_images_non_root_user_with_a_read_only_root(manifests):
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    c = _container(manifests)
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1034
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    # BentoML writes under BENTOML_HOME: it must point into a writable emptyDir mount.
+    env = {e["name"]: e["value"] for e in c["env"]}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert any(env["BENTOML_HOME"].startswith(m + "/") for m in mounts)
+
+
+def test_service_and_autoscaler_point_at_the_deployment(manifests):
+    dep, svc, hpa = manifests["Deployment"], manifests["Service"], manifests["HorizontalPodAutoscaler"]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_image_is_the_bento_that_bentofile_builds(manifests):
+    bento_name = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["name"]
+    image = _container(manifests)["image"]
+    assert image.split(":")[0] == bento_name  # `bentoml containerize` names the image after the Bento
+    (override,) = manifests["Kustomization"]["images"]
+    assert override["name"] == bento_name
