@@ -14,6 +14,7 @@ from models.preprocessing import Preprocessing
 
 CARD_FILE = "tuneserve.json"
 ONNX_FILE = "model.onnx"
+FP16_ONNX_FILE = "model.fp16.onnx"  # optional half-precision variant (fp32 inputs and outputs), for GPUs
 FORMAT_VERSION = 1
 
 
@@ -25,6 +26,9 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)  # final validation metrics of the exported weights
     train_config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig that produced it
     parity: dict[str, Any] = field(default_factory=dict)  # ONNX-vs-PyTorch report from the export gate
+    # Other precisions of the same graph, by name ("fp16"): {"file", "kept", "top1_agreement", ...}. A variant
+    # is kept (its file stored) only when it agrees with fp32 on real images; see training/export.py.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_name: str = "input"  # float32 (N, 3, input_size, input_size), normalised
     output_name: str = "logits"  # float32 (N, num_classes)
     format_version: int = FORMAT_VERSION

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from models.precision import PRECISIONS
 from models.preprocessing import DEFAULT_MAX_PIXELS
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -50,12 +51,16 @@ class ServiceConfig:
     top_k: int = _setting(5, "TUNESERVE_TOP_K", "predictions per image when the request does not say", 1)
     preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: one per CPU, at most 16)", 0)
     ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: half the CPUs, at least 1)", 0)
+    precision: str = _setting("auto", "TUNESERVE_PRECISION", "model precision: auto (fp16 on CUDA where the model "
+                              "has a kept fp16 variant, else fp32), fp32 or fp16")
     workers: int = _setting(1, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session", 1)
     timeout_s: int = _setting(60, "TUNESERVE_TIMEOUT_S", "per-request timeout in seconds", 1)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"TUNESERVE_DEVICE={self.device!r} is not one of: {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TUNESERVE_PRECISION={self.precision!r} is not one of: {', '.join(PRECISIONS)}")
         for f in dataclasses.fields(self):
             value, minimum = getattr(self, f.name), f.metadata["min"]
             if minimum is not None and value is not None and value < minimum:
@@ -70,7 +75,7 @@ class ServiceConfig:
             raw = environ.get(f.metadata["env"], "").strip()
             if not raw:
                 continue
-            if f.name in ("model", "device"):
+            if "str" in str(f.type):  # annotations are strings here (from __future__ import annotations)
                 values[f.name] = raw
                 continue
             try:

@@ -33,7 +33,9 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 
 from models.preprocessing import ImageDecodeError, preprocess
-from models.runtime import OnnxClassifier, gpu_present, softmax
+from models.artifact import FP16_ONNX_FILE
+from models.precision import choose_precision
+from models.runtime import OnnxClassifier, bucket_sizes, gpu_present, softmax
 from models.architectures import BUILTIN_NAME
 from models.store import StoredModel, load_model
 from service.config import ServiceConfig
@@ -104,8 +106,11 @@ class Classifier:
         started = time.perf_counter()
         self.config = CONFIG
         self.model = load_model(MODEL.tag)
-        self.session = OnnxClassifier(self.model.onnx_path, device=CONFIG.device,
-                                      intra_op_threads=CONFIG.onnxruntime_threads(DEVICE))
+        self.precision = choose_precision(CONFIG.precision, DEVICE, self.model.card.variants)
+        onnx_path = self.model.path / FP16_ONNX_FILE if self.precision == "fp16" else self.model.onnx_path
+        # Buckets up to the largest call infer can get: an adaptive batch, or one /classify_batch request.
+        self.session = OnnxClassifier(onnx_path, device=CONFIG.device, intra_op_threads=CONFIG.onnxruntime_threads(DEVICE),
+                                      max_batch=max(MAX_BATCH_SIZE, CONFIG.max_batch_images))
         self.labels = self.model.card.labels
         # handle -> preprocessed image (parked by classify) and handle -> logits (parked by infer). The lock
         # makes "write logits only for handles still waiting" atomic against classify's clean-up, so a
@@ -119,24 +124,20 @@ class Classifier:
         self._warm_up()
         self._ready = True
         log.info(
-            "serving %s (%s, %d classes) with onnxruntime on %s (%s intra-op threads); adaptive batching %s; "
+            "serving %s (%s, %d classes, %s) with onnxruntime on %s (%s intra-op threads); adaptive batching %s; "
             "%d preprocessing threads; ready in %.1f s", self.model.tag, self.model.card.arch, len(self.labels),
-            self.session.providers[0], CONFIG.onnxruntime_threads(DEVICE) or "default",
+            self.precision, self.session.providers[0], CONFIG.onnxruntime_threads(DEVICE) or "default",
             f"max_batch_size={MAX_BATCH_SIZE} max_latency_ms={MAX_LATENCY_MS}" if BATCHING else "off",
             CONFIG.threads(), time.perf_counter() - started,
         )
 
     def _warm_up(self) -> None:
         """Run the model before reporting ready: the first calls pay for memory arenas and, on CUDA, for
-        cuDNN's per-shape algorithm search. Powers of two up to the largest batch cover the common shapes."""
+        cuDNN's per-shape algorithm search. With buckets (CUDA) these are every shape the session will run;
+        without, powers of two up to the largest adaptive batch cover the common ones."""
         size = self.model.card.preprocessing.input_size
-        n = 1
-        while True:
-            n = min(n, MAX_BATCH_SIZE)
+        for n in self.session.buckets or bucket_sizes(MAX_BATCH_SIZE):
             self.session(np.zeros((n, 3, size, size), dtype=np.float32))
-            if n == MAX_BATCH_SIZE:
-                break
-            n *= 2
 
     def __is_ready__(self) -> bool:
         return self._ready
@@ -231,6 +232,8 @@ class Classifier:
             "parity": card.parity,
             "created": self.model.creation_time,
             "runtime": {"provider": self.session.providers[0], "device": self.session.device,
+                        "precision": self.precision, "variants": card.variants,
+                        "batch_buckets": self.session.buckets, "io_binding": self.session.io_binding,
                         "intra_op_threads": CONFIG.onnxruntime_threads(DEVICE),
                         "preprocess_threads": CONFIG.threads()},
             "batching": {"enabled": BATCHING, "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS},

@@ -181,3 +181,20 @@ def test_batching_can_be_switched_off():
             r = client.post("/classify", content=photo("coffee.png"))
             assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "espresso"
             assert adaptive_batches(client.get("/metrics").text) == (0, 0)
+
+
+def test_fp16_variant_serves_the_same_labels():
+    """TUNESERVE_PRECISION=fp16 serves the model's fp16 variant (what `auto` picks on a GPU) through the real
+    server; on these photos its top-1 equals fp32's and its scores are close."""
+    model = builtin_model()
+    names = ("coffee.png", "chelsea.png", "rocket.jpg", "grace_hopper.jpg")
+    with running_server(env={"TUNESERVE_MODEL": model.tag, "TUNESERVE_PRECISION": "fp16"}) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/model").json()["runtime"]["precision"] == "fp16"
+            fp16 = [client.post("/classify", content=photo(n)).json()["predictions"][0] for n in names]
+    with running_server(env={"TUNESERVE_MODEL": model.tag}) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/model").json()["runtime"]["precision"] == "fp32"  # auto on a CPU
+            fp32 = [client.post("/classify", content=photo(n)).json()["predictions"][0] for n in names]
+    assert [p["label"] for p in fp16] == [p["label"] for p in fp32]
+    np.testing.assert_allclose([p["score"] for p in fp16], [p["score"] for p in fp32], atol=0.02)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.artifact import ModelCard
+from models.artifact import FP16_ONNX_FILE, ModelCard
+from models.precision import agreement_report, convert_fp16
 from models.preprocessing import Preprocessing, preprocess
 from models.runtime import OnnxClassifier
 from models.store import StoredModel, save_model
@@ -110,15 +111,35 @@ def export_and_register(
     exporter: str = "dynamo",
     extra_files: dict[str, Path] | None = None,
 ) -> StoredModel:
-    """Export, gate, and register as `name:<new version>`. Nothing is registered when any step fails."""
+    """Export, gate, and register as `name:<new version>` (with an fp16 variant where it agrees with fp32).
+    Nothing is registered when any step fails."""
     with tempfile.TemporaryDirectory(prefix="tuneserve-export-") as tmp:
         onnx_path = export_onnx(model, pp, Path(tmp) / "model.onnx", exporter)
-        report = parity_report(model, onnx_path, load_parity_images(parity_paths, pp))
+        images = load_parity_images(parity_paths, pp)
+        report = parity_report(model, onnx_path, images)
         log.info(
             "ONNX parity on %d real images: max |logit diff| %.2e, top-1 agreement %.1f%%",
             report["images"], report["max_abs_logit_diff"], 100 * report["top1_agreement"],
         )
         check_parity(report)
+        extra = dict(extra_files or {})
+        fp16 = fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images)
+        if fp16["kept"]:
+            extra[FP16_ONNX_FILE] = Path(tmp) / FP16_ONNX_FILE
         card = ModelCard(arch=arch, labels=list(labels), preprocessing=pp, metrics=metrics,
-                         train_config=train_config, parity=report)
-        return save_model(name, card, onnx_path, extra_files)
+                         train_config=train_config, parity=report, variants={"fp16": fp16})
+        return save_model(name, card, onnx_path, extra)
+
+
+def fp16_variant(fp32_path: Path, out_path: Path, images: np.ndarray) -> dict[str, Any]:
+    """Convert to fp16 and measure top-1 agreement with fp32 on the parity images (CPU; the same graph on a
+    GPU computes in the same precision). The report goes into the card whether or not the file is kept."""
+    report = agreement_report(fp32_path, convert_fp16(fp32_path, out_path), images)
+    report["file"] = FP16_ONNX_FILE
+    log.log(
+        logging.INFO if report["kept"] else logging.WARNING,
+        "fp16 variant: top-1 agreement with fp32 %.1f%% on %d real images, max |prob diff| %.2e: %s",
+        100 * report["top1_agreement"], report["images"], report["max_abs_prob_diff"],
+        "kept" if report["kept"] else f"dropped (needs >= {100 * report['min_top1_agreement']:.1f}%)",
+    )
+    return report

@@ -1,0 +1,82 @@
+"""The onnxruntime engine on CPU: the GPU-side code paths (batch buckets, IO binding, the fp16 variant) give
+the same answers as a plain session, so CPU tests cover what a GPU runs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from models.artifact import FP16_ONNX_FILE
+from models.precision import MIN_TOP1_AGREEMENT, choose_precision
+from models.preprocessing import preprocess
+from models.runtime import OnnxClassifier, bucket_sizes, choose_providers
+from models.samples import sample_photos
+from service_support import builtin_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return builtin_model()
+
+
+@pytest.fixture(scope="module")
+def photos(model) -> np.ndarray:
+    """The real sample photos, preprocessed: float32 (5, 3, 224, 224)."""
+    return np.stack([preprocess(p, model.card.preprocessing) for p in sample_photos()])
+
+
+@pytest.mark.parametrize("max_batch, expected", [(1, [1]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8]),
+                                                 (128, [1, 2, 4, 8, 16, 32, 64, 128])])
+def test_bucket_sizes(max_batch, expected):
+    assert bucket_sizes(max_batch) == expected
+
+
+def test_cpu_session_uses_no_gpu_machinery_by_default(model):
+    session = OnnxClassifier(model.onnx_path, "cpu")
+    assert session.device == "cpu" and session.buckets is None and session.io_binding is False
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("options", [{"buckets": True}, {"io_binding": True}, {"buckets": True, "io_binding": True}])
+def test_buckets_and_io_binding_give_the_plain_answers(model, photos, options):
+    plain = OnnxClassifier(model.onnx_path, "cpu")
+    engine = OnnxClassifier(model.onnx_path, "cpu", max_batch=4, **options)
+    # 5 photos with max_batch 4: one chunk of 4 and one of 1; 3 photos are padded to the bucket of 4.
+    for n in (1, 3, 5):
+        np.testing.assert_allclose(engine(photos[:n]), plain(photos[:n]), atol=1e-5)
+    if options.get("buckets") and options.get("io_binding"):
+        # One pre-allocated input per bucket shape that ran, never per request size.
+        assert sorted(shape[0] for shape in engine._bound) == [1, 4]
+
+
+def test_fp16_variant_is_made_at_export_and_agrees_with_fp32(model, photos):
+    report = model.card.variants["fp16"]
+    assert report["kept"] is True and report["file"] == FP16_ONNX_FILE
+    assert report["top1_agreement"] >= MIN_TOP1_AGREEMENT and report["images"] == len(sample_photos())
+    fp16_path = model.path / FP16_ONNX_FILE
+    graph = onnx.load(str(fp16_path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # callers still send float32
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weights = [t for t in graph.initializer if len(t.dims) == 4]  # convolution kernels
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+
+    fp32 = OnnxClassifier(model.onnx_path, "cpu")(photos)
+    fp16 = OnnxClassifier(fp16_path, "cpu")(photos)
+    assert (fp16.argmax(1) == fp32.argmax(1)).all()
+    assert np.abs(fp16 - fp32).max() < 0.5  # half precision: close, not equal (fp32 vs fp32 is ~1e-5)
+
+
+@pytest.mark.parametrize("requested, device, has_fp16, expected", [
+    ("auto", "cuda", True, "fp16"), ("auto", "cuda", False, "fp32"), ("auto", "cpu", True, "fp32"),
+    ("fp32", "cuda", True, "fp32"), ("fp16", "cpu", True, "fp16"),
+])
+def test_precision_choice(requested, device, has_fp16, expected):
+    variants = {"fp16": {"kept": has_fp16}}
+    assert choose_precision(requested, device, variants) == expected
+
+
+def test_precision_errors_say_what_is_accepted():
+    with pytest.raises(ValueError, match="no kept fp16 variant"):
+        choose_precision("fp16", "cuda", {"fp16": {"kept": False}})
+    with pytest.raises(ValueError, match="'bf16' is not one of: auto, fp32, fp16"):
+        choose_precision("bf16", "cuda", {})
