@@ -37,7 +37,8 @@ class TrainConfig:
                             "kept); -1: min(2, epochs - 1)")
     batch_size: int = _opt(32, "images per optimizer step per process (before gradient accumulation)")
     grad_accum_steps: int = _opt(1, "optimizer step every N batches: effective batch = batch_size * N * world size")
-    lr: float = _opt(1e-3, "peak AdamW learning rate of the head (linear scaling: x k for k x the batch)")
+    lr: float = _opt(1e-3, "peak AdamW learning rate of the head, used as given: scale it yourself for a larger "
+                      "effective batch (linear rule: x k for k x the batch; docs/training.md)")
     backbone_lr_mult: float = _opt(0.1, "backbone learning rate = lr * this, once unfrozen (keeps ImageNet features)")
     weight_decay: float = _opt(0.05, "AdamW decoupled weight decay (not applied to biases and norm weights)")
     warmup_epochs: float = _opt(0.5, "linear warm-up at the start of each phase, then cosine decay to zero")
@@ -51,7 +52,14 @@ class TrainConfig:
     amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32")
     channels_last: bool = _opt(True, "NHWC memory format on CUDA: faster convolutions on tensor cores")
     workers: int = _opt(-1, "DataLoader worker processes per rank (-1: min(8, CPUs per rank))")
-    sync_bn: bool = _opt(False, "SyncBatchNorm across ranks (for small per-GPU batches under DDP)")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across ranks (for small per-GPU batches under DDP; CUDA only)")
+    # Post-local SGD (Lin et al. 2018): after a synchronous warm-up, ranks step on their own gradients and
+    # average parameters every K steps: 1/K of DDP's all-reduce traffic, for slow interconnects or many nodes.
+    local_sgd_period: int = _opt(0, "0: synchronous DDP (gradients all-reduced every step); K >= 2: local SGD, "
+                                 "parameters averaged across ranks every K optimizer steps")
+    local_sgd_warmup_steps: int = _opt(0, "local SGD only: this many synchronous DDP optimizer steps first")
+    local_sgd_intra_node: bool = _opt(False, "local SGD only: between averagings, still all-reduce gradients among "
+                                      "the ranks of each node, so only inter-node traffic becomes periodic")
     seed: int = _opt(0, "seed for the split, initialisation of the head, shuffling and augmentation")
     # outputs
     output_dir: str = _opt("runs", "parent directory of run folders (checkpoints, metrics, plots)")
@@ -85,6 +93,11 @@ class TrainConfig:
         need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.min_images_per_class >= 1, f"min_images_per_class must be >= 1, got {self.min_images_per_class}")
         need(self.parity_images >= 1, f"parity_images must be >= 1, got {self.parity_images}")
+        need(self.local_sgd_period == 0 or self.local_sgd_period >= 2,
+             f"local_sgd_period must be 0 (synchronous DDP) or >= 2 (average every K steps), got {self.local_sgd_period}"
+             + ("; 1 would all-reduce parameters every step, costlier than DDP's gradient all-reduce"
+                if self.local_sgd_period == 1 else ""))
+        need(self.local_sgd_warmup_steps >= 0, f"local_sgd_warmup_steps must be >= 0, got {self.local_sgd_warmup_steps}")
 
     def effective_workers(self, world_size: int = 1) -> int:
         if self.workers >= 0:

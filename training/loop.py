@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -42,8 +42,13 @@ def train_one_epoch(
     grad_accum_steps: int,
     grad_clip: float,
     desc: str,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """model is already in the right train/eval mode for its phase; returns train loss/top-1 over all ranks."""
+    """model is already in the right train/eval mode for its phase; returns train loss/top-1 over all ranks.
+
+    `after_step()` runs after every optimizer step, while the gradients are still there (local SGD averages
+    the parameters that have one). The loss is a mean over the local batch, so DDP's gradient *average* over
+    ranks equals the gradient of the mean over all ranks' images: W ranks x batch B step like 1 x batch W*B."""
     device = env.device
     n_batches = len(loader)  # type: ignore[arg-type]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -68,6 +73,8 @@ def train_one_epoch(
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if after_step is not None:
+                after_step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         loss_sum += loss.detach().double() * y.numel()

@@ -4,6 +4,8 @@ Runs as one process or as one rank of `torchrun` (DDP). Rank 0 alone logs, write
 plots, and exports; every rank trains and evaluates its shard. Each epoch starts from RNG seeds derived from
 (seed, epoch, rank), and `last.pt` (written atomically at every epoch's end) holds model, optimizer,
 scheduler, scaler, history and RNG state, so a resumed run continues exactly where the interrupted one was.
+With `local_sgd_period` K > 0 ranks step on their own and average parameters every K steps (see LocalSGD), and
+once more at every epoch's end, so evaluation and checkpoints always see the one averaged model.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from training import checkpoint as ckpt_io
 from training.config import TrainConfig
 from training.data import Dataset, discover
 from training.loaders import make_loaders
-from training.distributed import DistEnv, barrier, cleanup, setup
+from training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
 from training.export import export_and_register
 from training.loop import evaluate, lr_factor, train_one_epoch
 from training.metrics import write_history, write_report
@@ -70,6 +72,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     resume = ckpt_io.load(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = _resumed_config(cfg, resume)
+    _check_distributed(cfg, env)
     name = validate_name(cfg.name or default_name(cfg))
     arch = get_architecture(cfg.arch)
     pp = arch.preprocessing
@@ -111,6 +114,14 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         ckpt_io.set_rng_state(resume["rng"])
         if env.is_main:
             log.info("resumed %s after epoch %d", run_dir, state["epoch"])
+    if env.is_main and env.distributed:
+        log.info("DDP: %d ranks x batch %d x %d accumulation step(s) = effective batch %d; lr %g as given",
+                 env.world_size, cfg.batch_size, cfg.grad_accum_steps,
+                 env.world_size * cfg.batch_size * cfg.grad_accum_steps, cfg.lr)
+    # scheduler.last_epoch counts optimizer steps taken so far (resumed runs included).
+    local_sgd = make_local_sgd(cfg.local_sgd_period, cfg.local_sgd_warmup_steps, cfg.local_sgd_intra_node,
+                               scheduler.last_epoch, env)
+    after_step = functools.partial(local_sgd.after_step, optimizer.param_groups) if local_sgd else None
 
     stopped_early = False
     ddp_model: nn.Module = model
@@ -121,7 +132,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         new_phase = "head" if epoch < cfg.head_epochs else "full"
         if new_phase != phase:
             phase = new_phase
-            ddp_model = _prepare_phase(model, head, phase, env)
+            ddp_model = _prepare_phase(model, head, phase, env, local_sgd)
         _seed_everything(cfg.seed, epoch + 1, env.rank)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
@@ -129,8 +140,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         lr_now = optimizer.param_groups[-1]["lr"]
         stats = train_one_epoch(
             ddp_model, train_loader, optimizer, scheduler, scaler, criterion, env, amp_dtype, channels_last,
-            cfg.grad_accum_steps, cfg.grad_clip, desc=f"epoch {epoch + 1}/{cfg.epochs} ({phase})",
+            cfg.grad_accum_steps, cfg.grad_clip, desc=f"epoch {epoch + 1}/{cfg.epochs} ({phase})", after_step=after_step,
         )
+        if local_sgd is not None:
+            local_sgd.average_now(p for p in model.parameters() if p.requires_grad)
         _sync_buffers(model, env)
         val = evaluate(model, val_loader, env, amp_dtype, channels_last, ds.classes)
         row = {"epoch": epoch + 1, "phase": phase, "lr": lr_now, **stats,
@@ -249,13 +262,23 @@ def _class_weights(ds: Dataset, cfg: TrainConfig, env: DistEnv) -> torch.Tensor 
     return (counts.sum() / (len(counts) * counts)).to(env.device)  # mean weight 1 over images
 
 
-def _prepare_phase(model: nn.Module, head: set[int], phase: str, env: DistEnv) -> nn.Module:
+def _prepare_phase(model: nn.Module, head: set[int], phase: str, env: DistEnv, local_sgd: LocalSGD | None = None) -> nn.Module:
     """Freeze the backbone for the head phase; wrap in DDP anew, since DDP fixes its trainable set when built."""
     for p in model.parameters():
         p.requires_grad_(phase == "full" or id(p) in head)
-    if env.distributed:
-        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    return model
+    if not env.distributed:
+        return model
+    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if local_sgd is not None:
+        local_sgd.attach(ddp)
+    return ddp
+
+
+def _check_distributed(cfg: TrainConfig, env: DistEnv) -> None:
+    """Refuse, before any work, what would only fail at the first full-phase step."""
+    if cfg.sync_bn and env.distributed and env.device.type != "cuda":
+        raise ValueError("sync_bn needs CUDA ranks: torch's SyncBatchNorm does not run on CPU (gloo) ranks; "
+                         "drop --sync-bn there")
 
 
 def _set_train_mode(model: nn.Module, head: set[int], phase: str) -> None:

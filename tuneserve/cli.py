@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a pretrained CNN on an image folder, export to ONNX, register it")
     _add_train_flags(p)
+    # Not a TrainConfig field: it picks how to launch, and the ranks it launches must not see it.
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="train on N CUDA GPUs: relaunches this command under torchrun (--standalone, one process "
+                        "per GPU); for several nodes or CPU ranks run torchrun yourself (docs/training.md)")
 
     p = sub.add_parser("export", help="export a training checkpoint to ONNX (parity-gated) and register it")
     p.add_argument("checkpoint", help="best.pt / last.pt, or a run folder (uses its best.pt)")
@@ -142,6 +146,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = make_config(args.config, **overrides)
     if not cfg.data and not cfg.resume:
         raise ValueError("--data DIR is required (a folder of class subfolders, or with train/ and val/)")
+    if args.gpus is not None:
+        _check_gpus(args.gpus, cfg.device)
+        if args.gpus > 1:
+            cmd = torchrun_command(args, args.gpus)
+            log.info("launching %d ranks: %s", args.gpus, " ".join(cmd))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # exec: torchrun replaces this process, so Ctrl-C, SIGTERM and the exit code are its own.
+            os.execv(cmd[0], cmd)
+        cfg = dataclasses.replace(cfg, device="cuda")  # --gpus 1: this process, on the one GPU
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports for everyone
@@ -158,6 +172,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"model:        {result.model.tag}  ({result.model.path})")
         print(f"serve it:     tuneserve serve --model {result.model.tag}")
     return 0
+
+
+def _check_gpus(n: int, device: str) -> None:
+    import torch
+
+    if n < 1:
+        raise ValueError(f"--gpus must be >= 1, got {n}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ValueError("--gpus launches torchrun itself; under torchrun, drop --gpus (torchrun already started the ranks)")
+    if device == "cpu":
+        raise ValueError(f"--gpus {n} runs one process per CUDA GPU, which contradicts --device cpu; for CPU ranks "
+                         f"use: torchrun --nproc-per-node {n} -m tuneserve train ...")
+    available = torch.cuda.device_count()
+    if n > available:
+        hint = f"; use --gpus 1..{available}" if available else " (no CUDA GPU, or a CPU-only torch build)"
+        raise ValueError(f"--gpus {n} asks for {n} CUDA GPU(s), but torch sees {available}{hint}")
+
+
+def torchrun_command(args: argparse.Namespace, n: int) -> list[str]:
+    """`tuneserve train ... --gpus N` as `python -m torch.distributed.run --standalone --nproc-per-node N -m
+    tuneserve train ...`, rebuilt from the parsed flags (so abbreviations and `--gpus` itself cannot leak)."""
+    from training.config import TrainConfig
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "tuneserve"]
+    if args.verbose:
+        cmd.append("-v")
+    cmd.append("train")
+    if args.config is not None:
+        cmd.append(f"--config={args.config}")
+    for f in dataclasses.fields(TrainConfig):
+        value = "cuda" if f.name == "device" else getattr(args, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            cmd.append(flag if value else "--no-" + flag[2:])
+        else:
+            cmd.append(f"{flag}={value}")  # '=' keeps values that start with '-' from reading as flags
+    return cmd
 
 
 def cmd_export(args: argparse.Namespace) -> int:

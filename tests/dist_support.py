@@ -1,0 +1,141 @@
+"""Rank functions for tests/test_distributed.py, started with torch.multiprocessing.spawn (they must live in an
+importable module). Each rank joins a gloo process group through the project's own `setup`, runs real training
+code, and leaves what it saw in a file for the test to compare."""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models.preprocessing import Preprocessing
+from models.weights import build_model, head_parameters
+from training.config import TrainConfig
+from training.data import Sample
+from training.distributed import DistEnv, cleanup, setup
+from training.loaders import EvalTransform, ImageDataset
+from training.loop import lr_factor, train_one_epoch
+
+ARCH = "efficientnet_lite0"  # the default architecture, with its real (offline) ImageNet weights
+# Eval preprocessing (resize, centre crop, normalise) at 64 px: no random augmentation, and fast on 2 cores.
+SMALL = Preprocessing(input_size=64, resize_size=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank: int, world_size: int, port: int, local_world_size: int | None = None) -> None:
+    """torchrun's environment for this rank; `setup()` (or `train()`) then builds the gloo group from it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(local_world_size or world_size))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # not whatever the hostname resolves to
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+
+
+# --- exact equivalence: W ranks x batch B == 1 process x batch W*B --------------------------------------------
+
+class Float64(EvalTransform):
+    def __call__(self, img) -> torch.Tensor:
+        return super().__call__(img).double()  # float64 (3, S, S)
+
+
+def equivalence_steps(env: DistEnv, samples: list[Sample], batch: int, accum: int, bn: str) -> dict[str, torch.Tensor]:
+    """K optimizer steps of the real full-phase step (train_one_epoch, AdamW param groups, warm-up + cosine
+    schedule, label smoothing, gradient clipping) from the same initial weights; returns the final parameters.
+
+    Sharding: rank r's j-th image is the (r + W*j)-th (DistributedSampler, shuffle off), so step k on W ranks
+    sees exactly the images of the single process's k-th batch of W*B*accum (sequential sampler).
+
+    bn="frozen": BatchNorm layers in eval mode (running statistics, affine weights still trained), which makes
+    each image's forward independent of the batch it sits in, so the split over ranks changes nothing.
+    Train-mode BN normalises by the statistics of each rank's B images, which differ from those of W*B images;
+    SyncBatchNorm would fix that, but torch runs it on CUDA only. bn="train" is the control that shows this.
+
+    float64 weights and images: in float32, the different summation order (6 images vs 3 + 3 and an all-reduce)
+    flips the sign of gradient elements that are ~0, and AdamW turns each such flip into a full +-lr step
+    (~2e-4 apart after 3 steps). In float64 the two runs agree to ~1e-15. The loss itself stays float32
+    (train_one_epoch casts the logits), which is exact here: fl(x/6) == fl(x/3)/2.
+    """
+    from training.train import _param_groups, _prepare_phase
+
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0, warmup_epochs=0.5)
+    torch.manual_seed(0)  # the fresh 3-way head: same initial weights in every process
+    model = build_model(ARCH, 3, "imagenet").double()
+    head = {id(p) for p in head_parameters(model, ARCH)}
+    dataset = ImageDataset(samples, Float64(SMALL))
+    if env.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=False)
+        loader = DataLoader(dataset, batch_size=batch, sampler=sampler)
+    else:
+        loader = DataLoader(dataset, batch_size=batch, shuffle=False)
+    steps = len(loader) // accum
+    assert steps * accum == len(loader) and len(dataset) == steps * accum * batch * env.world_size, "no ragged tail"
+    optimizer = torch.optim.AdamW(_param_groups(model, head, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, steps_per_epoch=steps, head_epochs=0, epochs=1, warmup_epochs=cfg.warmup_epochs))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # a mean over the local batch
+    ddp_model = _prepare_phase(model, head, "full", env)
+    model.train()
+    if bn == "frozen":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, criterion, env, None, False, accum,
+                    cfg.grad_clip, desc="equivalence")
+    return {k: p.detach().clone() for k, p in model.named_parameters()}  # buffers: rank 0's are broadcast anyway
+
+
+def equivalence_rank(rank: int, world_size: int, port: int, samples: list[Sample], runs: list[dict[str, Any]],
+                     out: str) -> None:
+    join(rank, world_size, port)
+    env = setup("cpu")
+    try:
+        results = [equivalence_steps(env, samples[: run["images"]], run["batch"], run["accum"], run["bn"]) for run in runs]
+    finally:
+        cleanup(env)
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+# --- local SGD inside the real train() -------------------------------------------------------------------------
+
+def sample_params(model: nn.Module) -> torch.Tensor:
+    """The first 64 values of every parameter tensor: every layer is represented, in ~10k floats per snapshot."""
+    return torch.cat([p.detach().flatten()[:64] for p in model.parameters()]).clone()
+
+
+def local_sgd_rank(rank: int, world_size: int, port: int, cfg: dict[str, Any], local_world_size: int, out: str) -> None:
+    """Run `train()` unchanged, with spies (not mocks) on the loop functions it calls: a snapshot of the
+    parameters after every optimizer step (after the local SGD averager ran), and of the model evaluated."""
+    import training.train as tt
+
+    join(rank, world_size, port, local_world_size)
+    steps: list[torch.Tensor] = []
+    evals: list[torch.Tensor] = []
+    real_epoch, real_evaluate = tt.train_one_epoch, tt.evaluate
+
+    def epoch_spy(model, *args, after_step=None, **kwargs):
+        module = model.module if hasattr(model, "module") else model
+
+        def record() -> None:
+            if after_step is not None:
+                after_step()
+            steps.append(sample_params(module))
+
+        return real_epoch(model, *args, after_step=record, **kwargs)
+
+    def evaluate_spy(model, *args, **kwargs):
+        evals.append(sample_params(model))
+        return real_evaluate(model, *args, **kwargs)
+
+    tt.train_one_epoch, tt.evaluate = epoch_spy, evaluate_spy
+    tt.train(TrainConfig(**cfg))
+    torch.save({"steps": steps, "evals": evals}, Path(out) / f"rank{rank}.pt")
