@@ -38,11 +38,11 @@ class ServiceConfig:
     model: str | None = _setting(None, "TUNESERVE_MODEL", "model tag (name or name:version); none: the built-in ImageNet model")
     device: str = _setting("auto", "TUNESERVE_DEVICE", "onnxruntime device: auto (CUDA when usable), cuda or cpu")
     max_batch_size: int | None = _setting(
-        None, "TUNESERVE_MAX_BATCH_SIZE", "most images per inference call; 1 turns adaptive batching off "
+        None, "TUNESERVE_MAX_BATCH_SIZE", "most images per inference call; 1 turns batching off "
         "(default: measured per device, see BATCHING_DEFAULTS)", 1)
     max_latency_ms: int | None = _setting(
-        None, "TUNESERVE_MAX_LATENCY_MS", "BentoML's batching latency bound: queued requests that would "
-        "exceed it are shed with 503 (default: measured per device)", 1)
+        None, "TUNESERVE_MAX_LATENCY_MS", "requests whose images waited longer than this for the model "
+        "are shed with 503 (default: measured per device)", 1)
     max_image_bytes: int = _setting(20 * 1024 * 1024, "TUNESERVE_MAX_IMAGE_BYTES", "largest accepted image file (413 above)", 1)
     max_pixels: int = _setting(DEFAULT_MAX_PIXELS, "TUNESERVE_MAX_PIXELS", "largest accepted width x height (413 above: decompression bombs)", 1)
     max_request_bytes: int = _setting(128 * 1024 * 1024, "TUNESERVE_MAX_REQUEST_BYTES", "largest /classify_batch body, all images together (413 above)", 1)

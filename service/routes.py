@@ -4,8 +4,8 @@ Why not plain `@bentoml.api` endpoints: /classify must take the image as the raw
 multipart upload, and BentoML parses the body itself (as JSON unless it is multipart) before an API
 function runs, answering bad input with its own error shapes. Here every byte is ours: bodies are
 size-checked while they stream in, and each failure is a 4xx `{"error": "..."}` that says what to send
-instead. BentoML still provides the server, workers, /livez, /readyz, /metrics, tracing and the batched
-`infer` API that these handlers call. The service instance comes from `bentoml.get_current_service()`.
+instead. BentoML still provides the server, workers, /livez, /readyz, /metrics and tracing; the handlers
+call the service's preprocess and classify (which batches, service/batcher.py). The service instance comes from `bentoml.get_current_service()`.
 """
 from __future__ import annotations
 

@@ -4,14 +4,12 @@
 
 A request's path (HTTP parsing and limits live in service/routes.py, an ASGI app mounted into this service):
 read and check the body on the event loop -> decode + preprocess in a thread pool, concurrently with other
-requests -> park the float32 array in this worker -> `self.to_async.infer([handle])`, BentoML's way to call
-a batchable API of the same service through its adaptive batcher, which gathers the handles of concurrent
-requests into ONE onnxruntime call -> softmax, top-k -> JSON.
+requests -> the worker's DynamicBatcher (service/batcher.py), which gathers the arrays of concurrent requests
+into ONE onnxruntime call whenever the engine is free -> softmax, top-k -> JSON.
 
-Why handles and not the arrays: that self-call is an in-process HTTP request whose body BentoML serialises
-as JSON. One 3x224x224 float32 array costs ~90 ms to encode and parse as JSON lists and ~3 ms as base64
-(measured on the 2-core sandbox), as much as the model itself (2.7 ms per image at batch 1); a handle costs
-nothing, and the arrays never leave the process. The logits come back the same way.
+Batching happens in this process, not through a batchable BentoML API: calling one from the same service
+(`self.to_async.<api>`) is a second trip through BentoML's ASGI stack and JSON per request, which cost 25%
+of the throughput on the 2-core sandbox (docs/benchmarks.md). The arrays never leave the process.
 
 No torch here: the serving image has onnxruntime, numpy and Pillow only. The model is chosen once, at
 import, from TUNESERVE_MODEL (see service/config.py), and declared as a BentoModel so `bentoml build` packs it.
@@ -21,16 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http import HTTPStatus
 from typing import Any, Iterator
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
 
 from models.preprocessing import ImageDecodeError, preprocess
 from models.artifact import FP16_ONNX_FILE
@@ -38,6 +32,7 @@ from models.precision import choose_precision
 from models.runtime import OnnxClassifier, bucket_sizes, gpu_present, softmax
 from models.architectures import BUILTIN_NAME
 from models.store import StoredModel, load_model
+from service.batcher import DynamicBatcher, Overloaded
 from service.config import ServiceConfig
 from service.inputs import HTTPError, decode_error_status
 from service.routes import app as http_app
@@ -73,11 +68,11 @@ CONFIG = ServiceConfig.from_env()
 MODEL = resolve_model(CONFIG)
 DEVICE = expected_device(CONFIG.device)
 MAX_BATCH_SIZE, MAX_LATENCY_MS = CONFIG.batching(DEVICE)
-# BentoML requires max_batch_size > 1 for a batchable API; 1 means "no adaptive batching" (one image per
-# onnxruntime call, calls serialised), the baseline the benchmark compares against.
-BATCHING = MAX_BATCH_SIZE > 1
-INFER_OPTIONS: dict[str, Any] = (
-    {"batchable": True, "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS} if BATCHING else {}
+BATCHING = MAX_BATCH_SIZE > 1  # 1: every request's images run alone (the baseline the benchmark compares with)
+# Images per inference call, as Prometheus sees them (GET /metrics): how well batching works under the load.
+BATCH_SIZES = bentoml.metrics.Histogram(
+    name="tuneserve_inference_batch_size", documentation="images per onnxruntime call",
+    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256],
 )
 
 
@@ -85,13 +80,6 @@ INFER_OPTIONS: dict[str, Any] = (
     name="tuneserve",
     workers=CONFIG.workers,
     traffic={"timeout": CONFIG.timeout_s},
-    # BentoML's self-proxy (behind self.to_async) replaces its aiohttp session every `max_requests` calls
-    # or `max_age` seconds and closes the old one with calls still in flight: "Server disconnected" -> 500
-    # under load (seen at 16 concurrent clients within seconds). The connection is in-process (an ASGI
-    # connector): there is nothing to refresh, so never.
-    runner_connection={"max_requests": 2**62, "max_age": 1e12},
-    # The internal /infer self-calls would double the access log; /classify lines say it all.
-    logging={"access": {"skip_paths": ["/infer"]}},
     # Recorded in the Bento (and its Dockerfile) so that a built image serves exactly the packed version.
     envs=[{"name": "TUNESERVE_MODEL", "value": MODEL.tag}],
 )
@@ -108,23 +96,18 @@ class Classifier:
         self.model = load_model(MODEL.tag)
         self.precision = choose_precision(CONFIG.precision, DEVICE, self.model.card.variants)
         onnx_path = self.model.path / FP16_ONNX_FILE if self.precision == "fp16" else self.model.onnx_path
-        # Buckets up to the largest call infer can get: an adaptive batch, or one /classify_batch request.
+        # Buckets up to the largest call the batcher makes: a full batch, or one /classify_batch request alone.
         self.session = OnnxClassifier(onnx_path, device=CONFIG.device, intra_op_threads=CONFIG.onnxruntime_threads(DEVICE),
                                       max_batch=max(MAX_BATCH_SIZE, CONFIG.max_batch_images))
         self.labels = self.model.card.labels
-        # handle -> preprocessed image (parked by classify) and handle -> logits (parked by infer). The lock
-        # makes "write logits only for handles still waiting" atomic against classify's clean-up, so a
-        # caller that gave up (client gone, request shed) leaves nothing behind.
-        self._inputs: dict[str, np.ndarray] = {}
-        self._outputs: dict[str, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._batcher = DynamicBatcher(self.session, MAX_BATCH_SIZE, MAX_LATENCY_MS, on_batch=BATCH_SIZES.observe)
         self._in_flight = 0  # images admitted and not answered yet (event-loop only: no lock)
         self._pool = ThreadPoolExecutor(CONFIG.threads(), thread_name_prefix="tuneserve-preprocess")
         self._ready = False
         self._warm_up()
         self._ready = True
         log.info(
-            "serving %s (%s, %d classes, %s) with onnxruntime on %s (%s intra-op threads); adaptive batching %s; "
+            "serving %s (%s, %d classes, %s) with onnxruntime on %s (%s intra-op threads); batching %s; "
             "%d preprocessing threads; ready in %.1f s", self.model.tag, self.model.card.arch, len(self.labels),
             self.precision, self.session.providers[0], CONFIG.onnxruntime_threads(DEVICE) or "default",
             f"max_batch_size={MAX_BATCH_SIZE} max_latency_ms={MAX_LATENCY_MS}" if BATCHING else "off",
@@ -134,7 +117,7 @@ class Classifier:
     def _warm_up(self) -> None:
         """Run the model before reporting ready: the first calls pay for memory arenas and, on CUDA, for
         cuDNN's per-shape algorithm search. With buckets (CUDA) these are every shape the session will run;
-        without, powers of two up to the largest adaptive batch cover the common ones."""
+        without, powers of two up to the largest batch cover the common ones."""
         size = self.model.card.preprocessing.input_size
         for n in self.session.buckets or bucket_sizes(MAX_BATCH_SIZE):
             self.session(np.zeros((n, 3, size, size), dtype=np.float32))
@@ -143,23 +126,9 @@ class Classifier:
         return self._ready
 
     @bentoml.on_shutdown
-    def _stop_pool(self) -> None:
+    def _stop_pools(self) -> None:
+        self._batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    @bentoml.api(**INFER_OPTIONS)
-    def infer(self, handles: list[str]) -> list[bool]:
-        """Internal: run the model on images that /classify and /classify_batch parked in this worker and
-        park the logits under the same handles; True for each handle done. Called through the adaptive
-        batcher, so `handles` come from many requests. An unknown handle (only possible from an outside
-        caller) gets False rather than an exception, which would fail every request sharing its batch."""
-        found = [(h, a) for h, a in ((h, self._inputs.get(h)) for h in handles) if a is not None]
-        if found:
-            logits = self.session(np.stack([a for _, a in found]))
-            with self._lock:
-                for (h, _), row in zip(found, logits):
-                    if h in self._inputs:
-                        self._outputs[h] = row
-        return [h in self._outputs for h in handles]
 
     # -- used by service/routes.py --------------------------------------------------------------------
 
@@ -197,27 +166,14 @@ class Classifier:
             raise HTTPError(decode_error_status(e), str(e)) from None
 
     async def classify(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """Probabilities (N, classes) for preprocessed images, through the batched `infer` API."""
-        handles = [uuid.uuid4().hex for _ in arrays]
-        self._inputs.update(zip(handles, arrays))
+        """Probabilities (N, classes) for preprocessed float32 (3, S, S) images, run together with whatever
+        other requests are waiting for the engine."""
         try:
-            done = await self.to_async.infer(handles)  # type: ignore[attr-defined]  # set by BentoML
-            if not all(done):
-                raise RuntimeError("infer() did not find a parked image; this is a bug")
-            return softmax(np.stack([self._outputs[h] for h in handles]))
-        except BentoMLException as e:
-            if e.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-                # BentoML's dispatcher sheds queued work it cannot finish within max_latency_ms.
-                raise HTTPError(
-                    503, f"server overloaded: the inference queue cannot be served within "
-                    f"TUNESERVE_MAX_LATENCY_MS={MAX_LATENCY_MS} ms; retry shortly", {"Retry-After": "1"},
-                ) from None
-            raise
-        finally:
-            with self._lock:
-                for h in handles:
-                    self._inputs.pop(h, None)
-                    self._outputs.pop(h, None)
+            logits = await self._batcher.submit(np.stack(arrays))
+        except Overloaded as e:
+            raise HTTPError(503, f"server overloaded: {e} (TUNESERVE_MAX_LATENCY_MS={MAX_LATENCY_MS}); retry shortly",
+                            {"Retry-After": "1"}) from None
+        return softmax(logits)
 
     def describe(self) -> dict[str, Any]:
         card = self.model.card

@@ -30,15 +30,13 @@ def encode(img: Image.Image, fmt: str, **params) -> bytes:
     return buf.getvalue()
 
 
-_HIST = re.compile(r'^bentoml_service_adaptive_batch_size_(bucket|count)\{([^}]*)\} ([0-9.e+]+)$', re.M)
+_HIST = re.compile(r'^tuneserve_inference_batch_size_(bucket|count)(?:\{([^}\n]*)\})? ([0-9.e+]+)$', re.M)
 
 
-def adaptive_batches(metrics_text: str) -> tuple[int, int]:
-    """(dispatched batches, of which single-request ones) for the `infer` API, from Prometheus text."""
+def inference_batches(metrics_text: str) -> tuple[int, int]:
+    """(onnxruntime calls, of which single-image ones), from the service's Prometheus histogram."""
     total = single = 0.0
     for kind, labels, value in _HIST.findall(metrics_text):
-        if 'method_name="infer"' not in labels:
-            continue
         if kind == "count":
             total += float(value)
         elif 'le="1.0"' in labels:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from service.process import free_port, running_server
-from service_support import adaptive_batches, builtin_model, photo
+from service_support import inference_batches, builtin_model, photo
 from tuneserve.cli import main
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def test_concurrent_requests_batch_on_the_real_server(server, real_photos):
     for a, e in zip(answers, expected):
         assert [p["label"] for p in a.json()["predictions"]] == [p["label"] for p in e["predictions"]]
         assert a.json()["predictions"][0]["score"] == pytest.approx(e["predictions"][0]["score"], abs=1e-5)
-    (b0, s0), (b1, s1) = adaptive_batches(before), adaptive_batches(after)
+    (b0, s0), (b1, s1) = inference_batches(before), inference_batches(after)
     assert (b1 - b0) - (s1 - s0) > 0, "no inference call carried more than one image"
     assert b1 - b0 < len(answers)
 
@@ -154,13 +154,13 @@ def test_demo_classifies_the_sample_photos_over_http():
 
 
 def test_overload_is_a_fast_503_not_a_hang():
-    """A latency bound far below one inference makes BentoML's batcher shed queued work; the shed requests
-    must come back as 503 with a JSON reason, and the server must keep answering."""
+    """A latency bound far below one inference makes the batcher shed queued work; the shed requests must
+    come back as 503 with a JSON reason, and the server must keep answering."""
     model = builtin_model()
     with running_server(env={"TUNESERVE_MODEL": model.tag, "TUNESERVE_MAX_LATENCY_MS": "5"}) as url:
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                for _ in range(12):  # past BentoML's dispatcher warm-up, which never sheds
+                for _ in range(4):  # connections open, thread pools started
                     await client.post("/classify", content=photo("coffee.png"))
                 return await asyncio.gather(*(client.post("/classify", content=photo("coffee.png")) for _ in range(48)))
 
@@ -180,7 +180,8 @@ def test_batching_can_be_switched_off():
             assert batching["enabled"] is False and batching["max_batch_size"] == 1
             r = client.post("/classify", content=photo("coffee.png"))
             assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "espresso"
-            assert adaptive_batches(client.get("/metrics").text) == (0, 0)
+            calls, single = inference_batches(client.get("/metrics").text)
+            assert calls == single >= 1  # every onnxruntime call ran one image
 
 
 def test_fp16_variant_serves_the_same_labels():

@@ -15,7 +15,7 @@ from PIL import Image
 
 from models.preprocessing import preprocess
 from models.runtime import OnnxClassifier, softmax
-from service_support import adaptive_batches, builtin_model, encode, photo
+from service_support import inference_batches, builtin_model, encode, photo
 
 # prometheus_client picks its multi-process mode when first imported; bentoml serve sets this variable
 # for its workers, an in-process app needs one too (nothing has imported prometheus_client yet here).
@@ -181,11 +181,11 @@ def test_bentoml_endpoints_and_openapi(client):
     assert client.get("/readyz").status_code == 200
     assert client.get("/").status_code == 200  # Swagger UI
     spec = client.get("/docs.json").json()
-    assert {"/classify", "/classify_batch", "/model", "/infer", "/readyz"} <= set(spec["paths"])
+    assert {"/classify", "/classify_batch", "/model", "/readyz"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     client.post("/classify", content=photo("coffee.png"))
     metrics = client.get("/metrics").text
-    assert "bentoml_service_adaptive_batch_size" in metrics and 'endpoint="/classify"' in metrics
+    assert "tuneserve_inference_batch_size_bucket" in metrics and 'endpoint="/classify"' in metrics
 
 
 # -- bad input: a 4xx JSON answer each, and the server keeps serving ------------------------------------------
@@ -253,9 +253,7 @@ def test_still_serving_after_bad_input(client):
 def test_concurrent_requests_are_batched_and_answered_correctly(client):
     names = ["coffee.png", "chelsea.png", "rocket.jpg", "astronaut.png"]
     expected = {n: client.post("/classify", content=photo(n), params={"top_k": 3}).json() for n in names}
-    before = adaptive_batches(client.get("/metrics").text)
-    # More calls than BentoML's self-proxy makes on one aiohttp session by default (100): its session
-    # refresh used to cut calls in flight (500s), see runner_connection in service/service.py.
+    before = inference_batches(client.get("/metrics").text)
     jobs = [names[i % len(names)] for i in range(128)]
     with ThreadPoolExecutor(24) as pool:  # TestClient sends each thread's request into the app's one loop
         answers = list(pool.map(lambda n: client.post("/classify", content=photo(n), params={"top_k": 3}), jobs))
@@ -264,7 +262,7 @@ def test_concurrent_requests_are_batched_and_answered_correctly(client):
         got, want = a.json()["predictions"], expected[name]["predictions"]
         assert [p["label"] for p in got] == [p["label"] for p in want]
         assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
-    after = adaptive_batches(client.get("/metrics").text)
+    after = inference_batches(client.get("/metrics").text)
     batches, single = after[0] - before[0], after[1] - before[1]
     assert 0 < batches < len(jobs), (batches, single)  # fewer inference calls than images
     assert batches - single > 0  # at least one call carried several images

@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000, help="TCP port (default: 3000)")
     p.add_argument("--workers", type=int, default=None, help="worker processes, each with its own model session (default: 1)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None, help="onnxruntime device (default: auto)")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default=None,
+                   help="auto (default): the model's fp16 variant on CUDA where export kept one, else fp32")
     p.add_argument("--max-batch-size", type=int, default=None, metavar="N",
-                   help="most images per inference call; 1 turns adaptive batching off (default: measured per device)")
+                   help="most images per inference call; 1 turns batching off (default: measured per device)")
     p.add_argument("--max-latency-ms", type=int, default=None, metavar="MS",
-                   help="adaptive batching latency bound; work that cannot meet it is shed with 503")
+                   help="requests whose images waited longer than this for the model are shed with 503")
 
     p = sub.add_parser("predict", help="classify image files with a running service and print a table")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
@@ -289,7 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    flags = {"TUNESERVE_WORKERS": args.workers, "TUNESERVE_DEVICE": args.device,
+    flags = {"TUNESERVE_WORKERS": args.workers, "TUNESERVE_DEVICE": args.device, "TUNESERVE_PRECISION": args.precision,
              "TUNESERVE_MAX_BATCH_SIZE": args.max_batch_size, "TUNESERVE_MAX_LATENCY_MS": args.max_latency_ms}
     env = {**os.environ, **{k: str(v) for k, v in flags.items() if v is not None}}
     cfg = ServiceConfig.from_env(env)  # bad values fail here, naming the variable, not in every worker

@@ -1,0 +1,120 @@
+"""Dynamic batching inside the worker: concurrent requests' images meet in one model call.
+
+Policy (as Triton's dynamic batcher without a queue delay): whenever the engine is free, it takes everything
+queued, up to `max_batch` images, and runs it in a thread; requests that arrive meanwhile wait for the next
+call. An idle engine therefore answers a lone request at once, and a busy one forms batches as large as the
+load makes them, with no timer to tune. A request whose images waited longer than `max_latency_ms` without
+starting is shed (Overloaded -> 503): past that point the queue is growing faster than it drains.
+
+Why not BentoML's adaptive batcher: reaching it from the same service takes `self.to_async.<api>`, a second
+trip through BentoML's ASGI stack and JSON per request, which cost more CPU than decoding the image did
+(docs/benchmarks.md, "Serving"). Here the arrays stay where they are and only an asyncio future is passed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The request's images waited longer than the latency bound for the engine."""
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray  # float32 (n, 3, H, W)
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher:
+    """`await batcher.submit(images)` -> logits float32 (n, classes); `run(batch)` is the model call."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_latency_ms: float,
+                 on_batch: Callable[[int], None] | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.run = run
+        self.max_batch = max_batch
+        self.max_latency_s = max_latency_ms / 1000
+        self.on_batch = on_batch  # called with each call's image count (metrics)
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        # One model call at a time: a second concurrent call would only compete for the same device.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer")
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        self._ensure_started()
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(images, future))
+        self._wake.set()
+        return await future
+
+    def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _ensure_started(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._serve(), name="tuneserve-batcher")
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                taken = self._take()
+                if not taken:
+                    continue
+                batch = taken[0].images if len(taken) == 1 else np.concatenate([p.images for p in taken])
+                try:
+                    logits = await loop.run_in_executor(self._executor, self.run, batch)
+                except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
+                    for p in taken:
+                        if not p.future.done():
+                            p.future.set_exception(e)
+                    continue
+                if self.on_batch is not None:
+                    self.on_batch(len(batch))
+                start = 0
+                for p in taken:
+                    n = len(p.images)
+                    if not p.future.done():  # the caller may have gone (client disconnect, timeout)
+                        p.future.set_result(logits[start:start + n])
+                    start += n
+
+    def _take(self) -> list[_Pending]:
+        """Queued requests for the next call: whole requests, up to max_batch images (a request larger
+        than max_batch goes alone). Requests that waited past the latency bound are shed first."""
+        now = time.perf_counter()
+        taken: list[_Pending] = []
+        count = 0
+        while self._queue:
+            p = self._queue[0]
+            if p.future.done():  # cancelled by its caller while queued
+                self._queue.popleft()
+                continue
+            if now - p.queued_at > self.max_latency_s:
+                self._queue.popleft()
+                p.future.set_exception(Overloaded(
+                    f"waited {1000 * (now - p.queued_at):.0f} ms for the model, over the {1000 * self.max_latency_s:.0f} ms bound"))
+                continue
+            if taken and count + len(p.images) > self.max_batch:
+                break
+            self._queue.popleft()
+            taken.append(p)
+            count += len(p.images)
+        return taken
