@@ -283,18 +283,16 @@ def pct(sorted_values: list[float], q: float) -> float | None:
     return float(np.percentile(sorted_values, q))
 
 
-_METRIC = re.compile(r'^bentoml_service_adaptive_batch_size_(bucket|sum|count)\{([^}]*)\} ([0-9.e+]+)$', re.M)
+_METRIC = re.compile(r'^tuneserve_inference_batch_size_(bucket|sum|count)(?:\{([^}\n]*)\})? ([0-9.e+]+)$', re.M)
 
 
 def batch_histogram(before: str, after: str) -> dict[str, Any]:
-    """Inference calls during the measured window and their mean size, from BentoML's histogram (which counts
-    requests per call: for /classify_batch each request holds --batch-images images)."""
+    """onnxruntime calls during the measured window and their mean size in images, from the service's
+    `tuneserve_inference_batch_size` histogram (summed over workers)."""
     def read(text: str) -> dict[str, float]:
         out: dict[str, float] = {}
         for kind, labels, value in _METRIC.findall(text):
-            if 'method_name="infer"' not in labels:
-                continue
-            le = re.search(r'le="([^"]+)"', labels)
+            le = re.search(r'le="([^"]+)"', labels or "")
             key = f"le_{le.group(1)}" if kind == "bucket" and le else kind
             out[key] = out.get(key, 0.0) + float(value)
         return out
@@ -302,7 +300,7 @@ def batch_histogram(before: str, after: str) -> dict[str, Any]:
     b, a = read(before), read(after)
     delta = {k: a[k] - b.get(k, 0.0) for k in a}
     calls = delta.get("count", 0.0)
-    return {"calls": int(calls), "mean_requests_per_call": (delta["sum"] / calls) if calls else None,
+    return {"calls": int(calls), "mean_images_per_call": (delta["sum"] / calls) if calls else None,
             "buckets": {k[3:]: int(v) for k, v in sorted(delta.items(), key=lambda kv: float(kv[0][3:])
                         if kv[0].startswith("le_") and kv[0] != "le_+Inf" else float("inf")) if k.startswith("le_")}}
 
@@ -319,10 +317,9 @@ def engine_alone(tag: str, provider: str, images: list[tuple[str, bytes]], batch
     model = load_model(tag)
     device = "cuda" if provider.startswith("CUDA") else "cpu"
     pool = np.stack([preprocess(data, model.card.preprocessing) for _, data in images[:64]])
-    sizes = {1, batching["max_batch_size"]}
-    # Images per inference call: requests per call x images per request, as BentoML splits a request
-    # that does not fit into the current batch. With batching off every call is one request.
-    mean_images = min((batches["mean_requests_per_call"] or 1.0) * images_per_request, batching["max_batch_size"])
+    sizes = {1, batching["max_batch_size"], images_per_request}
+    # With batching off every call is one request (of images_per_request images).
+    mean_images = batches["mean_images_per_call"] or float(images_per_request)
     sizes.add(max(1, round(mean_images)))
 
     def measure(threads: int) -> tuple[str, dict[int, float]]:
@@ -390,7 +387,7 @@ def print_report(r: dict[str, Any]) -> None:
           f"p95 {fmt(lat['p95'])} p99 {fmt(lat['p99'])} ms, errors {load['errors'] or 'none'}")
     sb = r["server_batches"]
     if sb["calls"]:
-        print(f"server: {sb['calls']} inference calls, {sb['mean_requests_per_call']:.2f} requests per call; "
+        print(f"server: {sb['calls']} inference calls, {sb['mean_images_per_call']:.2f} images per call; "
               f"histogram (<= size: calls) {sb['buckets']}")
     print("engine alone: " + ", ".join(f"batch {k}: {v:.1f} img/s" for k, v in eng["images_per_s_by_batch"].items()))
     for key in (k for k in eng if k.startswith("images_per_s_by_batch_with_")):

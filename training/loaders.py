@@ -1,7 +1,9 @@
 """torch Datasets and DataLoaders over checked samples.
 
-Validation uses models.preprocessing.eval_transform (the one transform shared with export and serving);
-training adds torchvision's random augmentation on top of the same decode (models.preprocessing.load_image).
+Validation uses models.preprocessing.eval_transform (the one transform shared with export and serving),
+always. Training has two pipelines: "pil" adds torchvision's random augmentation on top of the same decode
+(models.preprocessing.load_image) in DataLoader workers, every epoch; "cache" decodes once into a uint8
+cache and augments whole batches on the training device (training/image_cache.py, gpu_augment.py).
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from torchvision.transforms import v2 as T
 from models.preprocessing import Preprocessing, eval_transform, load_image
 from training.config import TrainConfig
 from training.data import Dataset, Sample
-from training.distributed import DistEnv
+from training.cached_loader import CachedLoader
+from training.distributed import DistEnv, barrier
+from training.gpu_augment import GpuAugment
+from training.image_cache import open_cache
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -83,7 +88,29 @@ def make_loaders(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv)
     per_rank = -(-len(train_set) // env.world_size)
     # A last batch of 1 breaks BatchNorm in train mode; drop the ragged tail when there is more than one batch.
     drop_last = per_rank > cfg.batch_size
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
+    if resolve_pipeline(cfg.pipeline, env) == "cache":
+        train_loader = cached_train_loader(ds, pp, cfg, env, sampler, drop_last)
+    else:
+        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
     val_set = ImageDataset(ds.val, EvalTransform(pp))
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, sampler=ShardSampler(len(val_set), env.rank, env.world_size), **common)
     return train_loader, val_loader, train_sampler
+
+
+def resolve_pipeline(pipeline: str, env: DistEnv) -> str:
+    if pipeline == "auto":
+        return "cache" if env.device.type == "cuda" else "pil"
+    return pipeline
+
+
+def cached_train_loader(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv, sampler: Sampler,
+                        drop_last: bool) -> CachedLoader:
+    """Local rank 0 of each node builds the cache if it is missing (the others wait), then every rank maps it."""
+    paths = [s.path for s in ds.train]
+    args = (paths, pp.resize_size, pp.interpolation, cfg.cache_dir or None)
+    cache = open_cache(*args, build=True) if env.local_rank == 0 else None
+    barrier(env)
+    if cache is None:
+        cache = open_cache(*args, build=False)
+    return CachedLoader(cache, [s.label for s in ds.train], cfg.batch_size, sampler, drop_last, env.device,
+                        GpuAugment(pp, cfg.augment))
