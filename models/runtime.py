@@ -32,8 +32,9 @@ CUDA_OPTIONS = {
 }
 
 
-def choose_providers(device: str = "auto") -> list:
-    """Providers for a session on `device`: CUDA (with CUDA_OPTIONS) then CPU, or CPU alone."""
+def choose_providers(device: str = "auto", cuda_options: dict[str, str] | None = None) -> list:
+    """Providers for a session on `device`: CUDA (with CUDA_OPTIONS, updated by `cuda_options`) then CPU,
+    or CPU alone."""
     import onnxruntime as ort
 
     if device not in DEVICES:
@@ -45,7 +46,7 @@ def choose_providers(device: str = "auto") -> list:
             ort.preload_dlls()
         except Exception as e:  # noqa: BLE001 - a failed preload only means CUDA may not load; checked below
             log.warning("onnxruntime.preload_dlls() failed (%s); CUDA may fall back to CPU", e)
-        return [("CUDAExecutionProvider", dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {**CUDA_OPTIONS, **(cuda_options or {})}), "CPUExecutionProvider"]
     if device == "cuda":
         raise RuntimeError("device='cuda' was asked for, but no NVIDIA GPU or CUDAExecutionProvider is available")
     return ["CPUExecutionProvider"]
@@ -71,14 +72,15 @@ class OnnxClassifier:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0,
-                 buckets: bool | None = None, io_binding: bool | None = None, max_batch: int = 128):
+                 buckets: bool | None = None, io_binding: bool | None = None, max_batch: int = 128,
+                 cuda_options: dict[str, str] | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
-        requested = choose_providers(device)
+        requested = choose_providers(device, cuda_options)
         self.session = ort.InferenceSession(str(Path(onnx_path)), sess_options=opts, providers=requested)
         self.providers = self.session.get_providers()
         wanted = requested[0][0] if isinstance(requested[0], tuple) else requested[0]

@@ -1,0 +1,113 @@
+"""The serving engine alone: onnxruntime images/s per precision, IO binding and CUDA layout, per batch size.
+
+    python benchmarks/engine.py --model imagenet-efficientnet_lite0            # a registered model
+    python benchmarks/engine.py --arch resnet50 --batch-sizes 1,32,128,256     # exported here, random weights
+
+Runs the same `models.runtime.OnnxClassifier` the service runs, on already-preprocessed float32 input held
+on the host (as the service hands it over), for each variant:
+- precision fp32 / fp16 (the model's fp16 variant, made as export makes it),
+- IO binding off / on (pre-allocated device input per batch shape),
+- on CUDA also NHWC off / on (`prefer_nhwc`).
+Prints images/s and ms per batch, and writes JSON (--out). The service's defaults are the fastest row.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.precision import convert_fp16  # noqa: E402
+from models.runtime import OnnxClassifier, choose_providers  # noqa: E402
+
+
+def model_files(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, int, str]:
+    """(fp32 path, fp16 path, input size, name)."""
+    if args.model:
+        from models.artifact import FP16_ONNX_FILE
+        from models.store import load_model
+
+        stored = load_model(args.model)
+        fp16 = stored.path / FP16_ONNX_FILE
+        if not fp16.exists():
+            fp16 = convert_fp16(stored.onnx_path, tmp / "model.fp16.onnx")
+        return stored.onnx_path, fp16, stored.card.preprocessing.input_size, stored.tag
+    from models.architectures import get_architecture
+    from models.weights import build_model
+    from training.export import export_onnx
+
+    pp = get_architecture(args.arch).preprocessing
+    fp32 = export_onnx(build_model(args.arch, args.classes, "none"), pp, tmp / "model.onnx", args.exporter)
+    return fp32, convert_fp16(fp32, tmp / "model.fp16.onnx"), pp.input_size, f"{args.arch} (random weights)"
+
+
+def measure(session: OnnxClassifier, x: np.ndarray, seconds: float) -> float:
+    session(x)  # warm-up: arenas, cuDNN algorithm search for this shape
+    session(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        session(x)
+        n += 1
+    return n * len(x) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="registered model tag")
+    src.add_argument("--arch", help="export this architecture with random weights")
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"))
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--batch-sizes", default="1,8,32,128")
+    ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    on_cuda = choose_providers(args.device)[0] != "CPUExecutionProvider"
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="tuneserve-engine-") as tmp:
+        fp32, fp16, size, name = model_files(args, Path(tmp))
+        x_all = np.random.default_rng(0).standard_normal((max(sizes), 3, size, size), dtype=np.float32)
+        variants = [(p, io, nhwc) for p in ("fp32", "fp16") for io in (False, True)
+                    for nhwc in ((False, True) if on_cuda else (None,))]
+        for precision, io_binding, nhwc in variants:
+            options = None if nhwc is None else {"prefer_nhwc": "1" if nhwc else "0"}
+            session = OnnxClassifier(fp16 if precision == "fp16" else fp32, args.device, io_binding=io_binding,
+                                     buckets=False, cuda_options=options)
+            for b in sizes:
+                ips = measure(session, x_all[:b], args.seconds)
+                row = {"precision": precision, "io_binding": io_binding, "nhwc": nhwc, "batch": b,
+                       "images_per_s": round(ips, 1), "ms_per_batch": round(1000 * b / ips, 2),
+                       "provider": session.providers[0]}
+                rows.append(row)
+                print(f"{precision} io_binding={io_binding!s:5} nhwc={nhwc!s:5} batch {b:4d}: {ips:9.1f} img/s", flush=True)
+
+    print(f"\n{name} on {rows[0]['provider']}")
+    print(f"{'precision':9s} {'io_bind':7s} {'nhwc':5s} " + " ".join(f"{'b' + str(b):>9s}" for b in sizes) + "   (img/s)")
+    for precision, io_binding, nhwc in variants:
+        cells = [r["images_per_s"] for r in rows if (r["precision"], r["io_binding"], r["nhwc"]) == (precision, io_binding, nhwc)]
+        print(f"{precision:9s} {str(io_binding):7s} {str(nhwc):5s} " + " ".join(f"{c:9.1f}" for c in cells))
+    if args.out:
+        result = {"date": datetime.date.today().isoformat(), "model": name,
+                  "machine": f"{platform.node()}: {os.cpu_count()} CPUs", "rows": rows,
+                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
