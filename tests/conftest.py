@@ -22,6 +22,18 @@ def hymenoptera() -> Path:
     return HYMENOPTERA
 
 
+def hymenoptera_subset(hymenoptera: Path, root: Path, train: int, val: int) -> Path:
+    """root/{train,val}/{ants,bees}/: the first `train` / `val` photos of each class, copied (sorted by name)."""
+    import shutil
+
+    for split, n in (("train", train), ("val", val)):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for src in sorted((hymenoptera / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(src, root / split / cls / src.name)
+    return root
+
+
 def write_image(path: Path, seed: int, size=(40, 32), fmt: str | None = None) -> Path:
     """A small random RGB PNG/JPEG (format from the suffix unless given); content depends on the seed."""
     from PIL import Image

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import write_image
+from conftest import hymenoptera_subset, write_image
 from dist_support import ARCH, equivalence_rank, equivalence_steps, free_port, local_sgd_rank
 from models.store import load_model
 from models.weights import build_model
@@ -220,14 +220,9 @@ def test_gpus_relaunches_the_same_flags_under_torchrun_without_itself():
 def test_two_cpu_ranks_register_a_model_as_good_as_one(hymenoptera, tmp_path):
     """The same fine-tune (effective batch 8, same lr and schedule) as 1 process x batch 8 and as `torchrun
     --nproc-per-node 2 ... tuneserve train` x batch 4: both register a model, of the same validation quality."""
-    subset = tmp_path / "hym"
-    for split, n in [("train", 16), ("val", 10)]:
-        for c in ["ants", "bees"]:
-            (subset / split / c).mkdir(parents=True)
-            for p in sorted((hymenoptera / split / c).glob("*.jpg"))[:n]:
-                shutil.copy(p, subset / split / c / p.name)
+    subset = hymenoptera_subset(hymenoptera, tmp_path / "hym", train=16, val=10)
     common = dict(epochs=3, head_epochs=2, workers=0, lr=2e-3)
-    one = train(TrainConfig(data=str(subset), batch_size=8, output_dir=str(tmp_path / "one"), name="hym-one-rank", **common))
+    train(TrainConfig(data=str(subset), batch_size=8, output_dir=str(tmp_path / "one"), name="hym-one-rank", **common))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
          "--data", str(subset), "--batch-size", "4", "--output-dir", str(tmp_path / "two"), "--name", "hym-two-ranks",

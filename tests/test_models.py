@@ -1,7 +1,6 @@
 """Architectures, pretrained weights and head replacement."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

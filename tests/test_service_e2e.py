@@ -5,7 +5,6 @@ demo, 503 instead of a hang under overload, and batching switched off."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import hymenoptera_subset
 from service.process import free_port, running_server
 from service_support import inference_batches, builtin_model, photo
 from tuneserve.cli import main
@@ -30,12 +30,7 @@ def finetuned(hymenoptera, tmp_path_factory):
     from training.config import TrainConfig
     from training.train import train
 
-    root = tmp_path_factory.mktemp("hym-subset")
-    for split, n in (("train", PER_CLASS_TRAIN), ("val", PER_CLASS_VAL)):
-        for cls in ("ants", "bees"):
-            (root / split / cls).mkdir(parents=True)
-            for src in sorted((hymenoptera / split / cls).glob("*.jpg"))[:n]:
-                shutil.copy(src, root / split / cls / src.name)
+    root = hymenoptera_subset(hymenoptera, tmp_path_factory.mktemp("hym-subset"), PER_CLASS_TRAIN, PER_CLASS_VAL)
     cfg = TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, workers=0, name="e2e-hym",
                       output_dir=str(root / "runs"), parity_images=8)
     result = train(cfg)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import hymenoptera_subset
 import torch
 
 from models.store import load_model
@@ -103,12 +104,7 @@ def test_torchscript_exporter_also_passes_the_gate(tmp_path, tiny_folder):
 def test_real_photos_finetune_and_evaluate_agree(hymenoptera, tmp_path, capsys):
     """Fine-tune on a subset of real photos; the registered ONNX model, evaluated through the serving runtime
     and preprocessing, reproduces training's own validation numbers."""
-    subset = tmp_path / "hym"
-    for split, n in [("train", 16), ("val", 10)]:
-        for c in ["ants", "bees"]:
-            (subset / split / c).mkdir(parents=True)
-            for p in sorted((hymenoptera / split / c).glob("*.jpg"))[:n]:
-                shutil.copy(p, subset / split / c / p.name)
+    subset = hymenoptera_subset(hymenoptera, tmp_path / "hym", train=16, val=10)
     result = train(TrainConfig(data=str(subset), epochs=3, head_epochs=2, batch_size=8, workers=0, lr=2e-3,
                                output_dir=str(tmp_path / "runs"), name="hym-subset"))
     assert result.best_metrics["top1"] >= 0.8  # ImageNet features separate ants from bees almost at once

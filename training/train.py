@@ -9,7 +9,6 @@ once more at every epoch's end, so evaluation and checkpoints always see the one
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import random
