@@ -17,14 +17,13 @@ from models.preprocessing import DEFAULT_MAX_PIXELS
 
 DEVICES = ("auto", "cuda", "cpu")
 
-# Adaptive-batching defaults per device, chosen by measurement (docs/benchmarks.md, "Serving (issue 3)").
-# CPU (2-core sandbox, EfficientNet-Lite0): onnxruntime alone gains little from batching (376 -> 403 img/s
-# from batch 1 to 4 on both cores, flat to falling with one thread), and the service is CPU-bound on
-# decoding; end to end at 16 clients, batches of 4 or 8 beat batching off by ~9% and 16 does not help.
-# 8 lets a burst drain in one call. The latency bound only decides when queued work is shed with 503:
-# 100 ms shed 35% of requests at 16 clients, 300 ms shed half at 64 clients, 1000 ms 3% at 64 (the
-# service saturates from 4 clients on; 64 is 16 times that).
-# CUDA: not measurable here (no GPU). EfficientNet-class models keep gaining throughput up to batch
+# Batching defaults per device, chosen by measurement (docs/benchmarks.md, "Serving (issue 3)" and "(issue 5)").
+# CPU (2-core sandbox, EfficientNet-Lite0): onnxruntime alone is no faster per image in batches there
+# (394 img/s at batch 1, 361 at 8), and the service is CPU-bound on decoding; with the in-process batcher,
+# bounds of 4, 8 and 16 land within run-to-run noise (138-154 img/s at 16 clients) and batching off is
+# 127 img/s. 8 lets a burst drain in one call. The latency bound only decides when queued work is shed with
+# 503 (issue 3's sweep: 100 ms shed 35% of requests at 16 clients, 1000 ms 3% at 64 clients).
+# CUDA: not measured yet (no GPU). EfficientNet-class models keep gaining throughput up to batch
 # 32-64 on a data-centre GPU, where a batch of 64 takes milliseconds: 64 is the starting point.
 BATCHING_DEFAULTS = {"cpu": (8, 1000), "cuda": (64, 1000)}
 
