@@ -32,6 +32,7 @@ from models.precision import choose_precision
 from models.runtime import OnnxClassifier, bucket_sizes, gpu_present, softmax
 from models.architectures import BUILTIN_NAME
 from models.store import StoredModel, load_model
+from service.admission import DelayGate
 from service.batcher import DynamicBatcher, Overloaded
 from service.config import ServiceConfig
 from service.inputs import HTTPError, decode_error_status
@@ -102,6 +103,7 @@ class Classifier:
         self.labels = self.model.card.labels
         self._batcher = DynamicBatcher(self.session, MAX_BATCH_SIZE, MAX_LATENCY_MS, on_batch=BATCH_SIZES.observe)
         self._in_flight = 0  # images admitted and not answered yet (event-loop only: no lock)
+        self._gate = DelayGate(MAX_LATENCY_MS / 1000)
         self._pool = ThreadPoolExecutor(CONFIG.threads(), thread_name_prefix="tuneserve-preprocess")
         self._ready = False
         self._warm_up()
@@ -135,24 +137,43 @@ class Classifier:
     def check_capacity(self) -> None:
         if self._in_flight >= self.config.max_in_flight:
             raise self._busy()
+        if self._standing_queue():
+            raise self._slow()
 
     @contextlib.contextmanager
     def admit(self, images: int) -> Iterator[None]:
-        """Count `images` as in flight while the block runs; refuse (503) beyond TUNESERVE_MAX_IN_FLIGHT,
-        so a flood gets fast answers instead of an ever-growing queue."""
+        """Count `images` as in flight while the block runs; refuse (503) beyond TUNESERVE_MAX_IN_FLIGHT, or
+        while recent requests all took longer than TUNESERVE_MAX_LATENCY_MS (service/admission.py), so a
+        flood gets fast answers instead of an ever-growing queue."""
         if self._in_flight + images > self.config.max_in_flight:
             raise self._busy()
+        if self._standing_queue():
+            raise self._slow()
         self._in_flight += images
+        admitted_at = self._gate.clock()
         try:
             yield
         finally:
             self._in_flight -= images
+            self._gate.record(admitted_at)
 
     def _busy(self) -> HTTPError:
         return HTTPError(
             503, f"server overloaded: {self._in_flight} images are already being processed by this worker "
             f"(limit TUNESERVE_MAX_IN_FLIGHT={self.config.max_in_flight}); retry shortly",
             {"Retry-After": "1"},
+        )
+
+    def _standing_queue(self) -> bool:
+        """Recent requests all took too long *and* more than a batch of images is waiting now: a lone slow
+        request (a huge image) on an idle server does not turn the next one away."""
+        return self._in_flight >= MAX_BATCH_SIZE and not self._gate.open()
+
+    def _slow(self) -> HTTPError:
+        delay = self._gate.min_recent_delay() or 0.0
+        return HTTPError(
+            503, f"server overloaded: every request finished in the last second took over {1000 * delay:.0f} ms "
+            f"(bound TUNESERVE_MAX_LATENCY_MS={MAX_LATENCY_MS}); retry shortly", {"Retry-After": "1"},
         )
 
     async def preprocess(self, data: bytes) -> np.ndarray:
