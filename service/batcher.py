@@ -79,8 +79,8 @@ class DynamicBatcher:
                 taken = self._take()
                 if not taken:
                     continue
-                batch = taken[0].images if len(taken) == 1 else np.concatenate([p.images for p in taken])
                 try:
+                    batch = taken[0].images if len(taken) == 1 else np.concatenate([p.images for p in taken])
                     logits = await loop.run_in_executor(self._executor, self.run, batch)
                 except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
                     for p in taken:

@@ -136,3 +136,21 @@ def test_a_caller_that_gave_up_is_skipped():
 def test_max_batch_must_be_positive():
     with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
         DynamicBatcher(Engine(), max_batch=0, max_latency_ms=10)
+
+
+def test_requests_that_cannot_share_a_call_fail_alone_and_the_batcher_keeps_serving():
+    engine = Engine(delay=0.02)
+
+    async def main():
+        b = DynamicBatcher(engine, max_batch=8, max_latency_ms=10_000)
+        first = asyncio.ensure_future(b.submit(images(0)))
+        await asyncio.sleep(0.005)
+        odd = np.zeros((1, 3, 4, 4), np.float32)  # another shape: cannot be concatenated with the others
+        mixed = await asyncio.gather(b.submit(images(1)), b.submit(odd), return_exceptions=True)
+        later = await b.submit(images(2))
+        b.close()
+        return await first, mixed, later
+
+    first, mixed, later = asyncio.run(main())
+    assert first[0, 0] == 0 and later[0, 0] == 2
+    assert all(isinstance(r, ValueError) for r in mixed)
