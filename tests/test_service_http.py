@@ -1,6 +1,6 @@
 """The service's endpoints in-process: BentoML's ASGI app (`Classifier.to_asgi()`) behind Starlette's
 TestClient, which runs the app's lifespan (model load, warm-up) and all requests on one event loop, so the
-adaptive batcher, the thread pool and the limits work as under `bentoml serve`. Real model, real photos."""
+dynamic batcher, the thread pool and the limits work as under `bentoml serve`. Real model, real photos."""
 from __future__ import annotations
 
 import dataclasses
