@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the podman recipe lives with the test
 sys.path.insert(0, str(ROOT))
 
 import container_support as cs  # noqa: E402
+from service.process import free_port  # noqa: E402
 
 PHOTO = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val" / "bees"
 
@@ -66,14 +67,6 @@ def cold_start(image: str, env: dict[str, str], photo: bytes) -> tuple[float, fl
         return ready, time.monotonic() - start
     finally:
         subprocess.run(["podman", "rm", "-f", name], env=env, capture_output=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

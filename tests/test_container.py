@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +21,7 @@ import container_support as cs
 from models.preprocessing import preprocess
 from models.runtime import OnnxClassifier, softmax
 from models.store import load_model
+from service.process import free_port
 from service_support import builtin_model
 
 pytestmark = pytest.mark.slow
@@ -38,12 +38,6 @@ def podman(tmp_path_factory) -> dict[str, str]:
     return cs.podman_env(tmp_path_factory.mktemp("podman"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _in_image(image: str, code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(["podman", "run", "--rm", "--entrypoint", "python", image, "-c", code], env=env,
                           capture_output=True, text=True, timeout=120)
@@ -58,7 +52,7 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
 
     image = f"localhost/tuneserve-test:{uuid.uuid4().hex[:8]}"
     name = f"tuneserve-test-{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_port()
     try:
         cs.containerize(bento_tag, image, uv_folder, tmp_path, env)
 
