@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -43,6 +42,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from service.batch_metrics import batch_sizes_between
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -173,7 +174,7 @@ def run_load(url: str, images: list[tuple[str, bytes]], args: argparse.Namespace
         **sampler.summary(),
     }
     return {"url": url, "server": {k: server[k] for k in ("tag", "arch", "runtime", "batching", "limits")},
-            "load": load, "server_batches": batch_histogram(before, after)}
+            "load": load, "server_batches": batch_sizes_between(before, after)}
 
 
 def _share(total: int, parts: int, i: int) -> int:
@@ -284,28 +285,6 @@ def pct(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
     return float(np.percentile(sorted_values, q))
-
-
-_METRIC = re.compile(r'^tuneserve_inference_batch_size_(bucket|sum|count)(?:\{([^}\n]*)\})? ([0-9.e+]+)$', re.M)
-
-
-def batch_histogram(before: str, after: str) -> dict[str, Any]:
-    """onnxruntime calls during the measured window and their mean size in images, from the service's
-    `tuneserve_inference_batch_size` histogram (summed over workers)."""
-    def read(text: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for kind, labels, value in _METRIC.findall(text):
-            le = re.search(r'le="([^"]+)"', labels or "")
-            key = f"le_{le.group(1)}" if kind == "bucket" and le else kind
-            out[key] = out.get(key, 0.0) + float(value)
-        return out
-
-    b, a = read(before), read(after)
-    delta = {k: a[k] - b.get(k, 0.0) for k in a}
-    calls = delta.get("count", 0.0)
-    return {"calls": int(calls), "mean_images_per_call": (delta["sum"] / calls) if calls else None,
-            "buckets": {k[3:]: int(v) for k, v in sorted(delta.items(), key=lambda kv: float(kv[0][3:])
-                        if kv[0].startswith("le_") and kv[0] != "le_+Inf" else float("inf")) if k.startswith("le_")}}
 
 
 # -- engine alone -----------------------------------------------------------------------------------------------

@@ -144,14 +144,13 @@ def main() -> None:
                     make = lambda: ((x, y) for _ in range(need))  # noqa: E731
                 elif variant == "pil":
                     loader = torch.utils.data.DataLoader(
-                        ImageDataset(ds.train, train_transform(pp, "trivialaugment")), batch_size=args.batch_size,
+                        ImageDataset(ds.train, pp, train_transform(pp, "trivialaugment")), batch_size=args.batch_size,
                         shuffle=True, drop_last=True, num_workers=args.workers, pin_memory=cuda,
                         persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers > 0 else None)
                     make = lambda: iter(loader)  # noqa: E731
                 elif variant == "cache":
                     t0 = time.perf_counter()
-                    cache = open_cache([s.path for s in ds.train], pp.resize_size, pp.interpolation,
-                                       Path(tmp) / "cache")
+                    cache = open_cache([s.path for s in ds.train], pp, Path(tmp) / "cache")
                     row["cache_build_s"] = round(time.perf_counter() - t0, 1)
                     row["cache_images"] = len(cache)
                     loader = CachedLoader(cache, labels, args.batch_size, torch.utils.data.RandomSampler(labels),

@@ -1,7 +1,7 @@
 """The one evaluation transform: image bytes -> normalised float32 CHW array.
 
 Training's validation, the ONNX parity gate, `tuneserve evaluate` and the HTTP service all call
-`load_image` + `eval_transform` from here, so a model sees the same pixels everywhere. It needs only
+`decode` + `eval_transform` from here (training's augmenting pipelines call the same `decode`), so a model sees the same pixels everywhere. It needs only
 PIL and numpy (no torch), which keeps the serving image lean. `tests/test_preprocessing.py` checks it
 against torchvision's `Resize -> CenterCrop -> ToTensor -> Normalize` within 1/255.
 """
@@ -30,6 +30,14 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 # 40 megapixels: larger than any phone photo, far below what a decompression bomb expands to.
 DEFAULT_MAX_PIXELS = 40_000_000
 
+# JPEG draft decoding (libjpeg's DCT scaling to 1/2, 1/4 or 1/8) only while the decoded shorter side stays
+# at least this many times resize_size, so the antialiased resize after it still averages >= 3x3 pixels.
+# Measured (benchmarks/decode.py --agreement; docs/benchmarks.md, "JPEG draft decoding"): the 153 hymenoptera
+# val photos at 5 sizes up to 4032x3024, built-in model: factor 3 moved probabilities by <= 0.037 and flipped
+# no top-1 whose top two were more than 0.02 apart, and decoded 3-MP photos 2.5x and 12-MP ones 3.1x faster;
+# factor 1 (straight to resize_size) moved them by up to 0.14 and flipped 3 clear top-1s.
+DEFAULT_JPEG_DRAFT_FACTOR = 3
+
 
 class ImageDecodeError(ValueError):
     """The bytes are not an image we can use; the message says why (shown to users as-is)."""
@@ -44,6 +52,8 @@ class Preprocessing:
     interpolation: str = "bilinear"  # one of _INTERPOLATIONS, as the weights were trained
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Large JPEGs decode at a reduced scale that keeps >= this x resize_size pixels a side; 0 = always full.
+    jpeg_draft_factor: int = DEFAULT_JPEG_DRAFT_FACTOR
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
@@ -57,6 +67,13 @@ class Preprocessing:
             )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean}, std={self.std}")
+        if self.jpeg_draft_factor < 0:
+            raise ValueError(f"jpeg_draft_factor must be 0 (full decode) or >= 1, got {self.jpeg_draft_factor}")
+
+    @property
+    def draft_size(self) -> int | None:
+        """The smallest side a JPEG may be draft-decoded to (load_image's draft_size); None = full decode."""
+        return self.jpeg_draft_factor * self.resize_size or None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +86,8 @@ class Preprocessing:
             interpolation=str(d["interpolation"]),
             mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+            # Artifacts written before draft decoding existed measured their metrics on full decodes.
+            jpeg_draft_factor=int(d.get("jpeg_draft_factor", 0)),
         )
 
 
@@ -83,8 +102,8 @@ def load_image(
     EXIF orientation is applied, animated GIF/WebP give their first frame, and modes L, LA, P, RGBA,
     CMYK, I, I;16 and F become RGB (transparent pixels over white). Raises ImageDecodeError with the
     reason for empty, non-image, truncated, unsupported-format or oversized input.
-    `draft_size` lets JPEGs decode at a reduced scale (at least that many pixels a side): fast, for checks
-    and previews, not for the model's input, whose pixels must match training's.
+    `draft_size` lets JPEGs decode at a reduced scale (1/2, 1/4 or 1/8, keeping at least that many pixels a
+    side): model inputs use `decode` (Preprocessing.draft_size); data checks use a small size, for speed.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
@@ -104,7 +123,7 @@ def load_image(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                 )
             img.seek(0)  # first frame of animations
-            if draft_size and img.format == "JPEG":
+            if draft_size and img.format in ("JPEG", "MPO"):  # MPO: phone cameras' multi-picture JPEG
                 img.draft("RGB", (draft_size, draft_size))
             img.load()  # decode now, so truncation is reported here and not later
             img = ImageOps.exif_transpose(img)
@@ -166,6 +185,12 @@ def eval_transform(img: Image.Image, pp: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
 
 
+def decode(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes or path -> RGB image, as every pipeline that feeds this model decodes it (training's two
+    pipelines, validation, export's parity check, evaluation and serving): large JPEGs at pp.draft_size."""
+    return load_image(source, max_pixels=max_pixels, draft_size=pp.draft_size)
+
+
 def preprocess(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes or path -> float32 (3, input_size, input_size): what the exported model takes per image."""
-    return eval_transform(load_image(source, max_pixels=max_pixels), pp)
+    return eval_transform(decode(source, pp, max_pixels=max_pixels), pp)

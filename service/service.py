@@ -33,6 +33,7 @@ from models.runtime import OnnxClassifier, bucket_sizes, gpu_present, softmax
 from models.architectures import BUILTIN_NAME
 from models.store import StoredModel, load_model
 from service.admission import DelayGate
+from service.batch_metrics import BATCH_SIZE_BUCKETS, BATCH_SIZE_METRIC
 from service.batcher import DynamicBatcher, Overloaded
 from service.config import ServiceConfig
 from service.inputs import HTTPError, decode_error_status
@@ -72,8 +73,7 @@ MAX_BATCH_SIZE, MAX_LATENCY_MS = CONFIG.batching(DEVICE)
 BATCHING = MAX_BATCH_SIZE > 1  # 1: every request's images run alone (the baseline the benchmark compares with)
 # Images per inference call, as Prometheus sees them (GET /metrics): how well batching works under the load.
 BATCH_SIZES = bentoml.metrics.Histogram(
-    name="tuneserve_inference_batch_size", documentation="images per onnxruntime call",
-    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+    name=BATCH_SIZE_METRIC, documentation="images per onnxruntime call", buckets=BATCH_SIZE_BUCKETS,
 )
 
 

@@ -70,7 +70,7 @@ def equivalence_steps(env: DistEnv, samples: list[Sample], batch: int, accum: in
     torch.manual_seed(0)  # the fresh 3-way head: same initial weights in every process
     model = build_model(ARCH, 3, "imagenet").double()
     head = {id(p) for p in head_parameters(model, ARCH)}
-    dataset = ImageDataset(samples, Float64(SMALL))
+    dataset = ImageDataset(samples, SMALL, Float64(SMALL))
     if env.distributed:
         sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=False)
         loader = DataLoader(dataset, batch_size=batch, sampler=sampler)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import functools
 import io
-import re
 
 from PIL import Image
 
 from models.samples import sample_photos
 from models.store import StoredModel
+from service.batch_metrics import read_batch_sizes
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,15 +30,7 @@ def encode(img: Image.Image, fmt: str, **params) -> bytes:
     return buf.getvalue()
 
 
-_HIST = re.compile(r'^tuneserve_inference_batch_size_(bucket|count)(?:\{([^}\n]*)\})? ([0-9.e+]+)$', re.M)
-
-
 def inference_batches(metrics_text: str) -> tuple[int, int]:
     """(onnxruntime calls, of which single-image ones), from the service's Prometheus histogram."""
-    total = single = 0.0
-    for kind, labels, value in _HIST.findall(metrics_text):
-        if kind == "count":
-            total += float(value)
-        elif 'le="1.0"' in labels:
-            single += float(value)
-    return int(total), int(single)
+    sizes = read_batch_sizes(metrics_text)
+    return int(sizes.get("count", 0)), int(sizes.get("le_1.0", 0))

@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.preprocessing import Preprocessing
+from PIL import Image
+
+from models.preprocessing import Preprocessing, center_crop, decode, preprocess, resize_shorter_side
+from models.samples import sample_photos
 from training.cached_loader import CachedLoader
 from training.gpu_augment import RATIO, SCALE, GpuAugment, crop_boxes, crop_resize
+from training.data import Sample
 from training.image_cache import cache_path, decode_square, open_cache
+from training.loaders import EvalTransform, ImageDataset
 
 
 def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -67,15 +72,19 @@ def test_random_augmentations_give_normalised_batches_that_vary(augment):
 
 def test_cache_holds_the_decoded_squares_and_is_reused(tiny_folder, tmp_path):
     paths = sorted(str(p) for p in tiny_folder.rglob("*.png"))
-    cache = open_cache(paths, 24, "bilinear", tmp_path)
+    pp = Preprocessing(input_size=16, resize_size=24)
+    cache = open_cache(paths, pp, tmp_path)
     assert cache.shape == (len(paths), 24, 24, 3) and cache.dtype == np.uint8
-    np.testing.assert_array_equal(cache[5], decode_square(paths[5], 24, "bilinear"))
-    target = cache_path(paths, 24, "bilinear", tmp_path)
+    np.testing.assert_array_equal(cache[5], decode_square(paths[5], pp))
+    target = cache_path(paths, pp, tmp_path)
     built = target.stat().st_mtime_ns
-    open_cache(paths, 24, "bilinear", tmp_path)
+    open_cache(paths, pp, tmp_path)
     assert target.stat().st_mtime_ns == built  # reused, not rebuilt
+    # What the pixels depend on names the cache: resize size, interpolation, draft decoding, the files.
+    assert cache_path(paths, Preprocessing(input_size=16, resize_size=24, interpolation="bicubic"), tmp_path) != target
+    assert cache_path(paths, Preprocessing(input_size=16, resize_size=24, jpeg_draft_factor=0), tmp_path) != target
     os.utime(paths[0], ns=(0, 0))  # a changed file: a different cache
-    assert cache_path(paths, 24, "bilinear", tmp_path) != target
+    assert cache_path(paths, pp, tmp_path) != target
 
 
 def test_failed_cache_build_leaves_nothing(tiny_folder, tmp_path):
@@ -83,7 +92,7 @@ def test_failed_cache_build_leaves_nothing(tiny_folder, tmp_path):
     bad = tiny_folder / "alpha" / "broken.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(Exception, match="image"):
-        open_cache(paths + [str(bad)], 24, "bilinear", tmp_path / "cache")
+        open_cache(paths + [str(bad)], Preprocessing(input_size=16, resize_size=24), tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # no cache, no temporary file
 
 
@@ -134,3 +143,19 @@ def test_cache_pipeline_under_torchrun_builds_once_for_both_ranks(tiny_folder, t
     (run,) = (tmp_path / "runs").iterdir()
     history = json.loads((run / "history.json").read_text())
     assert history[0]["train_images"] == 16  # 15 training images, padded to 8 per rank
+
+
+def test_every_training_pipeline_decodes_like_serving(tmp_path):
+    """A 12-MP JPEG (draft-decoded): validation's loader gives exactly the array serving computes, and the
+    cache and the augmenting loader start from the same decoded image."""
+    pp = Preprocessing(input_size=224, resize_size=256, interpolation="bicubic")
+    photo = tmp_path / "big.jpg"
+    Image.open(sample_photos()[0]).convert("RGB").resize((4032, 3024)).save(photo, "JPEG", quality=90)
+    image = decode(photo, pp)
+    assert image.size == (2016, 1512)  # drafted to 1/2: what every pipeline below must start from
+    val = ImageDataset([Sample(str(photo), 0)], pp, EvalTransform(pp))
+    np.testing.assert_array_equal(val[0][0].numpy(), preprocess(photo.read_bytes(), pp))
+    square = np.asarray(center_crop(resize_shorter_side(image, 256, "bicubic"), 256))
+    np.testing.assert_array_equal(decode_square(str(photo), pp), square)
+    train = ImageDataset([Sample(str(photo), 0)], pp, lambda img: img.size)
+    assert train[0] == (image.size, 0)

@@ -5,11 +5,12 @@ ResNet-50 at ~5,600 images/s). Decoding each file once, downsized to S x S (S = 
 256 for 224-pixel models), turns every later epoch into memory reads: ~200 KB per image from the page
 cache, augmented on the GPU (training/gpu_augment.py).
 
-What is kept: the shorter side resized to S with the weights' interpolation, then the centre S x S square,
+What is kept: the image as models.preprocessing.decode gives it to every pipeline (large JPEGs draft-decoded),
+its shorter side resized to S with the weights' interpolation, then the centre S x S square,
 so the random crops of training come from the same region evaluation's centre crop sees (the far ends of
 very wide or tall photos are lost, as in FFCV-style pipelines that store a fixed resolution).
 
-The file's name hashes what it holds (paths, sizes, modification times, S, interpolation), so a changed
+The file's name hashes what it holds (paths, sizes, modification times, S, interpolation, draft), so a changed
 dataset gets a new cache and an unchanged one is reused across runs; it is written to a temporary name
 and renamed, so an interrupted build leaves nothing that looks complete.
 """
@@ -24,42 +25,44 @@ from pathlib import Path
 
 import numpy as np
 
-from models.preprocessing import center_crop, load_image, resize_shorter_side
+from models.preprocessing import Preprocessing, center_crop, decode, resize_shorter_side
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneserve" / "decoded"
 
 
-def cache_key(paths: list[str], size: int, interpolation: str) -> str:
-    h = hashlib.sha256(json.dumps({"size": size, "interpolation": interpolation, "version": 1}).encode())
+def cache_key(paths: list[str], pp: Preprocessing) -> str:
+    what = {"size": pp.resize_size, "interpolation": pp.interpolation, "draft": pp.draft_size, "version": 2}
+    h = hashlib.sha256(json.dumps(what).encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
-def cache_path(paths: list[str], size: int, interpolation: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def cache_path(paths: list[str], pp: Preprocessing, cache_dir: str | os.PathLike | None = None) -> Path:
     folder = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
-    return folder / f"{cache_key(paths, size, interpolation)}-{len(paths)}x{size}.u8"
+    return folder / f"{cache_key(paths, pp)}-{len(paths)}x{pp.resize_size}.u8"
 
 
-def decode_square(path: str, size: int, interpolation: str) -> np.ndarray:
-    """One image -> uint8 (size, size, 3): shorter side to `size`, centre square."""
-    img = resize_shorter_side(load_image(path), size, interpolation)
-    return np.asarray(center_crop(img, size), dtype=np.uint8)
+def decode_square(path: str, pp: Preprocessing) -> np.ndarray:
+    """One image -> uint8 (S, S, 3), S = pp.resize_size: shorter side to S, centre square."""
+    img = resize_shorter_side(decode(path, pp), pp.resize_size, pp.interpolation)
+    return np.asarray(center_crop(img, pp.resize_size), dtype=np.uint8)
 
 
-def build_cache(paths: list[str], size: int, interpolation: str, target: Path, threads: int | None = None) -> Path:
-    """Decode every image into `target` (uint8 (N, size, size, 3), raw memmap). Threads: PIL releases the
+def build_cache(paths: list[str], pp: Preprocessing, target: Path, threads: int | None = None) -> Path:
+    """Decode every image into `target` (uint8 (N, S, S, 3), raw memmap). Threads: PIL releases the
     GIL while decoding and resizing."""
+    size = pp.resize_size
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     threads = threads or min(32, os.cpu_count() or 1)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
         with ThreadPoolExecutor(threads) as pool:
-            for i, arr in enumerate(pool.map(lambda p: decode_square(p, size, interpolation), paths)):
+            for i, arr in enumerate(pool.map(lambda p: decode_square(p, pp), paths)):
                 out[i] = arr
         out.flush()
         del out
@@ -70,17 +73,19 @@ def build_cache(paths: list[str], size: int, interpolation: str, target: Path, t
     return target
 
 
-def open_cache(paths: list[str], size: int, interpolation: str, cache_dir: str | os.PathLike | None = None,
+def open_cache(paths: list[str], pp: Preprocessing, cache_dir: str | os.PathLike | None = None,
                build: bool = True) -> np.ndarray:
-    """The cache for `paths` as a read-only memmap uint8 (N, size, size, 3), built first if missing and `build`.
+    """The cache for `paths` as a read-only memmap uint8 (N, S, S, 3), S = pp.resize_size, built first if
+    missing and `build`.
     Under DDP one rank per node builds (build=True) while the others wait at a barrier, then all open it."""
-    target = cache_path(paths, size, interpolation, cache_dir)
+    target = cache_path(paths, pp, cache_dir)
+    size = pp.resize_size
     if not target.exists():
         if not build:
             raise FileNotFoundError(f"decoded-image cache {target} is missing")
         log.info("decoding %d training images once into %s (%.1f GB)", len(paths), target,
                  len(paths) * size * size * 3 / 1e9)
-        build_cache(paths, size, interpolation, target)
+        build_cache(paths, pp, target)
     else:
         log.info("using the decoded-image cache %s", target)
     arr = np.load(target, mmap_mode="r")

@@ -2,7 +2,7 @@
 
 Validation uses models.preprocessing.eval_transform (the one transform shared with export and serving),
 always. Training has two pipelines: "pil" adds torchvision's random augmentation on top of the same decode
-(models.preprocessing.load_image) in DataLoader workers, every epoch; "cache" decodes once into a uint8
+(models.preprocessing.decode) in DataLoader workers, every epoch; "cache" decodes once into a uint8
 cache and augments whole batches on the training device (training/image_cache.py, gpu_augment.py).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from models.preprocessing import Preprocessing, eval_transform, load_image
+from models.preprocessing import Preprocessing, decode, eval_transform
 from training.config import TrainConfig
 from training.data import Dataset, Sample
 from training.cached_loader import CachedLoader
@@ -22,8 +22,11 @@ from training.image_cache import open_cache
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], transform):
+    """Samples decoded as the model's preprocessing decodes them (models.preprocessing.decode), then `transform`."""
+
+    def __init__(self, samples: list[Sample], pp: Preprocessing, transform):
         self.samples = samples
+        self.pp = pp
         self.transform = transform
 
     def __len__(self) -> int:
@@ -31,7 +34,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples[i]
-        return self.transform(load_image(s.path)), s.label  # float32 (3, S, S), int
+        return self.transform(decode(s.path, self.pp)), s.label  # float32 (3, S, S), int
 
 
 class EvalTransform:
@@ -77,7 +80,7 @@ def make_loaders(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv)
     common = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
     if workers > 0:
         common["prefetch_factor"] = 4
-    train_set = ImageDataset(ds.train, train_transform(pp, cfg.augment))
+    train_set = ImageDataset(ds.train, pp, train_transform(pp, cfg.augment))
     if env.distributed:
         train_sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed)
         sampler: Sampler = train_sampler
@@ -92,7 +95,7 @@ def make_loaders(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv)
         train_loader = cached_train_loader(ds, pp, cfg, env, sampler, drop_last)
     else:
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
-    val_set = ImageDataset(ds.val, EvalTransform(pp))
+    val_set = ImageDataset(ds.val, pp, EvalTransform(pp))
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, sampler=ShardSampler(len(val_set), env.rank, env.world_size), **common)
     return train_loader, val_loader, train_sampler
 
@@ -107,7 +110,7 @@ def cached_train_loader(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: D
                         drop_last: bool) -> CachedLoader:
     """Local rank 0 of each node builds the cache if it is missing (the others wait), then every rank maps it."""
     paths = [s.path for s in ds.train]
-    args = (paths, pp.resize_size, pp.interpolation, cfg.cache_dir or None)
+    args = (paths, pp, cfg.cache_dir or None)
     cache = open_cache(*args, build=True) if env.local_rank == 0 else None
     barrier(env)
     if cache is None:
