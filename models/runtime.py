@@ -69,17 +69,23 @@ class OnnxClassifier:
     shape gets a pre-allocated input buffer. `io_binding`: copy the batch into that buffer on the session's
     device and run with an IO binding, instead of letting onnxruntime allocate and copy per call.
     Both default to on for CUDA and off for CPU, where neither pays; both work on either (the tests use CPU).
+    `spin`: onnxruntime's idle intra-op threads busy-wait (its default, best for the model alone); off, they
+    sleep, which serving on CPU wants.
     """
 
     def __init__(self, onnx_path: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0,
                  buckets: bool | None = None, io_binding: bool | None = None, max_batch: int = 128,
-                 cuda_options: dict[str, str] | None = None):
+                 cuda_options: dict[str, str] | None = None, spin: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        if not spin:
+            # Idle intra-op threads sleep instead of busy-waiting for the next call: on a CPU shared with
+            # image decoding, spinning threads take the cores the decoders need (docs/benchmarks.md).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         requested = choose_providers(device, cuda_options)
         self.session = ort.InferenceSession(str(Path(onnx_path)), sess_options=opts, providers=requested)
         self.providers = self.session.get_providers()

@@ -49,7 +49,7 @@ class ServiceConfig:
     max_in_flight: int = _setting(512, "TUNESERVE_MAX_IN_FLIGHT", "images being decoded or classified per worker before new requests get 503", 1)
     top_k: int = _setting(5, "TUNESERVE_TOP_K", "predictions per image when the request does not say", 1)
     preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: one per CPU, at most 16)", 0)
-    ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: half the CPUs, at least 1)", 0)
+    ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: one per CPU; idle ones sleep)", 0)
     precision: str = _setting("auto", "TUNESERVE_PRECISION", "model precision: auto (fp16 on CUDA where the model "
                               "has a kept fp16 variant, else fp32), fp32 or fp16")
     workers: int = _setting(1, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session", 1)
@@ -98,12 +98,13 @@ class ServiceConfig:
 
     def onnxruntime_threads(self, device: str) -> int:
         """Intra-op threads for the session (0 = onnxruntime's default: one per core).
-        On CPU the model shares the machine with decoding: by default it gets half the cores, measured
-        +19% end-to-end on 2 cores over onnxruntime's default, whose idle threads spin on the cores
-        the decoders need. On CUDA these threads only run the odd CPU-side node: the default is fine."""
+        On CPU the model shares the machine with decoding. Measured on 2 cores, 16 clients (docs/benchmarks.md,
+        "CPU threads"): every core for onnxruntime with its threads sleeping when idle (service.py turns
+        spinning off on CPU) served 160-165 img/s, half the cores 143-150, every core spinning 138. On CUDA
+        these threads only run the odd CPU-side node: the default is fine."""
         if self.ort_threads or device == "cuda":
             return self.ort_threads
-        return max(1, (os.cpu_count() or 1) // 2)
+        return os.cpu_count() or 1
 
 
 def describe_settings() -> str:

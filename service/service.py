@@ -98,8 +98,9 @@ class Classifier:
         self.precision = choose_precision(CONFIG.precision, DEVICE, self.model.card.variants)
         onnx_path = self.model.path / FP16_ONNX_FILE if self.precision == "fp16" else self.model.onnx_path
         # Buckets up to the largest call the batcher makes: a full batch, or one /classify_batch request alone.
+        # spin=False on CPU: onnxruntime's idle threads must not busy-wait on the cores decoding needs.
         self.session = OnnxClassifier(onnx_path, device=CONFIG.device, intra_op_threads=CONFIG.onnxruntime_threads(DEVICE),
-                                      max_batch=max(MAX_BATCH_SIZE, CONFIG.max_batch_images))
+                                      max_batch=max(MAX_BATCH_SIZE, CONFIG.max_batch_images), spin=DEVICE == "cuda")
         self.labels = self.model.card.labels
         self._batcher = DynamicBatcher(self.session, MAX_BATCH_SIZE, MAX_LATENCY_MS, on_batch=BATCH_SIZES.observe)
         self._in_flight = 0  # images admitted and not answered yet (event-loop only: no lock)

@@ -37,13 +37,20 @@ def test_cpu_session_uses_no_gpu_machinery_by_default(model):
     assert choose_providers("cpu") == ["CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("options", [{"buckets": True}, {"io_binding": True}, {"buckets": True, "io_binding": True}])
+@pytest.mark.parametrize("options", [{"buckets": True}, {"io_binding": True}, {"buckets": True, "io_binding": True},
+                                     {"spin": False, "intra_op_threads": 2}])
 def test_buckets_and_io_binding_give_the_plain_answers(model, photos, options):
     plain = OnnxClassifier(model.onnx_path, "cpu")
     engine = OnnxClassifier(model.onnx_path, "cpu", max_batch=4, **options)
     # 5 photos with max_batch 4: one chunk of 4 and one of 1; 3 photos are padded to the bucket of 4.
     for n in (1, 3, 5):
         np.testing.assert_allclose(engine(photos[:n]), plain(photos[:n]), atol=1e-5)
+    entries = engine.session.get_session_options()
+    if options.get("spin") is False:  # unset means onnxruntime's default, spinning
+        assert entries.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    else:
+        with pytest.raises(RuntimeError, match="allow_spinning"):
+            entries.get_session_config_entry("session.intra_op.allow_spinning")
     if options.get("buckets") and options.get("io_binding"):
         # One pre-allocated input per bucket shape that ran, never per request size.
         assert sorted(shape[0] for shape in engine._bound) == [1, 4]

@@ -38,9 +38,9 @@ def test_batching_defaults_per_device_and_overrides():
     assert ServiceConfig(max_latency_ms=50).batching("cpu") == (BATCHING_DEFAULTS["cpu"][0], 50)
 
 
-def test_onnxruntime_threads_leave_cpus_for_decoding(monkeypatch):
+def test_onnxruntime_threads_default_to_every_cpu(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert ServiceConfig().onnxruntime_threads("cpu") == 4
+    assert ServiceConfig().onnxruntime_threads("cpu") == 8  # they sleep when idle (spin=False), see config.py
     assert ServiceConfig().onnxruntime_threads("cuda") == 0  # onnxruntime's default
     assert ServiceConfig(ort_threads=3).onnxruntime_threads("cpu") == 3
     monkeypatch.setattr("os.cpu_count", lambda: 1)

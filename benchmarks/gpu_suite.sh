@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Every figure docs/benchmarks.md still lacks for issues 4 and 5, in one run on a GPU machine
+# (the H100 targets: engine >= 13,000 img/s fp16 at batch 128; end-to-end >= 6,000 img/s single-image and
+# >= 8,000 img/s in 16-image requests at 256 clients, p99 <= 100 ms; training ResNet-50 from JPEG files
+# >= 5,000 img/s and >= 0.9 x synthetic).
+#
+#   benchmarks/gpu_suite.sh DATA [OUT]
+#
+# DATA: a labelled photo folder with train/<class>/ and val/<class>/ (../shared/datasets/hymenoptera here).
+# OUT:  where the JSON files and logs go (default benchmarks/results/gpu-<date>).
+# QUICK=1 shrinks every run to seconds (a smoke test of this script, on CPU too: it is not a measurement).
+# Needs this repo installed with onnxruntime-gpu and torch; no network (the model trains from random
+# weights: speed does not depend on them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+data=${1:?usage: benchmarks/gpu_suite.sh DATA [OUT]}
+out=${2:-benchmarks/results/gpu-$(date +%Y%m%d)}
+[ -d "$data/train" ] && [ -d "$data/val" ] || { echo "error: $data needs train/<class>/ and val/<class>/" >&2; exit 2; }
+mkdir -p "$out"
+py=${PYTHON:-python}
+
+if [ "${QUICK:-0}" = 1 ]; then
+  engine="--batch-sizes 1,4 --seconds 0.5"; train="--batch-size 8 --replicate 1 --steps 2 --warmup-steps 1 --pipeline-steps 4"
+  serve="--duration 3 --warmup 1 --engine-seconds 0.5"; conc=8; procs=1; rates=20; epochs="--epochs 1 --head-epochs 0 --batch-size 8"
+else
+  engine="--batch-sizes 1,32,64,128,256 --seconds 5"; train="--batch-size 256 --replicate 40 --compile"
+  serve="--duration 30 --warmup 10 --engine-seconds 5"; conc=256; procs=8; rates=2000,4000,6000,8000
+  epochs="--epochs 1 --head-epochs 0 --batch-size 64"
+fi
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+  nproc; date -u; git rev-parse HEAD; } | tee "$out/machine.txt"
+
+# 1. Engine alone: ResNet-50 fp32/fp16 x IO binding x NHWC per batch size (issue 5, deliverable 1).
+$py benchmarks/engine.py --arch resnet50 $engine --out "$out/engine-resnet50.json" 2>&1 | tee "$out/engine.log"
+
+# 2. Training throughput: synthetic vs pil vs cache, ResNet-50 and Lite0 (issue 4, deliverable 5).
+$py benchmarks/train_throughput.py --archs resnet50,efficientnet_lite0 --data "$data" $train \
+  --out "$out/train-throughput.json" 2>&1 | tee "$out/train.log"
+
+# 3. Decode + preprocess per thread count on this machine's cores (what feeds the service).
+$py benchmarks/decode.py --images "$data/val" --sizes 500x375,4032x3024 --factors 0,3 --threads 1,8,16 \
+  $([ "${QUICK:-0}" = 1 ] && echo "--seconds 0.5 --threads 1,2") --out "$out/decode.json" 2>&1 | tee "$out/decode.log"
+
+# 4. A "fine-tuned ResNet-50" in the store: one epoch from random weights (fp16 variant made at export).
+export BENTOML_HOME=${BENTOML_HOME:-$PWD/$out/bentoml}
+$py -m tuneserve train --data "$data" --arch resnet50 --weights none $epochs --name resnet50-speed \
+  --output-dir "$out/runs" 2>&1 | tail -5 | tee "$out/finetune.log"
+
+# 5. Serving (issue 5, deliverables 3-5): single-image and 16-image requests at 256 clients, worker counts,
+#    then an open-loop latency-throughput curve. GPU utilisation is in each JSON when nvidia-smi exists.
+for workers in 1 2 4; do
+  $py benchmarks/serve_load.py --start --model resnet50-speed --images "$data/val" --concurrency $conc \
+    --processes $procs $serve --env TUNESERVE_WORKERS=$workers \
+    --out "$out/serve-c$conc-w$workers.json" 2>&1 | tee "$out/serve-w$workers.log"
+  [ "${QUICK:-0}" = 1 ] && break
+done
+$py benchmarks/serve_load.py --start --model resnet50-speed --images "$data/val" --concurrency $((conc / 16 > 0 ? conc / 16 : 1)) \
+  --batch-images 16 --processes $procs $serve --out "$out/serve-batch16.json" 2>&1 | tee "$out/serve-batch16.log"
+$py benchmarks/serve_load.py --start --model resnet50-speed --images "$data/val" --rate $rates \
+  --processes $procs $serve --out "$out/serve-open-loop.json" 2>&1 | tee "$out/serve-open-loop.log"
+
+echo "results in $out"
