@@ -18,6 +18,7 @@ data=${1:?usage: benchmarks/gpu_suite.sh DATA [OUT]}
 out=${2:-benchmarks/results/gpu-$(date +%Y%m%d)}
 [ -d "$data/train" ] && [ -d "$data/val" ] || { echo "error: $data needs train/<class>/ and val/<class>/" >&2; exit 2; }
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: BENTOML_HOME below lives in it
 py=${PYTHON:-python}
 
 if [ "${QUICK:-0}" = 1 ]; then
@@ -44,7 +45,7 @@ $py benchmarks/decode.py --images "$data/val" --sizes 500x375,4032x3024 --factor
   $([ "${QUICK:-0}" = 1 ] && echo "--seconds 0.5 --threads 1,2") --out "$out/decode.json" 2>&1 | tee "$out/decode.log"
 
 # 4. A "fine-tuned ResNet-50" in the store: one epoch from random weights (fp16 variant made at export).
-export BENTOML_HOME=${BENTOML_HOME:-$PWD/$out/bentoml}
+export BENTOML_HOME=${BENTOML_HOME:-$out/bentoml}
 $py -m tuneserve train --data "$data" --arch resnet50 --weights none $epochs --name resnet50-speed \
   --output-dir "$out/runs" 2>&1 | tail -5 | tee "$out/finetune.log"
 
