@@ -52,7 +52,8 @@ class ServiceConfig:
     ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: one per CPU; idle ones sleep)", 0)
     precision: str = _setting("auto", "TUNESERVE_PRECISION", "model precision: auto (fp16 on CUDA where the model "
                               "has a kept fp16 variant, else fp32), fp32 or fp16")
-    workers: int = _setting(1, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session", 1)
+    workers: int = _setting(0, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session and "
+                            "batcher (0: 1 on CPU; on CUDA one per 2 CPUs, at most 8)", 0)
     timeout_s: int = _setting(60, "TUNESERVE_TIMEOUT_S", "per-request timeout in seconds", 1)
 
     def __post_init__(self) -> None:
@@ -93,8 +94,22 @@ class ServiceConfig:
         size, latency = BATCHING_DEFAULTS["cuda" if device == "cuda" else "cpu"]
         return (self.max_batch_size or size, self.max_latency_ms or latency)
 
-    def threads(self) -> int:
-        return self.preprocess_threads or max(1, min(16, os.cpu_count() or 1))
+    def worker_count(self, device: str) -> int:
+        """Worker processes. CPU: 1 (measured: a second worker gained nothing on 2 cores, where the model and
+        decoding already share every core). CUDA: the model leaves the CPU, and each worker's event loop
+        then bounds it: ~2.7 ms of event-loop time per single-image request (HTTP, middleware, hand-offs,
+        JSON; py-spy, docs/benchmarks.md "What a request costs"), i.e. a few hundred requests/s per worker
+        against a target of thousands. One per 2 CPUs (the rest decode), at most 8 (each holds its own
+        CUDA session). Arithmetic from CPU measurements: benchmarks/gpu_suite.sh measures 1, 2 and 4."""
+        if self.workers:
+            return self.workers
+        if device != "cuda":
+            return 1
+        return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+    def threads(self, workers: int = 1) -> int:
+        """Decode/preprocess threads per worker: the CPUs shared among the workers, at most 16 each."""
+        return self.preprocess_threads or max(1, min(16, (os.cpu_count() or 1) // max(1, workers)))
 
     def onnxruntime_threads(self, device: str) -> int:
         """Intra-op threads for the session (0 = onnxruntime's default: one per core).

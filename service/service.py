@@ -70,6 +70,8 @@ CONFIG = ServiceConfig.from_env()
 MODEL = resolve_model(CONFIG)
 DEVICE = expected_device(CONFIG.device)
 MAX_BATCH_SIZE, MAX_LATENCY_MS = CONFIG.batching(DEVICE)
+WORKERS = CONFIG.worker_count(DEVICE)
+THREADS = CONFIG.threads(WORKERS)  # decode/preprocess threads in each worker
 BATCHING = MAX_BATCH_SIZE > 1  # 1: every request's images run alone (the baseline the benchmark compares with)
 # Images per inference call, as Prometheus sees them (GET /metrics): how well batching works under the load.
 BATCH_SIZES = bentoml.metrics.Histogram(
@@ -79,7 +81,7 @@ BATCH_SIZES = bentoml.metrics.Histogram(
 
 @bentoml.service(
     name="tuneserve",
-    workers=CONFIG.workers,
+    workers=WORKERS,
     traffic={"timeout": CONFIG.timeout_s},
     # Recorded in the Bento (and its Dockerfile) so that a built image serves exactly the packed version.
     envs=[{"name": "TUNESERVE_MODEL", "value": MODEL.tag}],
@@ -105,7 +107,7 @@ class Classifier:
         self._batcher = DynamicBatcher(self.session, MAX_BATCH_SIZE, MAX_LATENCY_MS, on_batch=BATCH_SIZES.observe)
         self._in_flight = 0  # images admitted and not answered yet (event-loop only: no lock)
         self._gate = DelayGate(MAX_LATENCY_MS / 1000)
-        self._pool = ThreadPoolExecutor(CONFIG.threads(), thread_name_prefix="tuneserve-preprocess")
+        self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="tuneserve-preprocess")
         self._ready = False
         self._warm_up()
         self._ready = True
@@ -114,7 +116,7 @@ class Classifier:
             "%d preprocessing threads; ready in %.1f s", self.model.tag, self.model.card.arch, len(self.labels),
             self.precision, self.session.providers[0], CONFIG.onnxruntime_threads(DEVICE) or "default",
             f"max_batch_size={MAX_BATCH_SIZE} max_latency_ms={MAX_LATENCY_MS}" if BATCHING else "off",
-            CONFIG.threads(), time.perf_counter() - started,
+            THREADS, time.perf_counter() - started,
         )
 
     def _warm_up(self) -> None:
@@ -213,7 +215,7 @@ class Classifier:
                         "precision": self.precision, "variants": card.variants,
                         "batch_buckets": self.session.buckets, "io_binding": self.session.io_binding,
                         "intra_op_threads": CONFIG.onnxruntime_threads(DEVICE),
-                        "preprocess_threads": CONFIG.threads()},
+                        "preprocess_threads": THREADS},
             "batching": {"enabled": BATCHING, "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS},
             "limits": {
                 "max_image_bytes": self.config.max_image_bytes,

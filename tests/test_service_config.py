@@ -48,6 +48,19 @@ def test_onnxruntime_threads_default_to_every_cpu(monkeypatch):
     assert ServiceConfig().threads() == 1
 
 
+def test_worker_count_per_device(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert ServiceConfig().worker_count("cpu") == 1
+    assert ServiceConfig().worker_count("cuda") == 8
+    assert ServiceConfig(workers=3).worker_count("cuda") == 3 and ServiceConfig(workers=3).worker_count("cpu") == 3
+    assert ServiceConfig().threads(workers=8) == 2  # the CPUs are shared among the workers
+    assert ServiceConfig(preprocess_threads=5).threads(workers=8) == 5
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert ServiceConfig().worker_count("cuda") == 1
+    with pytest.raises(ValueError, match="TUNESERVE_WORKERS=-1 is out of range"):
+        ServiceConfig.from_env({"TUNESERVE_WORKERS": "-1"})
+
+
 @pytest.mark.parametrize("raw, expected", [(None, 5), ("", 5), ("3", 3), (" 7 ", 7), ("1000", 1000), ("5000", 1000)])
 def test_top_k_defaults_and_clamps_to_the_number_of_classes(raw, expected):
     assert parse_top_k(raw, 5, 1000) == expected

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "model, exported on first use)")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
     p.add_argument("--port", type=int, default=3000, help="TCP port (default: 3000)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes, each with its own model session (default: 1)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes, each with its own model session and batcher (default: 1 on CPU; on CUDA one per 2 CPUs, at most 8)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None, help="onnxruntime device (default: auto)")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default=None,
                    help="auto (default): the model's fp16 variant on CUDA where export kept one, else fp32")
