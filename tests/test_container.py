@@ -56,14 +56,14 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
     try:
         cs.containerize(bento_tag, image, uv_folder, tmp_path, env)
 
-        # Lean: no torch, torchvision or timm anywhere in the image's Python; serving's four packages are there.
+        # Lean: no torch, torchvision or timm anywhere in the image's Python; serving's packages are there.
         probe = _in_image(image, "import importlib.metadata as m, json; "
                                  "print(json.dumps(sorted(d.metadata['Name'].lower() for d in m.distributions())))",
                           podman)
         assert probe.returncode == 0, probe.stderr
         installed = set(json.loads(probe.stdout))
         assert not installed & {"torch", "torchvision", "timm", "triton"}, installed
-        assert {"bentoml", "onnxruntime-gpu", "pillow", "numpy"} <= installed
+        assert {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "uvloop", "httptools"} <= installed
 
         # Started the way deploy/kubernetes/deployment.yaml starts it: its env, user, read-only root, no caps.
         flags = cs.podman_flags_like_kubernetes(cs.deployment_manifest())
