@@ -158,22 +158,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `size`, with torchvision's rounding of the longer."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    return (size, new_long) if w <= h else (new_long, size)
+
+
+def center_offsets(w: int, h: int, size: int) -> tuple[int, int]:
+    """(left, top) of a square `size` centre crop of a w x h image, with torchvision's rounding."""
+    return int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+
+
 def resize_shorter_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:
     """Resize so the shorter side is `size`, with torchvision's rounding of the longer side."""
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) == (w, h):
+    new_size = shorter_side_size(*img.size, size)
+    if new_size == img.size:
         return img
-    return img.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
+    return img.resize(new_size, _INTERPOLATIONS[interpolation])
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Square centre crop with torchvision's rounding of the offsets."""
-    w, h = img.size
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    left, top = center_offsets(*img.size, size)
     return img.crop((left, top, left + size, top + size))
 
 
@@ -184,14 +191,11 @@ def resize_and_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
     only: Pillow's row-wise `box` moves values by up to 13 levels (bicubic, Pillow 13)."""
     w, h = img.size
     s = pp.input_size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(pp.resize_size * long / short)
-    new_w, new_h = (pp.resize_size, new_long) if w <= h else (new_long, pp.resize_size)
-    if (new_w, new_h) == (w, h):
-        return center_crop(img, s)
-    if pp.interpolation == "nearest":  # PIL rounds nearest's box positions differently; it is cheap anyway
-        return center_crop(resize_shorter_side(img, pp.resize_size, "nearest"), s)
-    left, top = int(round((new_w - s) / 2.0)), int(round((new_h - s) / 2.0))
+    new_w, new_h = shorter_side_size(w, h, pp.resize_size)
+    if (new_w, new_h) == (w, h) or pp.interpolation == "nearest":
+        # Nothing to resample, or nearest, whose box positions PIL rounds differently (and which is cheap).
+        return center_crop(resize_shorter_side(img, pp.resize_size, pp.interpolation), s)
+    left, top = center_offsets(new_w, new_h, s)
     sx = w / new_w
     columns = img.resize((s, new_h), _INTERPOLATIONS[pp.interpolation], box=(left * sx, 0, (left + s) * sx, h))
     return columns.crop((0, top, s, top + s))
