@@ -17,11 +17,8 @@ than 0.02 apart (the rest are coin tosses that any pixel change can flip).
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import io
-import json
-import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.architectures import get_architecture  # noqa: E402
 from models.preprocessing import Preprocessing, preprocess  # noqa: E402
+from results_io import write_result  # noqa: E402  (benchmarks/, beside this script)
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val"
 
@@ -61,14 +59,18 @@ def measure(datas: list[bytes], pp: Preprocessing, threads: int, seconds: float)
         return n / (time.perf_counter() - t0)
 
 
-def agreement(datas: list[bytes], pps: dict[int, Preprocessing], session) -> dict[int, dict[str, Any]]:
-    """Per draft factor: how the model's probabilities move from a full decode (factor 0)."""
+def probabilities(datas: list[bytes], pp: Preprocessing, session) -> np.ndarray:
+    """The model's probabilities (N, classes) for every photo, preprocessed with `pp`, 32 at a time."""
     from models.runtime import softmax
 
-    probs = {f: np.concatenate([softmax(session(np.stack([preprocess(d, pp) for d in datas[i:i + 32]])))
-                                for i in range(0, len(datas), 32)])
-             for f, pp in {0: Preprocessing.from_dict({**next(iter(pps.values())).to_dict(), "jpeg_draft_factor": 0}),
-                           **pps}.items()}
+    return np.concatenate([softmax(session(np.stack([preprocess(d, pp) for d in datas[i:i + 32]])))
+                           for i in range(0, len(datas), 32)])
+
+
+def agreement(datas: list[bytes], base: Preprocessing, factors: list[int], session) -> dict[int, dict[str, Any]]:
+    """Per draft factor: how the model's probabilities move from a full decode (factor 0)."""
+    probs = {f: probabilities(datas, dataclasses.replace(base, jpeg_draft_factor=f), session)
+             for f in dict.fromkeys([0, *factors])}
     exact = probs[0]
     top2 = np.sort(exact, axis=1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.02
@@ -120,8 +122,8 @@ def main() -> None:
     for size in sizes:
         datas = encode_at(paths, size)  # type: ignore[arg-type]
         kb = np.mean([len(d) for d in datas]) / 1024
-        pps = {f: Preprocessing.from_dict({**base.to_dict(), "jpeg_draft_factor": f}) for f in factors}
-        agree = agreement(datas, pps, session) if session is not None else {}
+        pps = {f: dataclasses.replace(base, jpeg_draft_factor=f) for f in factors}
+        agree = agreement(datas, base, factors, session) if session is not None else {}
         for factor, pp in pps.items():
             for t in threads:
                 ips = measure(datas, pp, t, args.seconds)
@@ -142,12 +144,7 @@ def main() -> None:
                     if "top1_flips" in a else "")
             print(f"{a['size']:>10s} {a['kb']:6d} {factor:6d} " + " ".join(f"{c['images_per_s']:9.1f}" for c in cells) + tail)
     if args.out:
-        result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.node()}: {os.cpu_count()} CPUs",
-                  "arch": args.arch, "photos": len(paths), "rows": rows,
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {args.out}")
+        write_result(args.out, arch=args.arch, photos=len(paths), rows=rows)
 
 
 if __name__ == "__main__":

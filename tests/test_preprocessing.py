@@ -1,6 +1,7 @@
 """The one eval transform: agreement with torchvision, and decoding of every input we promise to accept."""
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def test_draft_decoding_keeps_the_models_answers(hymenoptera, tmp_path):
 
     model = builtin_model()
     pp = model.card.preprocessing
-    full = Preprocessing.from_dict({**pp.to_dict(), "jpeg_draft_factor": 0})
+    full = dataclasses.replace(pp, jpeg_draft_factor=0)
     assert pp.jpeg_draft_factor == 3 and full.draft_size is None
     photos = [_upscaled_jpeg(p, size, tmp_path) for p in real_photos(hymenoptera)
               for size in [(4032, 3024), (2048, 1536)]]
