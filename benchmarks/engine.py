@@ -13,10 +13,6 @@ Prints images/s and ms per batch, and writes JSON (--out). The service's default
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.precision import convert_fp16  # noqa: E402
 from models.runtime import OnnxClassifier, choose_providers  # noqa: E402
+from results_io import write_result  # noqa: E402  (benchmarks/, beside this script)
 
 
 def model_files(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, int, str]:
@@ -101,12 +98,7 @@ def main() -> None:
         cells = [r["images_per_s"] for r in rows if (r["precision"], r["io_binding"], r["nhwc"]) == (precision, io_binding, nhwc)]
         print(f"{precision:9s} {str(io_binding):7s} {str(nhwc):5s} " + " ".join(f"{c:9.1f}" for c in cells))
     if args.out:
-        result = {"date": datetime.date.today().isoformat(), "model": name,
-                  "machine": f"{platform.node()}: {os.cpu_count()} CPUs", "rows": rows,
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {args.out}")
+        write_result(args.out, model=name, rows=rows)
 
 
 if __name__ == "__main__":

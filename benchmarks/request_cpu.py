@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+from results_io import write_result  # noqa: E402  (benchmarks/, beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTO_DIR = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val" / "ants"
@@ -91,12 +87,7 @@ def main() -> None:
             print(f"{path:10s} {n:6d} requests, {failed} failed, {n / (t1 - t0):8.1f} req/s, "
                   f"server CPU {1000 * (cpu1 - cpu0) / n:6.3f} ms/request", flush=True)
     if args.out:
-        result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.node()}: {os.cpu_count()} CPUs",
-                  "env": env, "concurrency": args.concurrency, "photo": Path(photo).name, "rows": rows,
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {args.out}")
+        write_result(args.out, env=env, concurrency=args.concurrency, photo=Path(photo).name, rows=rows)
 
 
 if __name__ == "__main__":

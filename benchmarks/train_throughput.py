@@ -20,8 +20,6 @@ Prints a table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import sys
@@ -43,6 +41,7 @@ from training.data import discover  # noqa: E402
 from training.gpu_augment import GpuAugment  # noqa: E402
 from training.image_cache import open_cache  # noqa: E402
 from training.loaders import ImageDataset, train_transform  # noqa: E402
+from results_io import write_result  # noqa: E402  (benchmarks/, beside this script)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 
@@ -172,19 +171,15 @@ def main() -> None:
         synth = next((r["train_img_s"] for r in rows if r["arch"] == row["arch"] and r["variant"] == "synthetic"), None)
         row["vs_synthetic"] = round(row["train_img_s"] / synth, 2) if synth else None
 
-    result = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": str(device),
-              "torch": torch.__version__, "amp_bf16": amp, "channels_last": channels_last, "compile": args.compile,
-              "replicate": args.replicate, "train_images": len(ds.train), "workers": args.workers, "rows": rows,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     print(f"\n{'arch':20s} {'variant':10s} {'batch':>5s} {'train img/s':>12s} {'x synthetic':>12s} {'pipeline alone':>15s}")
     for r in rows:
         print(f"{r['arch']:20s} {r['variant']:10s} {r['batch_size']:>5d} {r['train_img_s']:>12.1f} "
               f"{r['vs_synthetic'] if r['vs_synthetic'] is not None else '-':>12} "
               f"{r.get('pipeline_alone_img_s', '-'):>15}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {args.out}")
+        write_result(args.out, machine=machine(), device=str(device), torch=torch.__version__, amp_bf16=amp,
+                     channels_last=channels_last, compile=args.compile, replicate=args.replicate,
+                     train_images=len(ds.train), workers=args.workers, rows=rows)
 
 
 def machine() -> str:
