@@ -11,10 +11,7 @@ Needs podman, runc, debootstrap (apt-get install podman runc debootstrap) and ru
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,14 +21,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the podman recipe lives with the test that proves it
-sys.path.insert(0, str(ROOT))
+import podman_image as cs  # the recipe tests/test_container.py builds and proves
+from results_io import write_result
+from shared_data import HYMENOPTERA, ROOT
+from tuneserve.service.process import free_port
 
-import container_support as cs  # noqa: E402
-from service.process import free_port  # noqa: E402
-
-PHOTO = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val" / "bees"
+PHOTO = HYMENOPTERA / "val" / "bees"
 
 
 def image_bytes(image: str, env: dict[str, str]) -> int:
@@ -80,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuneserve-bench-") as tmp:
         work = Path(tmp)
         os.environ["BENTOML_HOME"] = str(work / "bentoml")
-        from training.builtin import ensure_builtin_model
+        from tuneserve.training.builtin import ensure_builtin_model
 
         model = ensure_builtin_model()
         env = {**cs.podman_env(work), "TUNESERVE_MODEL": model.tag}
@@ -102,15 +97,13 @@ def main() -> None:
     ready = [r for r, _ in starts]
     first = [f for _, f in starts]
     result = {
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.node()} ({os.cpu_count()} CPUs, no GPU)",
         "model": model.tag, "build_s_with_cached_base": round(build_s, 1),
         "image_mb": round(size / 1e6), "base_mb": round(base_size / 1e6), "added_mb": round((size - base_size) / 1e6),
         "largest_packages_mb": {name: round(b / 1e6) for name, b in packages},
         "ready_s": {"median": round(statistics.median(ready), 2), "max": round(max(ready), 2), "runs": len(ready)},
         "first_answer_s": {"median": round(statistics.median(first), 2), "max": round(max(first), 2)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, **result)
 
     print(f"{'measure':34s} value")
     print(f"{'image size (local bookworm base)':34s} {result['image_mb']} MB")

@@ -28,14 +28,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from results_io import write_result
+from shared_data import HYMENOPTERA
+from tuneserve.models.architectures import get_architecture
+from tuneserve.models.preprocessing import Preprocessing, preprocess
 
-from models.architectures import get_architecture  # noqa: E402
-from models.preprocessing import Preprocessing, preprocess  # noqa: E402
-from results_io import write_result  # noqa: E402  (benchmarks/, beside this script)
-
-DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val"
+DEFAULT_IMAGES = HYMENOPTERA / "val"
 
 
 def encode_at(paths: list[Path], size: tuple[int, int]) -> list[bytes]:
@@ -61,7 +59,7 @@ def measure(datas: list[bytes], pp: Preprocessing, threads: int, seconds: float)
 
 def probabilities(datas: list[bytes], pp: Preprocessing, session) -> np.ndarray:
     """The model's probabilities (N, classes) for every photo, preprocessed with `pp`, 32 at a time."""
-    from models.runtime import softmax
+    from tuneserve.models.runtime import softmax
 
     return np.concatenate([softmax(session(np.stack([preprocess(d, pp) for d in datas[i:i + 32]])))
                            for i in range(0, len(datas), 32)])
@@ -108,9 +106,9 @@ def main() -> None:
         sys.exit(f"no .jpg files under {args.images}")
     session = None
     if args.agreement:
-        from models.runtime import OnnxClassifier
-        from models.store import load_model
-        from training.builtin import ensure_builtin_model
+        from tuneserve.models.runtime import OnnxClassifier
+        from tuneserve.models.store import load_model
+        from tuneserve.training.builtin import ensure_builtin_model
 
         stored = load_model(args.model) if args.model else ensure_builtin_model()
         session = OnnxClassifier(stored.onnx_path, "cpu")

@@ -13,7 +13,6 @@ Prints images/s and ms per batch, and writes JSON (--out). The service's default
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,28 +20,25 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.precision import convert_fp16  # noqa: E402
-from models.runtime import OnnxClassifier, choose_providers  # noqa: E402
-from results_io import write_result  # noqa: E402  (benchmarks/, beside this script)
+from results_io import write_result
+from tuneserve.models.precision import convert_fp16
+from tuneserve.models.runtime import OnnxClassifier, choose_providers
 
 
 def model_files(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, int, str]:
     """(fp32 path, fp16 path, input size, name)."""
     if args.model:
-        from models.artifact import FP16_ONNX_FILE
-        from models.store import load_model
+        from tuneserve.models.artifact import FP16_ONNX_FILE
+        from tuneserve.models.store import load_model
 
         stored = load_model(args.model)
         fp16 = stored.path / FP16_ONNX_FILE
         if not fp16.exists():
             fp16 = convert_fp16(stored.onnx_path, tmp / "model.fp16.onnx")
         return stored.onnx_path, fp16, stored.card.preprocessing.input_size, stored.tag
-    from models.architectures import get_architecture
-    from models.weights import build_model
-    from training.export import export_onnx
+    from tuneserve.models.architectures import get_architecture
+    from tuneserve.models.weights import build_model
+    from tuneserve.training.export import export_onnx
 
     pp = get_architecture(args.arch).preprocessing
     fp32 = export_onnx(build_model(args.arch, args.classes, "none"), pp, tmp / "model.onnx", args.exporter)

@@ -9,7 +9,6 @@ building, every epoch, export with its parity gate and registration.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -17,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+from results_io import write_result
+from shared_data import HYMENOPTERA, ROOT
+
+DEFAULT_DATA = HYMENOPTERA
 
 
 def main() -> None:
@@ -36,10 +37,10 @@ def main() -> None:
 
     import torch
 
-    from training.config import make_config
-    from training.train import train
+    from tuneserve.training.config import make_config
+    from tuneserve.training.train import train
 
-    cfg = make_config(None, data=args.data, arch=args.arch, epochs=args.epochs, workers=args.workers,
+    cfg = make_config(None, data=args.data, arch=args.arch, epochs=args.epochs, loader_workers=args.workers,
                       output_dir=tempfile.mkdtemp(prefix="tuneserve-bench-runs-"), name="bench-hymenoptera")
     marks: list[float] = []
     start = time.perf_counter()
@@ -57,7 +58,6 @@ def main() -> None:
     train_images = sum(r["train_images"] for r in result.history)
     train_seconds = sum(r["seconds"] for r in result.history)
     summary = {
-        "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                    f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
         "arch": cfg.arch, "epochs_run": len(rows), "epochs_configured": cfg.epochs, "batch_size": cfg.batch_size,
@@ -78,8 +78,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"finetune-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"summary": summary, "epochs": rows, "config": cfg.to_dict()}, indent=1) + "\n")
-    print(f"results: {path}")
+    write_result(path, summary=summary, epochs=rows, config=cfg.to_dict())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure docs/benchmarks.md still lacks for issues 4 and 5, in one run on a GPU machine
+# Every GPU figure docs/benchmarks.md needs, in one run on a GPU machine
 # (the H100 targets: engine >= 13,000 img/s fp16 at batch 128; end-to-end >= 6,000 img/s single-image and
 # >= 8,000 img/s in 16-image requests at 256 clients, p99 <= 100 ms; training ResNet-50 from JPEG files
 # >= 5,000 img/s and >= 0.9 x synthetic).
@@ -9,10 +9,12 @@
 # DATA: a labelled photo folder with train/<class>/ and val/<class>/ (../shared/datasets/hymenoptera here).
 # OUT:  where the JSON files and logs go (default benchmarks/results/gpu-<date>).
 # QUICK=1 shrinks every run to seconds (a smoke test of this script, on CPU too: it is not a measurement).
-# Needs this repo installed with onnxruntime-gpu and torch; no network (the model trains from random
-# weights: speed does not depend on them).
+# Needs onnxruntime-gpu, torch and bentoml; runs from this checkout whether or not it is pip-installed
+# (tuneserve/__init__.py maps the source tree); no network (the model trains from random weights: speed
+# does not depend on them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 data=${1:?usage: benchmarks/gpu_suite.sh DATA [OUT]}
 out=${2:-benchmarks/results/gpu-$(date +%Y%m%d)}
@@ -33,10 +35,10 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   nproc; date -u; git rev-parse HEAD; } | tee "$out/machine.txt"
 
-# 1. Engine alone: ResNet-50 fp32/fp16 x IO binding x NHWC per batch size (issue 5, deliverable 1).
+# 1. Engine alone: ResNet-50 fp32/fp16 x IO binding x NHWC per batch size (what the engine can do without HTTP).
 $py benchmarks/engine.py --arch resnet50 $engine --out "$out/engine-resnet50.json" 2>&1 | tee "$out/engine.log"
 
-# 2. Training throughput: synthetic vs pil vs cache, ResNet-50 and Lite0 (issue 4, deliverable 5).
+# 2. Training throughput: synthetic vs pil vs cache, ResNet-50 and Lite0 (does decoding bound training?).
 $py benchmarks/train_throughput.py --archs resnet50,efficientnet_lite0 --data "$data" $train \
   --out "$out/train-throughput.json" 2>&1 | tee "$out/train.log"
 
@@ -49,7 +51,7 @@ export BENTOML_HOME=${BENTOML_HOME:-$out/bentoml}
 $py -m tuneserve train --data "$data" --arch resnet50 --weights none $epochs --name resnet50-speed \
   --output-dir "$out/runs" 2>&1 | tail -5 | tee "$out/finetune.log"
 
-# 5. Serving (issue 5, deliverables 3-5): single-image and 16-image requests at 256 clients, worker counts,
+# 5. Serving: single-image and 16-image requests at 256 clients, worker counts,
 #    then an open-loop latency-throughput curve. GPU utilisation is in each JSON when nvidia-smi exists.
 for workers in 1 2 4; do
   $py benchmarks/serve_load.py --start --model resnet50-speed --images "$data/val" --concurrency $conc \

@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import psutil
-from results_io import write_result  # noqa: E402  (benchmarks/, beside this script)
+from results_io import write_result
+from shared_data import HYMENOPTERA
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PHOTO_DIR = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val" / "ants"
+DEFAULT_PHOTO_DIR = HYMENOPTERA / "val" / "ants"
 
 
 def tree_cpu_s(root: psutil.Process) -> float:
@@ -71,7 +71,7 @@ def main() -> None:
     if photo is None or not Path(photo).is_file():
         ap.error(f"no photo: pass --photo FILE (looked in {DEFAULT_PHOTO_DIR})")
 
-    from service.process import running_server
+    from tuneserve.service.process import running_server
 
     rows: list[dict[str, Any]] = []
     me = psutil.Process()

@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,9 +41,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from service.batch_metrics import batch_sizes_between
+from results_io import write_result
+from tuneserve.service.batch_metrics import batch_sizes_between
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
@@ -83,7 +81,7 @@ def main() -> None:
 
     images = load_images(Path(args.images))
     if args.start:
-        from service.process import running_server
+        from tuneserve.service.process import running_server
 
         env = {k: str(v) for k, v in {"TUNESERVE_MODEL": args.model, "TUNESERVE_MAX_BATCH_SIZE": args.max_batch_size,
                                       "TUNESERVE_MAX_LATENCY_MS": args.max_latency_ms}.items() if v is not None}
@@ -108,13 +106,10 @@ def main() -> None:
     e2e = report["load"]["images_per_s"]
     report["ratio"] = {k: e2e / v for k, v in (("vs_engine_at_mean_batch", report["engine"]["at_mean_batch"]),
                                                ("vs_engine_best", report["engine"]["best_images_per_s"])) if v}
-    report.update(date=time.strftime("%Y-%m-%d"), machine=machine(), command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                  label=args.label)
+    report.update(machine=machine(), label=args.label)
     print_report(report)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"\nwritten: {args.out}")
+        write_result(Path(args.out), **report)
 
 
 def load_images(folder: Path, limit: int = 256) -> list[tuple[str, bytes]]:
@@ -292,9 +287,9 @@ def pct(sorted_values: list[float], q: float) -> float | None:
 def engine_alone(tag: str, provider: str, images: list[tuple[str, bytes]], batches: dict[str, Any],
                  batching: dict[str, Any], images_per_request: int, seconds: float,
                  server_threads: int) -> dict[str, Any]:
-    from models.preprocessing import preprocess
-    from models.runtime import OnnxClassifier
-    from models.store import load_model
+    from tuneserve.models.preprocessing import preprocess
+    from tuneserve.models.runtime import OnnxClassifier
+    from tuneserve.models.store import load_model
 
     model = load_model(tag)
     device = "cuda" if provider.startswith("CUDA") else "cpu"
@@ -329,8 +324,8 @@ def engine_alone(tag: str, provider: str, images: list[tuple[str, bytes]], batch
 
 
 def preprocess_cost(tag: str, images: list[tuple[str, bytes]]) -> float:
-    from models.preprocessing import preprocess
-    from models.store import load_model
+    from tuneserve.models.preprocessing import preprocess
+    from tuneserve.models.store import load_model
 
     pp = load_model(tag).card.preprocessing
     sample = images[:64]

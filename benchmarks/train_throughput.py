@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,19 +30,17 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from results_io import write_result
+from shared_data import HYMENOPTERA
+from tuneserve.models.architectures import get_architecture
+from tuneserve.models.weights import build_model
+from tuneserve.training.cached_loader import CachedLoader
+from tuneserve.training.data import discover
+from tuneserve.training.gpu_augment import GpuAugment
+from tuneserve.training.image_cache import open_cache
+from tuneserve.training.loaders import ImageDataset, train_transform
 
-from models.architectures import get_architecture  # noqa: E402
-from models.weights import build_model  # noqa: E402
-from training.cached_loader import CachedLoader  # noqa: E402
-from training.data import discover  # noqa: E402
-from training.gpu_augment import GpuAugment  # noqa: E402
-from training.image_cache import open_cache  # noqa: E402
-from training.loaders import ImageDataset, train_transform  # noqa: E402
-from results_io import write_result  # noqa: E402  (benchmarks/, beside this script)
-
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+DEFAULT_DATA = HYMENOPTERA
 
 
 def replicate(data: Path, copies: int, into: Path) -> Path:

@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from models.preprocessing import Preprocessing
+from tuneserve.models.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import torch.nn as nn

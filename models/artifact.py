@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.preprocessing import Preprocessing
+from tuneserve.models.preprocessing import Preprocessing
 
 CARD_FILE = "tuneserve.json"
 ONNX_FILE = "model.onnx"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from models.runtime import OnnxClassifier, softmax
+from tuneserve.models.runtime import OnnxClassifier, softmax
 
 MIN_TOP1_AGREEMENT = 0.995  # fp16 may flip near-ties; more disagreement than this means a numerically fragile graph
 PRECISIONS = ("auto", "fp32", "fp16")

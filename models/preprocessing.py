@@ -205,7 +205,7 @@ def eval_transform(img: Image.Image, pp: Preprocessing) -> np.ndarray:
     """RGB PIL image -> float32 array (3, input_size, input_size), normalised with pp.mean/pp.std.
 
     Resize the shorter side to resize_size, centre-crop input_size (resize_and_crop), then normalise with one
-    multiply-add per value on the uint8 pixels (docs/benchmarks.md: "Preprocessing cost")."""
+    multiply-add per value on the uint8 pixels (docs/benchmarks.md: "Resample only the crop, normalise in one pass")."""
     pixels = np.asarray(resize_and_crop(img, pp), dtype=np.uint8).transpose(2, 0, 1)  # (3, S, S) uint8 view
     scale, offset = _normaliser(pp.mean, pp.std)
     x = np.empty(pixels.shape, dtype=np.float32)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.artifact import CARD_FILE, ONNX_FILE, ModelCard
+from tuneserve.models.artifact import CARD_FILE, ONNX_FILE, ModelCard
 
 log = logging.getLogger(__name__)
 

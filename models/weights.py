@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.architectures import Architecture, get_architecture
+from tuneserve.models.architectures import Architecture, get_architecture
 
 if TYPE_CHECKING:
     import torch

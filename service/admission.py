@@ -1,6 +1,6 @@
 """Admission control by observed delay: refuse new requests while admitted ones are taking too long.
 
-A fixed in-flight cap (TUNESERVE_MAX_IN_FLIGHT) bounds memory, but not waiting time: on the 2-core sandbox 512
+A fixed in-flight cap (TUNESERVE_MAX_IN_FLIGHT) bounds memory, but not waiting time: on 2 CPU cores 512
 images are ~3.5 s of work, so under sustained overload every answer came back seconds late, and images that
 waited past the batcher's bound were shed only after being decoded, wasting the CPU that was short already.
 This gate follows CoDel's idea: act on a *standing* queue, seen as the smallest delay among the requests that

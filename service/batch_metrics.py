@@ -2,28 +2,34 @@
 
 The service records every onnxruntime call's batch size (service/service.py); tests and
 benchmarks/serve_load.py read it back to see how well batching worked under a load. One parser here, so
-both read it the same way. No BentoML import: reading needs only the text.
+both read it the same way. Reading uses prometheus_client's own parser of the text format.
 """
 from __future__ import annotations
 
-import re
-
 BATCH_SIZE_METRIC = "tuneserve_inference_batch_size"
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-
-# One sample line of the histogram: `<name>_bucket{...,le="8.0",...} 12.0`, `<name>_count{...} 40.0`, `_sum`.
-_SAMPLE = re.compile(rf'^{BATCH_SIZE_METRIC}_(bucket|sum|count)(?:\{{([^}}\n]*)\}})? ([0-9.e+]+)$', re.M)
-_LE = re.compile(r'le="([^"]+)"')
 
 
 def read_batch_sizes(metrics_text: str) -> dict[str, float]:
     """{"count": calls, "sum": images, "le_<bound>": calls of at most <bound> images (cumulative, as
     Prometheus counts them)}, summed over endpoints and worker processes."""
+    # Imported here: prometheus_client picks its (multi-process or not) mode when first imported, which
+    # must happen after BentoML has set PROMETHEUS_MULTIPROC_DIR in a worker.
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for kind, labels, value in _SAMPLE.findall(metrics_text):
-        le = _LE.search(labels or "")
-        key = f"le_{le.group(1)}" if kind == "bucket" and le else kind
-        out[key] = out.get(key, 0.0) + float(value)
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != BATCH_SIZE_METRIC:
+            continue
+        for sample in family.samples:
+            kind = sample.name[len(BATCH_SIZE_METRIC) + 1:]  # bucket, sum, count (or created)
+            if kind == "bucket":
+                key = f"le_{sample.labels['le']}"
+            elif kind in ("sum", "count"):
+                key = kind
+            else:
+                continue
+            out[key] = out.get(key, 0.0) + sample.value
     return out
 
 

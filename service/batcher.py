@@ -7,8 +7,10 @@ load makes them, with no timer to tune. A request whose images waited longer tha
 starting is shed (Overloaded -> 503): past that point the queue is growing faster than it drains.
 
 Why not BentoML's adaptive batcher: reaching it from the same service takes `self.to_async.<api>`, a second
-trip through BentoML's ASGI stack and JSON per request, which cost more CPU than decoding the image did
-(docs/benchmarks.md, "Serving"). Here the arrays stay where they are and only an asyncio future is passed.
+trip through BentoML's ASGI stack and JSON per request, which cost more CPU than decoding the image did.
+Measured side by side (2 CPU cores, EfficientNet-Lite0, 16 clients, runs interleaved): 116-122 img/s with
+BentoML's batcher, 152-154 img/s with this one, p99 334 -> 227 ms (docs/benchmarks.md, "Serving: batching").
+Here the arrays stay where they are and only an asyncio future is passed.
 """
 from __future__ import annotations
 

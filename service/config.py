@@ -12,33 +12,34 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from models.precision import PRECISIONS
-from models.preprocessing import DEFAULT_MAX_PIXELS
+from tuneserve.models.precision import PRECISIONS
+from tuneserve.models.preprocessing import DEFAULT_MAX_PIXELS
 
 DEVICES = ("auto", "cuda", "cpu")
 
-# Batching defaults per device, chosen by measurement (docs/benchmarks.md, "Serving (issue 3)" and "(issue 5)").
-# CPU (2-core sandbox, EfficientNet-Lite0): onnxruntime alone is no faster per image in batches there
+# Batching defaults per device, chosen by measurement (docs/benchmarks.md, "Serving: batching").
+# CPU (2 cores, EfficientNet-Lite0): onnxruntime alone is no faster per image in batches there
 # (394 img/s at batch 1, 361 at 8), and the service is CPU-bound on decoding; with the in-process batcher,
 # bounds of 4, 8 and 16 land within run-to-run noise (138-154 img/s at 16 clients) and batching off is
 # 127 img/s. 8 lets a burst drain in one call. The latency bound only decides when queued work is shed with
-# 503 (issue 3's sweep: 100 ms shed 35% of requests at 16 clients, 1000 ms 3% at 64 clients).
-# CUDA: not measured yet (no GPU). EfficientNet-class models keep gaining throughput up to batch
-# 32-64 on a data-centre GPU, where a batch of 64 takes milliseconds: 64 is the starting point.
+# 503 (measured: 100 ms shed 35% of requests at 16 clients, 1000 ms 3% at 64 clients).
+# CUDA: not measured (benchmarks/gpu_suite.sh measures it). EfficientNet-class models keep gaining throughput
+# up to batch 32-64 on a data-centre GPU, where a batch of 64 takes milliseconds: 64 is the starting point.
 BATCHING_DEFAULTS = {"cpu": (8, 1000), "cuda": (64, 1000)}
 
 
-def _setting(default: Any, env: str, help: str, minimum: int | None = None) -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "min": minimum})
+def _setting(default: Any, env: str, help: str, minimum: int | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "min": minimum, "choices": choices})
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     model: str | None = _setting(None, "TUNESERVE_MODEL", "model tag (name or name:version); none: the built-in ImageNet model")
-    device: str = _setting("auto", "TUNESERVE_DEVICE", "onnxruntime device: auto (CUDA when usable), cuda or cpu")
+    device: str = _setting("auto", "TUNESERVE_DEVICE", "onnxruntime device: auto (CUDA when usable), cuda or cpu",
+                           choices=DEVICES)
     max_batch_size: int | None = _setting(
         None, "TUNESERVE_MAX_BATCH_SIZE", "most images per inference call; 1 turns batching off "
-        "(default: measured per device, see BATCHING_DEFAULTS)", 1)
+        "(default: measured per device, docs/serving.md)", 1)
     max_latency_ms: int | None = _setting(
         None, "TUNESERVE_MAX_LATENCY_MS", "requests whose images waited longer than this for the model "
         "are shed with 503 (default: measured per device)", 1)
@@ -51,18 +52,16 @@ class ServiceConfig:
     preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: one per CPU, at most 16)", 0)
     ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: one per CPU; idle ones sleep)", 0)
     precision: str = _setting("auto", "TUNESERVE_PRECISION", "model precision: auto (fp16 on CUDA where the model "
-                              "has a kept fp16 variant, else fp32), fp32 or fp16")
+                              "has a kept fp16 variant, else fp32), fp32 or fp16", choices=PRECISIONS)
     workers: int = _setting(0, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session and "
                             "batcher (0: 1 on CPU; on CUDA one per 2 CPUs, at most 8)", 0)
     timeout_s: int = _setting(60, "TUNESERVE_TIMEOUT_S", "per-request timeout in seconds", 1)
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"TUNESERVE_DEVICE={self.device!r} is not one of: {', '.join(DEVICES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TUNESERVE_PRECISION={self.precision!r} is not one of: {', '.join(PRECISIONS)}")
         for f in dataclasses.fields(self):
-            value, minimum = getattr(self, f.name), f.metadata["min"]
+            value, minimum, choices = getattr(self, f.name), f.metadata["min"], f.metadata["choices"]
+            if choices and value not in choices:
+                raise ValueError(f"{f.metadata['env']}={value!r} is not one of: {', '.join(choices)}")
             if minimum is not None and value is not None and value < minimum:
                 raise ValueError(f"{f.metadata['env']}={value} is out of range: it must be an integer >= {minimum}")
 

@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from models.preprocessing import ImageDecodeError
+from tuneserve.models.preprocessing import ImageDecodeError
 
 # Multipart framing (boundaries, part headers) on top of the images themselves.
 MULTIPART_OVERHEAD_PER_PART = 16 * 1024

@@ -19,10 +19,14 @@ from typing import Iterator, Mapping, Sequence
 
 import httpx
 
+import tuneserve
+
 log = logging.getLogger(__name__)
 
-SERVICE = "service.service:Classifier"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # holds service/ and models/: bentoml's working dir
+SERVICE = "tuneserve.service.service:Classifier"
+# bentoml's working dir: the folder that holds the tuneserve package this process runs (a checkout, or
+# site-packages), so that the workers import the same code, whatever the current directory holds.
+PACKAGE_PARENT = Path(tuneserve.__file__).resolve().parents[1]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,7 +37,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def serve_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port),
-            "--working-dir", str(PROJECT_ROOT)]
+            "--working-dir", str(PACKAGE_PARENT)]
 
 
 class ServerFailed(RuntimeError):

@@ -1,18 +1,20 @@
-"""The HTTP endpoints: a small Starlette app that service/service.py mounts into the BentoML service.
+"""The HTTP endpoints: a small Starlette app, made by `create_app(backend)`, that the BentoML service mounts.
 
 Why not plain `@bentoml.api` endpoints: /classify must take the image as the raw request body as well as a
 multipart upload, and BentoML parses the body itself (as JSON unless it is multipart) before an API
 function runs, answering bad input with its own error shapes. Here every byte is ours: bodies are
 size-checked while they stream in, and each failure is a 4xx `{"error": "..."}` that says what to send
-instead. BentoML still provides the server, workers, /livez, /readyz, /metrics and tracing; the handlers
-call the service's preprocess and classify (which batches, service/batcher.py). The service instance comes from `bentoml.get_current_service()`.
+instead. BentoML still provides the server, workers, /livez, /readyz, /metrics and tracing.
+
+The routes know the service only through `Backend`, the few members they call; `create_app` takes a
+function that returns it, called once, at the first request (the BentoML service instance exists by then).
 """
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, ContextManager, Protocol
 
 import numpy as np
 from starlette.applications import Starlette
@@ -20,8 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from models.runtime import top_k
-from service.inputs import (
+from tuneserve.models.runtime import top_k
+from tuneserve.service.config import ServiceConfig
+from tuneserve.service.inputs import (
     MULTIPART_OVERHEAD_PER_PART,
     HTTPError,
     ImageInput,
@@ -37,10 +40,27 @@ log = logging.getLogger("tuneserve.service")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _service() -> Any:
-    import bentoml
+class Backend(Protocol):
+    """What the routes need from the service: one served model (service/served_model.py implements it)."""
 
-    return bentoml.get_current_service()
+    @property
+    def tag(self) -> str: ...  # "name:version"
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    @property
+    def config(self) -> ServiceConfig: ...  # request limits and the default top_k
+
+    def check_capacity(self) -> None: ...  # HTTPError 503 when a new request would be refused anyway
+
+    def admit(self, images: int) -> ContextManager[None]: ...  # counts images in flight; HTTPError 503 when full
+
+    async def preprocess(self, data: bytes) -> np.ndarray: ...  # encoded image -> float32 (3, S, S); HTTPError 4xx
+
+    async def classify(self, arrays: list[np.ndarray]) -> np.ndarray: ...  # -> probabilities float32 (N, classes)
+
+    def describe(self) -> dict[str, Any]: ...  # GET /model
 
 
 def json_errors(handler: Handler) -> Handler:
@@ -64,96 +84,106 @@ def _check_image_size(image: ImageInput, limit: int) -> None:
         raise too_large(f"image {image.name!r}", len(image.data), limit, "TUNESERVE_MAX_IMAGE_BYTES")
 
 
-def _admit_request(request: Request):
-    """Common start of both classify routes: the service, its settings, the class count and the query's
-    top_k. Capacity and a bad query-string top_k are refused before a possibly large body is read."""
-    svc = _service()
-    cfg = svc.config
-    n_classes = len(svc.labels)
-    svc.check_capacity()
-    return svc, cfg, n_classes, parse_top_k(request.query_params.get("top_k"), cfg.top_k, n_classes)
+class Routes:
+    """The handlers, bound to the backend that `resolve()` returns."""
 
+    def __init__(self, resolve: Callable[[], Backend]):
+        self._resolve = resolve
 
-@json_errors
-async def classify(request: Request) -> Response:
-    svc, cfg, n_classes, k = _admit_request(request)
-    if is_multipart(request):
-        body = await read_body(request, cfg.max_image_bytes + MULTIPART_OVERHEAD_PER_PART, "TUNESERVE_MAX_IMAGE_BYTES")
-        files, fields = await read_form(request, body, 1, HTTPError(
-            400, "/classify takes one image; send several to /classify_batch (one file part each)"))
-        if not files:
-            raise HTTPError(400, "no file in the multipart form: send the image in a file field named 'image' "
-                                 f"(e.g. curl -F image=@photo.jpg); text fields received: {sorted(fields) or 'none'}")
-        image = files[0]
-        if "top_k" in fields:
-            k = parse_top_k(fields["top_k"], cfg.top_k, n_classes)
-    else:
-        # Anything that is not multipart is the image itself, whatever Content-Type says (curl's
-        # --data-binary sends application/x-www-form-urlencoded): the decoder recognises the format.
-        image = ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES"))
-    _check_image_size(image, cfg.max_image_bytes)
-    with svc.admit(1):
-        array = await svc.preprocess(image.data)
-        probs = await svc.classify([array])
-    return JSONResponse({"model": svc.model.tag, "predictions": top_k(probs[0], svc.labels, k)})
+    @functools.cached_property
+    def backend(self) -> Backend:
+        return self._resolve()
 
+    def _admit_request(self, request: Request) -> int:
+        """Common start of both classify routes: capacity and a bad query-string top_k are refused before
+        a possibly large body is read. Returns top_k."""
+        b = self.backend
+        b.check_capacity()
+        return parse_top_k(request.query_params.get("top_k"), b.config.top_k, len(b.labels))
 
-@json_errors
-async def classify_batch(request: Request) -> Response:
-    svc, cfg, n_classes, k = _admit_request(request)
-    if not is_multipart(request):
-        raise HTTPError(415, "/classify_batch takes multipart/form-data with one file part per image "
-                             "(e.g. curl -F images=@a.jpg -F images=@b.jpg); for one raw image use /classify")
-    body = await read_body(request, cfg.max_request_bytes, "TUNESERVE_MAX_REQUEST_BYTES")
-    files, fields = await read_form(request, body, cfg.max_batch_images, HTTPError(
-        413, f"too many images in one request: the limit is {cfg.max_batch_images} (server setting "
-             "TUNESERVE_MAX_BATCH_IMAGES); split them over several requests"))
-    if not files:
-        raise HTTPError(400, "no file in the multipart form: send each image as a file part, e.g. "
-                             f"curl -F images=@a.jpg -F images=@b.jpg; text fields received: {sorted(fields) or 'none'}")
-    if "top_k" in fields:
-        k = parse_top_k(fields["top_k"], cfg.top_k, n_classes)
-
-    async def prepare(image: ImageInput) -> np.ndarray | HTTPError:
-        try:
-            _check_image_size(image, cfg.max_image_bytes)
-            return await svc.preprocess(image.data)
-        except HTTPError as e:
-            return e  # one bad image gets its own error; the others are still classified
-
-    with svc.admit(len(files)):
-        prepared = await asyncio.gather(*(prepare(f) for f in files))
-        good = [p for p in prepared if isinstance(p, np.ndarray)]
-        probs = iter(await svc.classify(good) if good else [])
-    results: list[dict[str, Any]] = []
-    for image, p in zip(files, prepared):
-        if isinstance(p, HTTPError):
-            results.append({"filename": image.name, "error": p.message, "status": p.status})
+    async def classify(self, request: Request) -> Response:
+        b, cfg = self.backend, self.backend.config
+        k = self._admit_request(request)
+        if is_multipart(request):
+            body = await read_body(request, cfg.max_image_bytes + MULTIPART_OVERHEAD_PER_PART, "TUNESERVE_MAX_IMAGE_BYTES")
+            files, fields = await read_form(request, body, 1, HTTPError(
+                400, "/classify takes one image; send several to /classify_batch (one file part each)"))
+            if not files:
+                raise HTTPError(400, "no file in the multipart form: send the image in a file field named 'image' "
+                                     f"(e.g. curl -F image=@photo.jpg); text fields received: {sorted(fields) or 'none'}")
+            image = files[0]
+            if "top_k" in fields:
+                k = parse_top_k(fields["top_k"], cfg.top_k, len(b.labels))
         else:
-            results.append({"filename": image.name, "predictions": top_k(next(probs), svc.labels, k)})
-    return JSONResponse({"model": svc.model.tag, "results": results})
+            # Anything that is not multipart is the image itself, whatever Content-Type says (curl's
+            # --data-binary sends application/x-www-form-urlencoded): the decoder recognises the format.
+            image = ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES"))
+        _check_image_size(image, cfg.max_image_bytes)
+        with b.admit(1):
+            array = await b.preprocess(image.data)
+            probs = await b.classify([array])
+        return JSONResponse({"model": b.tag, "predictions": top_k(probs[0], b.labels, k)})
+
+    async def classify_batch(self, request: Request) -> Response:
+        b, cfg = self.backend, self.backend.config
+        k = self._admit_request(request)
+        if not is_multipart(request):
+            raise HTTPError(415, "/classify_batch takes multipart/form-data with one file part per image "
+                                 "(e.g. curl -F images=@a.jpg -F images=@b.jpg); for one raw image use /classify")
+        body = await read_body(request, cfg.max_request_bytes, "TUNESERVE_MAX_REQUEST_BYTES")
+        files, fields = await read_form(request, body, cfg.max_batch_images, HTTPError(
+            413, f"too many images in one request: the limit is {cfg.max_batch_images} (server setting "
+                 "TUNESERVE_MAX_BATCH_IMAGES); split them over several requests"))
+        if not files:
+            raise HTTPError(400, "no file in the multipart form: send each image as a file part, e.g. "
+                                 f"curl -F images=@a.jpg -F images=@b.jpg; text fields received: {sorted(fields) or 'none'}")
+        if "top_k" in fields:
+            k = parse_top_k(fields["top_k"], cfg.top_k, len(b.labels))
+
+        async def prepare(image: ImageInput) -> np.ndarray | HTTPError:
+            try:
+                _check_image_size(image, cfg.max_image_bytes)
+                return await b.preprocess(image.data)
+            except HTTPError as e:
+                return e  # one bad image gets its own error; the others are still classified
+
+        with b.admit(len(files)):
+            prepared = await asyncio.gather(*(prepare(f) for f in files))
+            good = [p for p in prepared if isinstance(p, np.ndarray)]
+            probs = iter(await b.classify(good) if good else [])
+        results: list[dict[str, Any]] = []
+        for image, p in zip(files, prepared):
+            if isinstance(p, HTTPError):
+                results.append({"filename": image.name, "error": p.message, "status": p.status})
+            else:
+                results.append({"filename": image.name, "predictions": top_k(next(probs), b.labels, k)})
+        return JSONResponse({"model": b.tag, "results": results})
+
+    async def model_info(self, request: Request) -> Response:
+        return JSONResponse(self.backend.describe())
 
 
-@json_errors
-async def model_info(request: Request) -> Response:
-    return JSONResponse(_service().describe())
+def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[str, Any]] | None = None) -> Starlette:
+    """The endpoints, served by `backend()`. `openapi_base()` is the document that GET /docs.json extends
+    with these endpoints (BentoML's own, which documents only @bentoml.api methods); without it, /docs.json
+    is not served here."""
+    routes = Routes(backend)
 
+    async def openapi(request: Request) -> Response:
+        # Matched before BentoML's own /docs.json (mounted apps come first in its router), so the Swagger UI
+        # at / shows these endpoints too.
+        spec = openapi_base()  # type: ignore[misc]
+        spec.setdefault("paths", {}).update(OPENAPI_PATHS)
+        return JSONResponse(spec)
 
-async def openapi(request: Request) -> Response:
-    """BentoML's OpenAPI document plus these endpoints. It documents only @bentoml.api methods (and
-    mounted FastAPI apps); this route is matched before BentoML's own /docs.json because mounted apps
-    come first in its router, so the Swagger UI at / shows /classify too."""
-    spec = request.app.state.bentoml_service.openapi_spec.asdict()
-    spec.setdefault("paths", {}).update(OPENAPI_PATHS)
-    return JSONResponse(spec)
-
-
-app = Starlette(routes=[
-    Route("/classify", classify, methods=["POST"]),
-    Route("/classify_batch", classify_batch, methods=["POST"]),
-    Route("/model", model_info, methods=["GET"]),
-    Route("/docs.json", openapi, methods=["GET"]),
-])
+    endpoints = [
+        Route("/classify", json_errors(routes.classify), methods=["POST"]),
+        Route("/classify_batch", json_errors(routes.classify_batch), methods=["POST"]),
+        Route("/model", json_errors(routes.model_info), methods=["GET"]),
+    ]
+    if openapi_base is not None:
+        endpoints.append(Route("/docs.json", openapi, methods=["GET"]))
+    return Starlette(routes=endpoints)
 
 
 # -- OpenAPI descriptions of the endpoints above ----------------------------------------------------------

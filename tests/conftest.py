@@ -1,49 +1,36 @@
-"""Shared fixtures. Every test session gets its own BentoML home, so tests never touch the user's store."""
+"""Shared fixtures (plain helpers are in support.py). Every test session gets its own BentoML home, so tests
+never touch the user's store."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 # Before anything imports bentoml: it reads BENTOML_HOME once.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tuneserve-test-bentoml-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+# prometheus_client picks its multi-process mode when first imported; `bentoml serve` sets this variable for its
+# workers, and the in-process BentoML app in tests/test_service_http.py needs one too.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="tuneserve-test-prometheus-"))
 
-HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "hymenoptera"
+from shared_data import HYMENOPTERA  # noqa: E402  (benchmarks/, on pytest's pythonpath)
+from support import builtin_model, write_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def hymenoptera() -> Path:
     if not (HYMENOPTERA / "train").is_dir():
-        pytest.skip(f"real dataset not found at {HYMENOPTERA} (it lives in ../shared beside the checkout)")
+        pytest.skip(f"real dataset not found at {HYMENOPTERA} (../shared/datasets beside the checkout, or "
+                    "$TUNESERVE_DATASETS)")
     return HYMENOPTERA
 
 
-def hymenoptera_subset(hymenoptera: Path, root: Path, train: int, val: int) -> Path:
-    """root/{train,val}/{ants,bees}/: the first `train` / `val` photos of each class, copied (sorted by name)."""
-    import shutil
-
-    for split, n in (("train", train), ("val", val)):
-        for cls in ("ants", "bees"):
-            (root / split / cls).mkdir(parents=True)
-            for src in sorted((hymenoptera / split / cls).glob("*.jpg"))[:n]:
-                shutil.copy(src, root / split / cls / src.name)
-    return root
-
-
-def write_image(path: Path, seed: int, size=(40, 32), fmt: str | None = None) -> Path:
-    """A small random RGB PNG/JPEG (format from the suffix unless given); content depends on the seed."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=3)
-    arr = np.clip(base + rng.integers(-20, 20, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, format=fmt)
-    return path
+@pytest.fixture(scope="session")
+def model():
+    """The built-in ImageNet model (EfficientNet-Lite0, 1000 classes), registered in this session's store."""
+    return builtin_model()
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The delay gate on its own, with a hand-driven clock."""
 from __future__ import annotations
 
-from service.admission import DelayGate
+from tuneserve.service.admission import DelayGate
 
 
 class Clock:

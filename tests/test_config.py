@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import TrainConfig, make_config
+from tuneserve.training.config import TrainConfig, make_config
 
 
 def test_file_then_overrides(tmp_path):

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import container_support as cs
-from models.preprocessing import preprocess
-from models.runtime import OnnxClassifier, softmax
-from models.store import load_model
-from service.process import free_port
-from service_support import builtin_model
+import podman_image as cs
+from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.runtime import OnnxClassifier, softmax
+from tuneserve.models.store import load_model
+from tuneserve.service.process import free_port
+from support import builtin_model
 
 pytestmark = pytest.mark.slow
 

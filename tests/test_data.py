@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_image
-from training.data import DataError, discover
+from support import write_image
+from tuneserve.training.data import DataError, discover
 
 
 def _discover(root, **kw):

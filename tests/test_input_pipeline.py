@@ -11,13 +11,13 @@ import torch
 
 from PIL import Image
 
-from models.preprocessing import Preprocessing, center_crop, decode, preprocess, resize_shorter_side
-from models.samples import sample_photos
-from training.cached_loader import CachedLoader
-from training.gpu_augment import RATIO, SCALE, GpuAugment, crop_boxes, crop_resize
-from training.data import Sample
-from training.image_cache import cache_path, decode_square, open_cache
-from training.loaders import EvalTransform, ImageDataset
+from tuneserve.models.preprocessing import Preprocessing, center_crop, decode, preprocess, resize_shorter_side
+from tuneserve.models.samples import sample_photos
+from tuneserve.training.cached_loader import CachedLoader
+from tuneserve.training.gpu_augment import RATIO, SCALE, GpuAugment, crop_boxes, crop_resize
+from tuneserve.training.data import Sample
+from tuneserve.training.image_cache import cache_path, decode_square, open_cache
+from tuneserve.training.loaders import EvalTransform, ImageDataset
 
 
 def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -112,11 +112,11 @@ def test_cached_loader_yields_every_image_once_with_its_label():
 
 @pytest.mark.slow
 def test_fine_tune_on_the_cache_pipeline_is_deterministic(tiny_folder, tmp_path):
-    from training.config import TrainConfig
-    from training.train import train
+    from tuneserve.training.config import TrainConfig
+    from tuneserve.training.train import train
 
     def run(out: str) -> list[dict]:
-        cfg = TrainConfig(data=str(tiny_folder), epochs=2, head_epochs=1, batch_size=4, workers=0, pipeline="cache",
+        cfg = TrainConfig(data=str(tiny_folder), epochs=2, head_epochs=1, batch_size=4, loader_workers=0, pipeline="cache",
                           cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / out), export=False, seed=3)
         return json.loads((train(cfg).run_dir / "history.json").read_text())
 
@@ -133,7 +133,7 @@ def test_cache_pipeline_under_torchrun_builds_once_for_both_ranks(tiny_folder, t
 
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
-         "--data", str(tiny_folder), "--epochs", "1", "--head-epochs", "1", "--batch-size", "2", "--workers", "0",
+         "--data", str(tiny_folder), "--epochs", "1", "--head-epochs", "1", "--batch-size", "2", "--loader-workers", "0",
          "--pipeline", "cache", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs"),
          "--no-export"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,

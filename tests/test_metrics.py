@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from training.loop import lr_factor
-from training.metrics import summarize
+from tuneserve.training.loop import lr_factor
+from tuneserve.training.metrics import summarize
 
 
 def test_summarize_known_confusion():
@@ -26,3 +26,30 @@ def test_lr_schedule_warms_up_and_decays_per_phase():
     assert f[19] < 0.05  # head phase decays to ~0
     assert f[20] < f[24] < f[25] == pytest.approx(1.0)  # the full phase warms up again
     assert all(x >= y for x, y in zip(f[25:], f[26:]))  # then decays monotonically
+
+
+def test_batch_size_histogram_is_read_from_prometheus_text():
+    from tuneserve.service.batch_metrics import batch_sizes_between, read_batch_sizes
+
+    # What BentoML's /metrics shows: one series per endpoint, floats in any Prometheus notation.
+    text = """# HELP tuneserve_inference_batch_size images per onnxruntime call
+# TYPE tuneserve_inference_batch_size histogram
+tuneserve_inference_batch_size_bucket{endpoint="/classify",le="1.0"} 2.0
+tuneserve_inference_batch_size_bucket{endpoint="/classify",le="8.0"} 3.0
+tuneserve_inference_batch_size_bucket{endpoint="/classify",le="+Inf"} 3.0
+tuneserve_inference_batch_size_sum{endpoint="/classify"} 9.0
+tuneserve_inference_batch_size_count{endpoint="/classify"} 3.0
+tuneserve_inference_batch_size_bucket{endpoint="/classify_batch",le="1.0"} 0.0
+tuneserve_inference_batch_size_bucket{endpoint="/classify_batch",le="8.0"} 1.0
+tuneserve_inference_batch_size_bucket{endpoint="/classify_batch",le="+Inf"} 1.0
+tuneserve_inference_batch_size_sum{endpoint="/classify_batch"} 1e+01
+tuneserve_inference_batch_size_count{endpoint="/classify_batch"} 1.0
+# TYPE other_seconds histogram
+other_seconds_sum 1e-05
+"""
+    sizes = read_batch_sizes(text)
+    assert sizes == {"le_1.0": 2.0, "le_8.0": 4.0, "le_+Inf": 4.0, "sum": 19.0, "count": 4.0}
+    assert read_batch_sizes("") == {}
+    delta = batch_sizes_between("", text)
+    assert delta["calls"] == 4 and delta["mean_images_per_call"] == 19 / 4
+    assert list(delta["buckets"]) == ["1.0", "8.0", "+Inf"]

@@ -4,16 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.architectures import ARCHITECTURES, get_architecture, imagenet_labels
-from models.preprocessing import preprocess
-from models.samples import sample_photos
-from models.weights import WeightsUnavailableError, build_model, head_parameters
+from tuneserve.models.architectures import ARCHITECTURES, get_architecture, imagenet_labels
+from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.weights import WeightsUnavailableError, build_model, head_parameters
+from support import photo_path
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
-
-
-def _photo(name: str):
-    return next(p for p in sample_photos() if p.name == name)
 
 
 def _top1(model, path, arch) -> str:
@@ -25,8 +21,8 @@ def _top1(model, path, arch) -> str:
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_offline_imagenet_weights_recognise_real_photos(arch):
     model = build_model(arch, 1000, "imagenet")
-    assert _top1(model, _photo("coffee.png"), arch) == "espresso"
-    assert _top1(model, _photo("chelsea.png"), arch) in CAT_CLASSES
+    assert _top1(model, photo_path("coffee.png"), arch) == "espresso"
+    assert _top1(model, photo_path("chelsea.png"), arch) in CAT_CLASSES
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

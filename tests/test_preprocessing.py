@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,10 @@ import pytest
 from PIL import Image
 from torchvision import transforms as T
 
-from models.architectures import get_architecture
-from models.preprocessing import ImageDecodeError, Preprocessing, decode, eval_transform, load_image, preprocess
-from models.samples import sample_photos
+from tuneserve.models.architectures import get_architecture
+from tuneserve.models.preprocessing import ImageDecodeError, Preprocessing, decode, eval_transform, load_image, preprocess
+from tuneserve.models.samples import sample_photos
+from support import encode
 
 
 def torchvision_eval(pp: Preprocessing) -> T.Compose:
@@ -60,21 +60,15 @@ def test_preprocessing_roundtrips_and_rejects_bad_values():
         Preprocessing(input_size=300, resize_size=256)
 
 
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
 def test_modes_become_rgb(mode):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 20, 3), dtype=np.uint8))
     if mode == "I;16":
         img = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(30, 20) * 100))
         assert img.mode == "I;16"
-        data = _encode(img, "PNG")
+        data = encode(img, "PNG")
     else:
-        data = _encode(rgb.convert(mode), "TIFF" if mode == "CMYK" else "PNG")
+        data = encode(rgb.convert(mode), "TIFF" if mode == "CMYK" else "PNG")
     out = load_image(data)
     assert out.mode == "RGB" and out.size == (20, 30)
     if mode == "I;16":  # the full 16-bit range is scaled, not clipped at 255
@@ -84,20 +78,20 @@ def test_modes_become_rgb(mode):
 
 def test_transparent_pixels_become_white():
     img = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
-    assert np.asarray(load_image(_encode(img, "PNG")))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(load_image(encode(img, "PNG")))[0, 0].tolist() == [255, 255, 255]
 
 
 def test_exif_orientation_is_applied():
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    out = load_image(_encode(img, "JPEG", exif=exif))
+    out = load_image(encode(img, "JPEG", exif=exif))
     assert out.size == (20, 40)
 
 
 def test_animated_gif_uses_first_frame():
     frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255)]]
-    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
     r, g, b = np.asarray(load_image(data))[8, 8]
     assert r > 200 and b < 50
 
@@ -105,12 +99,12 @@ def test_animated_gif_uses_first_frame():
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
 def test_supported_formats_decode(fmt):
     img = Image.new("RGB", (33, 17), (0, 128, 255))
-    out = preprocess(_encode(img, fmt), Preprocessing())
+    out = preprocess(encode(img, fmt), Preprocessing())
     assert out.shape == (3, 224, 224)
 
 
 def test_bad_inputs_raise_readable_errors(tmp_path):
-    good = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    good = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
     with pytest.raises(ImageDecodeError, match="empty image"):
         load_image(b"")
     with pytest.raises(ImageDecodeError, match="not an image"):
@@ -118,7 +112,7 @@ def test_bad_inputs_raise_readable_errors(tmp_path):
     with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
         load_image(good[: len(good) // 2])
     with pytest.raises(ImageDecodeError, match="unsupported image format PPM"):
-        load_image(_encode(Image.new("RGB", (8, 8)), "PPM"))
+        load_image(encode(Image.new("RGB", (8, 8)), "PPM"))
     with pytest.raises(ImageDecodeError, match="over the limit of 1000"):
         load_image(good, max_pixels=1000)
     missing = tmp_path / "nope.jpg"
@@ -169,8 +163,8 @@ def test_draft_decoding_keeps_the_models_answers(hymenoptera, tmp_path):
     change. Real photos at 12 and 3 megapixels, the built-in ImageNet model (1000 classes, where small pixel
     changes show first). Measured over all 153 val photos at 5 sizes: probabilities move by <= 0.037 at
     factor 3 and up to 0.14 at factor 1 (0.086 on these photos), which this test refuses."""
-    from models.runtime import OnnxClassifier, softmax
-    from service_support import builtin_model
+    from tuneserve.models.runtime import OnnxClassifier, softmax
+    from support import builtin_model
 
     model = builtin_model()
     pp = model.card.preprocessing
@@ -205,7 +199,7 @@ def test_artifacts_from_before_draft_decoding_keep_full_decodes():
 def test_resizing_only_the_crop_matches_resizing_the_whole_image(size, interpolation):
     """eval_transform resamples only the crop's columns; the result must be the full resize + crop's, within
     one 8-bit level: landscape, portrait, upscaled, already at size, and odd shapes."""
-    from models.preprocessing import center_crop, resize_and_crop, resize_shorter_side
+    from tuneserve.models.preprocessing import center_crop, resize_and_crop, resize_shorter_side
 
     rng = np.random.default_rng(sum(size))
     smooth = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)

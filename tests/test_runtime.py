@@ -6,17 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from models.artifact import FP16_ONNX_FILE
-from models.precision import MIN_TOP1_AGREEMENT, choose_precision
-from models.preprocessing import preprocess
-from models.runtime import OnnxClassifier, bucket_sizes, choose_providers
-from models.samples import sample_photos
-from service_support import builtin_model
-
-
-@pytest.fixture(scope="module")
-def model():
-    return builtin_model()
+from tuneserve.models.artifact import FP16_ONNX_FILE
+from tuneserve.models.precision import MIN_TOP1_AGREEMENT, choose_precision
+from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, choose_providers
+from tuneserve.models.samples import sample_photos
 
 
 @pytest.fixture(scope="module")

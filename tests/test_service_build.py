@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service_support import builtin_model
+from support import builtin_model
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def bentoml_cli(*args: str, env: dict[str, str]) -> str:
 
 def test_bentoml_build_offline(tmp_path):
     model = builtin_model()
-    # No index, no network: lock_packages is off, so nothing may need one (the sandbox is offline anyway).
+    # No index, no network: lock_packages is off, so nothing may need one.
     env = {**os.environ, "TUNESERVE_MODEL": model.tag, "PIP_NO_INDEX": "1", "UV_OFFLINE": "1",
            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
     out = bentoml_cli("build", "--output", "tag", env=env)
@@ -40,8 +40,11 @@ def test_bentoml_build_offline(tmp_path):
         name, version = model.tag.split(":")
         assert f"./models/{name}/{version}/model.onnx" in names
         assert f"./models/{name}/{version}/tuneserve.json" in names
-        assert "./src/service/service.py" in names and "./src/models/preprocessing.py" in names
+        assert {"./src/tuneserve/__init__.py", "./src/service/service.py", "./src/models/preprocessing.py"} <= names
         assert not any(n.startswith(("./src/tests", "./src/training", "./src/runs", "./src/.venv")) for n in names)
+        assert "./src/tuneserve/cli.py" not in names  # the CLI is not part of the image
+        tar.extractall(tmp_path / "bento", members=[m for m in tar.getmembers() if m.name.startswith("./src/")],
+                       filter="data")
         dockerfile = tar.extractfile("./env/docker/Dockerfile").read().decode()
         requirements = tar.extractfile("./env/python/requirements.txt").read().decode()
     assert "FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04" in dockerfile
@@ -50,3 +53,10 @@ def test_bentoml_build_offline(tmp_path):
     assert "build-essential" not in dockerfile and " git" not in dockerfile  # deploy/Dockerfile.template's lean base
     assert "onnxruntime-gpu==1.31.*" in requirements and "bentoml==" in requirements
     assert "torch" not in requirements
+    # The Bento's own files, not this checkout's, are what `tuneserve.service` imports from its folder.
+    src = tmp_path / "bento" / "src"
+    code = ("import tuneserve.service.config as c, tuneserve.models.preprocessing as p; "
+            "print(c.__file__); print(p.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert all(Path(f).resolve().is_relative_to(src.resolve()) for f in r.stdout.split()), r.stdout

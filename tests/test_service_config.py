@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from models.preprocessing import ImageDecodeError, load_image
-from service.config import BATCHING_DEFAULTS, ServiceConfig
-from service.inputs import HTTPError, decode_error_status, parse_top_k
-from service_support import encode
+from tuneserve.models.preprocessing import ImageDecodeError, load_image
+from tuneserve.service.config import BATCHING_DEFAULTS, ServiceConfig
+from tuneserve.service.inputs import HTTPError, decode_error_status, parse_top_k
+from support import encode
 
 
 def test_defaults_and_env_mapping():

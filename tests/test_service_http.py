@@ -1,25 +1,23 @@
-"""The service's endpoints in-process: BentoML's ASGI app (`Classifier.to_asgi()`) behind Starlette's
-TestClient, which runs the app's lifespan (model load, warm-up) and all requests on one event loop, so the
-dynamic batcher, the thread pool and the limits work as under `bentoml serve`. Real model, real photos."""
+"""The service's endpoints in-process, real model, real photos: the routes (`create_app`) over a ServedModel
+built from a ServiceConfig, behind Starlette's TestClient, which runs every request on one event loop, so the
+dynamic batcher, the thread pool and the limits work as under `bentoml serve`; and BentoML's own endpoints
+(/livez, /readyz, /metrics, the OpenAPI document) through the BentoML service's ASGI app."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from models.preprocessing import preprocess
-from models.runtime import OnnxClassifier, softmax
-from service_support import inference_batches, builtin_model, encode, photo
-
-# prometheus_client picks its multi-process mode when first imported; bentoml serve sets this variable
-# for its workers, an in-process app needs one too (nothing has imported prometheus_client yet here).
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="tuneserve-test-prometheus-"))
+from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.runtime import OnnxClassifier, softmax
+from tuneserve.service.config import ServiceConfig
+from tuneserve.service.plan import ServingPlan
+from tuneserve.service.routes import create_app
+from tuneserve.service.served_model import ServedModel
+from support import builtin_model, encode, photo
 
 MAX_IMAGE_BYTES = 2_000_000  # small limits, so that the tests stay small
 MAX_PIXELS = 4_000_000
@@ -27,21 +25,37 @@ MAX_BATCH_IMAGES = 4
 
 
 @pytest.fixture(scope="module")
-def model():
-    return builtin_model()
+def batch_sizes() -> list[int]:
+    """Images per inference call, as the served model reports them."""
+    return []
 
 
 @pytest.fixture(scope="module")
-def client(model):
+def served(model, batch_sizes):
+    cfg = ServiceConfig(model=model.tag, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS,
+                        max_batch_images=MAX_BATCH_IMAGES)
+    served = ServedModel(ServingPlan.resolve(cfg), on_batch=batch_sizes.append)
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
     from starlette.testclient import TestClient
 
-    settings = {"TUNESERVE_MODEL": model.tag, "TUNESERVE_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
-                "TUNESERVE_MAX_PIXELS": str(MAX_PIXELS), "TUNESERVE_MAX_BATCH_IMAGES": str(MAX_BATCH_IMAGES)}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in settings.items():
-            mp.setenv(k, v)
-        service = importlib.import_module("service.service")  # reads TUNESERVE_* once, at import
-    assert service.CONFIG.max_image_bytes == MAX_IMAGE_BYTES, "service.service was imported before this fixture"
+    with TestClient(create_app(lambda: served), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def bento_client(model):
+    """The BentoML service's whole ASGI app; it serves the built-in model (TUNESERVE_MODEL unset)."""
+    import importlib
+
+    from starlette.testclient import TestClient
+
+    service = importlib.import_module("tuneserve.service.service")
+    assert service.PLAN.model.tag == model.tag
     with TestClient(service.Classifier.to_asgi(), raise_server_exceptions=False) as c:
         yield c
 
@@ -176,14 +190,16 @@ def test_model_endpoint(client, model):
     assert info["limits"]["max_image_bytes"] == MAX_IMAGE_BYTES
 
 
-def test_bentoml_endpoints_and_openapi(client):
+def test_bentoml_endpoints_and_openapi(bento_client):
+    client = bento_client
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").status_code == 200
     assert client.get("/").status_code == 200  # Swagger UI
     spec = client.get("/docs.json").json()
     assert {"/classify", "/classify_batch", "/model", "/readyz"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
-    client.post("/classify", content=photo("coffee.png"))
+    r = client.post("/classify", content=photo("coffee.png"))
+    assert r.status_code == 200 and top1(r.json()) == "espresso"
     metrics = client.get("/metrics").text
     assert "tuneserve_inference_batch_size_bucket" in metrics and 'endpoint="/classify"' in metrics
 
@@ -250,10 +266,10 @@ def test_still_serving_after_bad_input(client):
 
 # -- concurrency -----------------------------------------------------------------------------------------------
 
-def test_concurrent_requests_are_batched_and_answered_correctly(client):
+def test_concurrent_requests_are_batched_and_answered_correctly(client, batch_sizes):
     names = ["coffee.png", "chelsea.png", "rocket.jpg", "astronaut.png"]
     expected = {n: client.post("/classify", content=photo(n), params={"top_k": 3}).json() for n in names}
-    before = inference_batches(client.get("/metrics").text)
+    before = len(batch_sizes)
     jobs = [names[i % len(names)] for i in range(128)]
     with ThreadPoolExecutor(24) as pool:  # TestClient sends each thread's request into the app's one loop
         answers = list(pool.map(lambda n: client.post("/classify", content=photo(n), params={"top_k": 3}), jobs))
@@ -262,28 +278,57 @@ def test_concurrent_requests_are_batched_and_answered_correctly(client):
         got, want = a.json()["predictions"], expected[name]["predictions"]
         assert [p["label"] for p in got] == [p["label"] for p in want]
         assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
-    after = inference_batches(client.get("/metrics").text)
-    batches, single = after[0] - before[0], after[1] - before[1]
-    assert 0 < batches < len(jobs), (batches, single)  # fewer inference calls than images
-    assert batches - single > 0  # at least one call carried several images
+    calls = batch_sizes[before:]
+    assert sum(calls) == len(jobs) and len(calls) < len(jobs), calls  # fewer inference calls than images
+    assert max(calls) > 1  # at least one call carried several images
 
 
-def test_overload_answers_503_quickly(client):
-    import bentoml
-
-    svc = bentoml.get_current_service()
-    saved = svc.config
-    svc.config = dataclasses.replace(saved, max_in_flight=1)
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda _: client.post("/classify", content=photo("astronaut.png")), range(16)))
-    finally:
-        svc.config = saved
+def test_overload_answers_503_quickly(client, served, monkeypatch):
+    plan = served.plan
+    monkeypatch.setattr(served, "plan", dataclasses.replace(plan, config=dataclasses.replace(plan.config, max_in_flight=1)))
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.post("/classify", content=photo("astronaut.png")), range(16)))
     codes = [a.status_code for a in answers]
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
     busy = next(a for a in answers if a.status_code == 503)
     assert "TUNESERVE_MAX_IN_FLIGHT=1" in busy.json()["error"] and busy.headers["retry-after"] == "1"
+    monkeypatch.undo()
     assert client.post("/classify", content=photo("coffee.png")).status_code == 200
+
+
+def test_batching_can_be_switched_off(model):
+    from starlette.testclient import TestClient
+
+    calls: list[int] = []
+    served = ServedModel(ServingPlan.resolve(ServiceConfig(model=model.tag, max_batch_size=1)), on_batch=calls.append)
+    with TestClient(create_app(lambda: served)) as client:
+        batching = client.get("/model").json()["batching"]
+        assert batching["enabled"] is False and batching["max_batch_size"] == 1
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: client.post("/classify", content=photo("coffee.png")), range(16)))
+    served.close()
+    assert all(a.status_code == 200 and top1(a.json()) == "espresso" for a in answers)
+    assert calls == [1] * 16  # every onnxruntime call ran one image
+
+
+def test_fp16_variant_serves_the_same_labels(model):
+    """precision fp16 serves the model's fp16 variant (what `auto` picks on a GPU); on these photos its top-1
+    equals fp32's and its scores are close."""
+    import asyncio
+
+    names = ("coffee.png", "chelsea.png", "rocket.jpg", "grace_hopper.jpg")
+
+    async def best(served: ServedModel) -> list[tuple[str, float]]:
+        probs = await served.classify([await served.preprocess(photo(n)) for n in names])
+        return [(served.labels[int(p.argmax())], float(p.max())) for p in probs]
+
+    fp16, fp32 = (ServedModel(ServingPlan.resolve(ServiceConfig(model=model.tag, precision=p))) for p in ("fp16", "auto"))
+    assert fp16.describe()["runtime"]["precision"] == "fp16"
+    assert fp32.describe()["runtime"]["precision"] == "fp32"  # auto on a CPU
+    half, full = asyncio.run(best(fp16)), asyncio.run(best(fp32))
+    assert [label for label, _ in half] == [label for label, _ in full]
+    np.testing.assert_allclose([p for _, p in half], [p for _, p in full], atol=0.02)
+    fp16.close(), fp32.close()
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import tempfile
 
 import pytest
 
-from models.artifact import ModelCard
-from models.preprocessing import Preprocessing
-from models.store import ModelNotFoundError, list_models, load_model, save_model, validate_name
+from tuneserve.models.artifact import ModelCard
+from tuneserve.models.preprocessing import Preprocessing
+from tuneserve.models.store import ModelNotFoundError, list_models, load_model, save_model, validate_name
 
 
 def _card(labels=("a", "b", "c")) -> ModelCard:

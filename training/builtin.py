@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import logging
 
-from models.architectures import BUILTIN_NAME, DEFAULT_ARCH, get_architecture, imagenet_labels
-from models.samples import sample_photos
-from models.store import ModelNotFoundError, StoredModel, load_model
-from models.weights import build_model
+from tuneserve.models.architectures import BUILTIN_NAME, DEFAULT_ARCH, get_architecture, imagenet_labels
+from tuneserve.models.samples import sample_photos
+from tuneserve.models.store import ModelNotFoundError, StoredModel, load_model
+from tuneserve.models.weights import build_model
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ def ensure_builtin_model(name: str = BUILTIN_NAME) -> StoredModel:
         return load_model(name)
     except ModelNotFoundError:
         pass
-    from training.export import export_and_register
+    from tuneserve.training.export import export_and_register
 
     log.info("registering the built-in model %s (ImageNet %s, exported to ONNX)", name, DEFAULT_ARCH)
     photos = sample_photos()

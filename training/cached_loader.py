@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from training.gpu_augment import GpuAugment
+from tuneserve.training.gpu_augment import GpuAugment
 
 
 class CachedLoader:

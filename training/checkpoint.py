@@ -1,13 +1,63 @@
-"""Self-describing checkpoints, written atomically: a crash mid-write never corrupts the previous one."""
+"""Self-describing checkpoints, written atomically: a crash mid-write never corrupts the previous one.
+
+Every checkpoint carries what it is (architecture, class names, preprocessing, the config that trained it,
+its run folder and epoch) beside the weights; last.pt adds what resuming needs (optimizer, scheduler,
+scaler, RNG state and the run's Progress), best.pt the validation metrics of its epoch.
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from tuneserve.training.progress import Progress
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What every checkpoint of a run says about itself."""
+
+    arch: str
+    classes: list[str]
+    preprocessing: dict[str, Any]  # Preprocessing.to_dict()
+    config: dict[str, Any]  # TrainConfig.to_dict()
+    run_dir: str
+
+
+@dataclass(frozen=True)
+class Trainables:
+    """The objects whose state a run saves and resumes."""
+
+    model: torch.nn.Module  # unwrapped (no DDP), so keys do not depend on the world size
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+
+
+def save_epoch(run_dir: Path, meta: RunMeta, trainables: Trainables, progress: "Progress", improved: bool) -> None:
+    """last.pt after every epoch; best.pt too when this epoch is the best so far."""
+    common = {**dataclasses.asdict(meta), "epoch": progress.epoch,
+              "model": {k: v.detach().cpu() for k, v in trainables.model.state_dict().items()}}
+    save_atomic({**common, **trainables.state(), "rng": rng_state(), **progress.to_dict()}, Path(run_dir) / "last.pt")
+    if improved:
+        save_atomic({**common, "metrics": progress.history[-1]["val"]}, Path(run_dir) / "best.pt")
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:

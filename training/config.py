@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.architectures import ARCHITECTURES, DEFAULT_ARCH
+from tuneserve.models.architectures import ARCHITECTURES, DEFAULT_ARCH
 
 
 def _opt(default: Any, help: str, **choices: Any) -> Any:
@@ -51,8 +51,8 @@ class TrainConfig:
     device: str = _opt("auto", "where to train", choices=("auto", "cuda", "cpu"))
     amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32")
     channels_last: bool = _opt(True, "NHWC memory format on CUDA: faster convolutions on tensor cores")
-    workers: int = _opt(-1, "DataLoader worker processes per rank (-1: min(8, CPUs per rank))")
-    # A PIL DataLoader feeds ~1,500 img/s on 16 cores; an H100 trains ResNet-50 at ~5,600 (docs/benchmarks.md).
+    loader_workers: int = _opt(-1, "DataLoader worker processes per rank, for --pipeline pil (-1: min(8, CPUs per rank))")
+    # A PIL DataLoader feeds ~1,500 img/s on 16 cores; an H100 trains ResNet-50 at ~5,600 (docs/training.md, "Feeding the GPU").
     pipeline: str = _opt("auto", "training input: pil (decode + augment every epoch in DataLoader workers), cache "
                          "(decode once into a uint8 cache, augment on the device), auto (cache on CUDA, pil on CPU)",
                          choices=("auto", "pil", "cache"))
@@ -104,13 +104,35 @@ class TrainConfig:
                 if self.local_sgd_period == 1 else ""))
         need(self.local_sgd_warmup_steps >= 0, f"local_sgd_warmup_steps must be >= 0, got {self.local_sgd_warmup_steps}")
 
-    def effective_workers(self, world_size: int = 1) -> int:
-        if self.workers >= 0:
-            return self.workers
+    def effective_loader_workers(self, world_size: int = 1) -> int:
+        if self.loader_workers >= 0:
+            return self.loader_workers
         return max(0, min(8, (os.cpu_count() or 1) // max(1, world_size)))
+
+    def model_name(self) -> str:
+        """`name`, or `<data folder>-<arch>` cleaned into a valid store name."""
+        if self.name:
+            return self.name
+        folder = Path(self.manifest or self.data).resolve()
+        stem = folder.stem if self.manifest else folder.name
+        cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in f"{stem}-{self.arch}".lower()).strip("-._")
+        return cleaned[:63] or self.arch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config saved by to_dict (a checkpoint's, a model card's), including older key names."""
+        return cls(**rename_legacy_keys(values))
+
+
+# Keys that were renamed: configs and checkpoints written with the old name keep working.
+LEGACY_KEYS = {"workers": "loader_workers"}
+
+
+def rename_legacy_keys(values: dict[str, Any]) -> dict[str, Any]:
+    return {LEGACY_KEYS.get(k, k): v for k, v in values.items()}
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -144,6 +166,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        name = LEGACY_KEYS.get(name, name)
         if name not in known:
             raise ValueError(f"unknown key {key!r} in {p}; known keys: {', '.join(sorted(known))}")
         out[name] = value

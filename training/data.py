@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.preprocessing import SUPPORTED_FORMATS, ImageDecodeError, load_image
+from tuneserve.models.preprocessing import SUPPORTED_FORMATS, ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
 

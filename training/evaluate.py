@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from models.preprocessing import preprocess
-from models.runtime import OnnxClassifier
-from models.store import StoredModel
-from training.data import DataError, scan_class_folders, probe_image
-from training.metrics import summarize
+from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.runtime import OnnxClassifier
+from tuneserve.models.store import StoredModel
+from tuneserve.training.data import DataError, scan_class_folders, probe_image
+from tuneserve.training.metrics import summarize
 
 log = logging.getLogger(__name__)
 

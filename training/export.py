@@ -16,11 +16,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.artifact import FP16_ONNX_FILE, ModelCard
-from models.precision import agreement_report, convert_fp16
-from models.preprocessing import Preprocessing, preprocess
-from models.runtime import OnnxClassifier
-from models.store import StoredModel, save_model
+from tuneserve.models.artifact import FP16_ONNX_FILE, ModelCard
+from tuneserve.models.precision import agreement_report, convert_fp16
+from tuneserve.models.preprocessing import Preprocessing, preprocess
+from tuneserve.models.runtime import OnnxClassifier
+from tuneserve.models.store import StoredModel, save_model
+from tuneserve.models.weights import build_model
+from tuneserve.training import checkpoint as ckpt_io
+from tuneserve.training.config import TrainConfig
+from tuneserve.training.data import Dataset, discover
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +147,38 @@ def fp16_variant(fp32_path: Path, out_path: Path, images: np.ndarray) -> dict[st
         "kept" if report["kept"] else f"dropped (needs >= {100 * report['min_top1_agreement']:.1f}%)",
     )
     return report
+
+
+def export_checkpoint(path: Path, name: str, ds: Dataset, cfg: TrainConfig) -> StoredModel:
+    """Export a best.pt or last.pt checkpoint (with its run's metrics files and plots) and register it; the
+    parity gate runs on the first `cfg.parity_images` validation images of `ds`."""
+    best = ckpt_io.load(path)
+    run_dir = Path(path).parent
+    model = build_model(best["arch"], len(best["classes"]), "none")
+    model.load_state_dict(best["model"])
+    val = best["metrics"] if "metrics" in best else best["history"][-1]["val"]  # last.pt: its own epoch
+    metrics = {"val_top1": val["top1"], "val_loss": val["loss"], "val_macro_f1": val["macro_f1"],
+               "best_epoch": best["epoch"], "val_images": val["images"]}
+    if "top5" in val:
+        metrics["val_top5"] = val["top5"]
+    metrics["per_class"] = val["per_class"]
+    metrics["confusion"] = val["confusion"]
+    extras = {f: run_dir / f for f in ("history.json", "history.csv", "curves.png", "confusion_matrix.png", "val_report.json")
+              if (run_dir / f).is_file()}
+    return export_and_register(
+        model, name=name, arch=best["arch"], labels=best["classes"], pp=Preprocessing.from_dict(best["preprocessing"]),
+        parity_paths=[s.path for s in ds.val[: cfg.parity_images]], metrics=metrics, train_config=best["config"],
+        exporter=cfg.exporter, extra_files=extras,
+    )
+
+
+def export_run(checkpoint: str | Path, name: str | None = None, data: str | None = None,
+               exporter: str = "dynamo") -> StoredModel:
+    """`tuneserve export`: a run folder (its best.pt) or a checkpoint file, exported under `name` (default: the
+    run's), gated on the validation images of `data` (default: the run's data)."""
+    path = Path(checkpoint)
+    ckpt = ckpt_io.load(path / "best.pt" if path.is_dir() else path)
+    saved = TrainConfig.from_dict(ckpt["config"]).to_dict()
+    cfg = TrainConfig(**{**saved, **({"data": data} if data else {}), "exporter": exporter})
+    ds = discover(cfg.data, cfg.manifest, cfg.val_fraction, cfg.seed, cfg.min_images_per_class)
+    return export_checkpoint(Path(ckpt["path"]), name or cfg.model_name(), ds, cfg)

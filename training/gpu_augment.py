@@ -21,7 +21,7 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 
-from models.preprocessing import Preprocessing
+from tuneserve.models.preprocessing import Preprocessing
 
 SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
 RATIO = (3 / 4, 4 / 3)

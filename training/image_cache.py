@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.preprocessing import Preprocessing, center_crop, decode, resize_shorter_side
+from tuneserve.models.preprocessing import Preprocessing, center_crop, decode, resize_shorter_side
 
 log = logging.getLogger(__name__)
 

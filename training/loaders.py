@@ -12,13 +12,13 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from models.preprocessing import Preprocessing, decode, eval_transform
-from training.config import TrainConfig
-from training.data import Dataset, Sample
-from training.cached_loader import CachedLoader
-from training.distributed import DistEnv, barrier
-from training.gpu_augment import GpuAugment
-from training.image_cache import open_cache
+from tuneserve.models.preprocessing import Preprocessing, decode, eval_transform
+from tuneserve.training.config import TrainConfig
+from tuneserve.training.data import Dataset, Sample
+from tuneserve.training.cached_loader import CachedLoader
+from tuneserve.training.distributed import DistEnv, barrier
+from tuneserve.training.gpu_augment import GpuAugment
+from tuneserve.training.image_cache import open_cache
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -74,7 +74,7 @@ class ShardSampler(Sampler[int]):
 
 def make_loaders(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv):
     """-> (train_loader, val_loader, train_sampler if distributed else None)."""
-    workers = cfg.effective_workers(env.world_size)
+    workers = cfg.effective_loader_workers(env.world_size)
     # Training workers are re-created each epoch (cheap with fork): their augmentation seeds then come from
     # the RNG that train() reseeds per epoch, which keeps resumed runs identical to uninterrupted ones.
     common = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=False)

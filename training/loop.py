@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.distributed import DistEnv, all_reduce_sum
-from training.metrics import summarize
+from tuneserve.training.distributed import DistEnv, all_reduce_sum
+from tuneserve.training.metrics import summarize
 
 
 def lr_factor(step: int, steps_per_epoch: int, head_epochs: int, epochs: int, warmup_epochs: float) -> float:

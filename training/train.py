@@ -23,19 +23,19 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from models.architectures import get_architecture
-from models.preprocessing import Preprocessing
-from models.store import StoredModel, validate_name
-from models.weights import build_model, head_parameters
-from training import checkpoint as ckpt_io
-from training.config import TrainConfig
-from training.data import Dataset, discover
-from training.loaders import make_loaders
-from training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
-from training.export import export_and_register
-from training.loop import evaluate, lr_factor, train_one_epoch
-from training.metrics import write_history, write_report
-from training.plots import plot_confusion, plot_curves
+from tuneserve.models.architectures import get_architecture
+from tuneserve.models.store import StoredModel, validate_name
+from tuneserve.models.weights import build_model, head_parameters
+from tuneserve.training import checkpoint as ckpt_io
+from tuneserve.training.config import TrainConfig, rename_legacy_keys
+from tuneserve.training.data import Dataset, discover
+from tuneserve.training.loaders import make_loaders
+from tuneserve.training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
+from tuneserve.training.export import export_checkpoint
+from tuneserve.training.loop import evaluate, lr_factor, train_one_epoch
+from tuneserve.training.metrics import write_history, write_report
+from tuneserve.training.progress import Progress
+from tuneserve.training.plots import plot_confusion, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,6 @@ class TrainResult:
     model: StoredModel | None = None
     stopped_early: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def default_name(cfg: TrainConfig) -> str:
-    folder = Path(cfg.manifest or cfg.data).resolve()
-    stem = folder.stem if cfg.manifest else folder.name
-    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in f"{stem}-{cfg.arch}".lower()).strip("-._")
-    return cleaned[:63] or cfg.arch
 
 
 def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
@@ -72,7 +65,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     if resume is not None:
         cfg = _resumed_config(cfg, resume)
     _check_distributed(cfg, env)
-    name = validate_name(cfg.name or default_name(cfg))
+    name = validate_name(cfg.model_name())
     arch = get_architecture(cfg.arch)
     pp = arch.preprocessing
 
@@ -103,16 +96,16 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(weight=_class_weights(ds, cfg, env), label_smoothing=cfg.label_smoothing)
 
-    state = {"epoch": 0, "best_top1": -1.0, "best_loss": float("inf"), "best_epoch": 0, "since_best": 0, "history": []}
+    trainables = ckpt_io.Trainables(model, optimizer, scheduler, scaler)
+    progress = Progress()
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        state.update({k: resume[k] for k in state})
+        trainables.load(resume)
+        progress = Progress.from_checkpoint(resume)
         ckpt_io.set_rng_state(resume["rng"])
         if env.is_main:
-            log.info("resumed %s after epoch %d", run_dir, state["epoch"])
+            log.info("resumed %s after epoch %d", run_dir, progress.epoch)
+    run_meta = ckpt_io.RunMeta(arch=cfg.arch, classes=ds.classes, preprocessing=pp.to_dict(), config=cfg.to_dict(),
+                               run_dir=str(run_dir))
     if env.is_main and env.distributed:
         log.info("DDP: %d ranks x batch %d x %d accumulation step(s) = effective batch %d; lr %g as given",
                  env.world_size, cfg.batch_size, cfg.grad_accum_steps,
@@ -125,8 +118,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     stopped_early = False
     ddp_model: nn.Module = model
     phase = None
-    epochs_bar = tqdm(range(state["epoch"], cfg.epochs), desc="epochs", unit="epoch", disable=None if env.is_main else True,
-                      initial=state["epoch"], total=cfg.epochs)
+    epochs_bar = tqdm(range(progress.epoch, cfg.epochs), desc="epochs", unit="epoch", disable=None if env.is_main else True,
+                      initial=progress.epoch, total=cfg.epochs)
     for epoch in epochs_bar:
         new_phase = "head" if epoch < cfg.head_epochs else "full"
         if new_phase != phase:
@@ -148,30 +141,24 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         row = {"epoch": epoch + 1, "phase": phase, "lr": lr_now, **stats,
                **{f"val_{k}": v for k, v in val.items() if k in ("loss", "top1", "top5", "macro_f1")},
                "val": val}
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        improved = val["top1"] > state["best_top1"] or (val["top1"] == state["best_top1"] and val["loss"] < state["best_loss"])
-        if improved:
-            state.update(best_top1=val["top1"], best_loss=val["loss"], best_epoch=epoch + 1, since_best=0)
-        else:
-            state["since_best"] += 1
-        epochs_bar.set_postfix(val_top1=f"{val['top1']:.3f}", best=f"{state['best_top1']:.3f}")
+        improved = progress.record(row)
+        epochs_bar.set_postfix(val_top1=f"{val['top1']:.3f}", best=f"{progress.best_top1:.3f}")
         if env.is_main:
             log.info("epoch %d/%d %s: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f%s | %.0f img/s%s",
                      epoch + 1, cfg.epochs, phase, stats["train_loss"], stats["train_top1"], val["loss"], val["top1"],
                      f" top-5 {val['top5']:.3f}" if "top5" in val else "", stats["images_per_s"],
                      " *best*" if improved else "")
-            _save_epoch(run_dir, cfg, ds, pp, model, optimizer, scheduler, scaler, state, improved)
+            _save_epoch(run_dir, run_meta, trainables, progress, improved)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
-        if cfg.patience and state["since_best"] >= cfg.patience and epoch + 1 >= cfg.head_epochs:
+        if cfg.patience and progress.since_best >= cfg.patience and epoch + 1 >= cfg.head_epochs:
             stopped_early = epoch + 1 < cfg.epochs
             if env.is_main and stopped_early:
                 log.info("early stop: no validation top-1 gain for %d epochs", cfg.patience)
             break
 
-    best_row = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
-    result = TrainResult(run_dir, state["best_epoch"], best_row["val"], state["history"], None, stopped_early, ds.skipped)
+    best_row = progress.best_row
+    result = TrainResult(run_dir, progress.best_epoch, best_row["val"], progress.history, None, stopped_early, ds.skipped)
     if env.is_main:
         write_report(best_row["val"], ds.classes, run_dir)
         plot_confusion(best_row["val"]["confusion"], ds.classes, run_dir / "confusion_matrix.png")
@@ -181,34 +168,11 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     return result
 
 
-def export_checkpoint(path: Path, name: str, ds: Dataset, cfg: TrainConfig) -> StoredModel:
-    """Export a best.pt or last.pt checkpoint (with its run's metrics files and plots) and register it."""
-    best = ckpt_io.load(path)
-    run_dir = Path(path).parent
-    model = build_model(best["arch"], len(best["classes"]), "none")
-    model.load_state_dict(best["model"])
-    val = best["metrics"] if "metrics" in best else best["history"][-1]["val"]  # last.pt: its own epoch
-    metrics = {"val_top1": val["top1"], "val_loss": val["loss"], "val_macro_f1": val["macro_f1"],
-               "best_epoch": best["epoch"], "val_images": val["images"]}
-    if "top5" in val:
-        metrics["val_top5"] = val["top5"]
-    metrics["per_class"] = val["per_class"]
-    metrics["confusion"] = val["confusion"]
-    extras = {f: run_dir / f for f in ("history.json", "history.csv", "curves.png", "confusion_matrix.png", "val_report.json")
-              if (run_dir / f).is_file()}
-    stored = export_and_register(
-        model, name=name, arch=best["arch"], labels=best["classes"], pp=Preprocessing.from_dict(best["preprocessing"]),
-        parity_paths=[s.path for s in ds.val[: cfg.parity_images]], metrics=metrics, train_config=best["config"],
-        exporter=cfg.exporter, extra_files=extras,
-    )
-    return stored
-
-
 def _resumed_config(cfg: TrainConfig, resume: dict[str, Any]) -> TrainConfig:
     """The checkpoint's config wins (same data, model and schedule), except where to run and whether to
     export; `epochs` too when it was changed from the default (to extend a finished run)."""
-    saved = dict(resume["config"])
-    saved.update(resume=cfg.resume, export=cfg.export, device=cfg.device, workers=cfg.workers)
+    saved = rename_legacy_keys(resume["config"])
+    saved.update(resume=cfg.resume, export=cfg.export, device=cfg.device, loader_workers=cfg.loader_workers)
     if cfg.epochs != TrainConfig.epochs:
         saved["epochs"] = cfg.epochs
     return TrainConfig(**saved)
@@ -298,18 +262,9 @@ def _sync_buffers(model: nn.Module, env: DistEnv) -> None:
             torch.distributed.broadcast(b, src=0)
 
 
-def _save_epoch(run_dir, cfg, ds, pp, model, optimizer, scheduler, scaler, state, improved) -> None:
-    common = {
-        "arch": cfg.arch, "classes": ds.classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(),
-        "run_dir": str(run_dir), "epoch": state["epoch"],
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    ckpt_io.save_atomic({
-        **common, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "rng": ckpt_io.rng_state(),
-        **{k: state[k] for k in ("best_top1", "best_loss", "best_epoch", "since_best", "history")},
-    }, run_dir / "last.pt")
-    if improved:
-        ckpt_io.save_atomic({**common, "metrics": state["history"][-1]["val"]}, run_dir / "best.pt")
-    write_history(state["history"], run_dir)
-    plot_curves(state["history"], run_dir / "curves.png")
+def _save_epoch(run_dir: Path, meta: ckpt_io.RunMeta, trainables: ckpt_io.Trainables, progress: Progress,
+                improved: bool) -> None:
+    """last.pt (everything to resume), best.pt when this epoch is the best, the history files and curves."""
+    ckpt_io.save_epoch(run_dir, meta, trainables, progress, improved)
+    write_history(progress.history, run_dir)
+    plot_curves(progress.history, run_dir / "curves.png")

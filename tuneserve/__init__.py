@@ -1,2 +1,48 @@
-"""tuneserve: fine-tune pretrained CNNs, export to ONNX, serve GPU-batched over HTTP."""
+"""tuneserve: fine-tune pretrained CNNs, export to ONNX, serve GPU-batched over HTTP.
+
+The code lives in three packages, `tuneserve.models` (what a model is), `tuneserve.training` and
+`tuneserve.service`, kept in the repository's root folders models/, training/ and service/.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+SUBPACKAGES = ("models", "training", "service")
+
+
+class _SourceTreeFinder(importlib.abc.MetaPathFinder):
+    """Finds `tuneserve.<name>` for the three subpackages in `root/<name>/`, and nothing else.
+
+    An installed wheel holds them inside this package (pyproject's package-dir). A source tree (a checkout, or
+    a Bento, which copies the repository's folders as they are: bentofile.yaml) has them beside tuneserve/,
+    where this finder points the names at them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def find_spec(self, fullname: str, path=None, target=None) -> ModuleSpec | None:
+        parent, _, name = fullname.rpartition(".")
+        if parent != __name__ or name not in SUBPACKAGES:
+            return None
+        init = self.root / name / "__init__.py"
+        if not init.is_file():
+            return None
+        return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[str(init.parent)])
+
+
+def _map_source_tree() -> None:
+    here = Path(__file__).resolve().parent
+    if (here / "models").is_dir():
+        return  # installed: the subpackages are inside this one
+    if not any(isinstance(f, _SourceTreeFinder) for f in sys.meta_path):
+        # First: the subpackages come from beside the tuneserve/ that was imported, whatever else is installed.
+        sys.meta_path.insert(0, _SourceTreeFinder(here.parent))
+
+
+_map_source_tree()

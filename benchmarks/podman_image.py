@@ -1,8 +1,9 @@
-"""Building and running the serving image with podman on a machine with no Docker engine and no registry.
+"""Building and running the serving image with podman, offline: the recipe tests/test_container.py proves and
+benchmarks/container_image.py measures.
 
-What the sandbox needs, found by trying (issue 6):
-- podman's default runtime crun fails here; runc works. Containers must start with lowered limits, or
-  runc's setrlimit is refused. A private containers.conf (CONTAINERS_CONF) sets both.
+What a machine with no Docker engine and no reachable registry needs:
+- runc as the runtime, and containers started with lowered limits (inside an unprivileged container, runc's
+  setrlimit refuses podman's defaults). A private containers.conf (CONTAINERS_CONF) sets both.
 - Base images cannot be pulled: a Debian bookworm root filesystem is made with debootstrap and imported.
   It carries Python 3.11 (= bentofile's python_version, so uv finds it and downloads nothing) and uv (so
   BentoML's Dockerfile does not pip-install one).

@@ -1,35 +1,99 @@
-"""Rank functions for tests/test_distributed.py, started with torch.multiprocessing.spawn (they must live in an
-importable module). Each rank joins a gloo process group through the project's own `setup`, runs real training
-code, and leaves what it saw in a file for the test to compare."""
+"""Plain helpers for the tests (fixtures are in conftest.py): real photos and small generated images, the
+built-in model, a real hymenoptera subset, and the rank functions that tests/test_distributed.py starts with
+torch.multiprocessing.spawn (they must live in an importable module). Each rank joins a gloo process group
+through the project's own `setup`, runs real training code, and leaves what it saw in a file for the test."""
 from __future__ import annotations
 
 import functools
+import io
 import os
-import socket
+import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from models.preprocessing import Preprocessing
-from models.weights import build_model, head_parameters
-from training.config import TrainConfig
-from training.data import Sample
-from training.distributed import DistEnv, cleanup, setup
-from training.loaders import EvalTransform, ImageDataset
-from training.loop import lr_factor, train_one_epoch
+from tuneserve.models.preprocessing import Preprocessing
+from tuneserve.models.samples import sample_photos
+from tuneserve.models.store import StoredModel
+from tuneserve.models.weights import build_model, head_parameters
+from tuneserve.service.batch_metrics import read_batch_sizes
+from tuneserve.training.config import TrainConfig
+from tuneserve.training.data import Sample
+from tuneserve.training.distributed import DistEnv, cleanup, setup
+from tuneserve.training.loaders import EvalTransform, ImageDataset
+from tuneserve.training.loop import lr_factor, train_one_epoch
+
+
+# --- images and models ------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def builtin_model() -> StoredModel:
+    """The built-in ImageNet model in this session's BentoML home (exported once, ~15 s)."""
+    from tuneserve.training.builtin import ensure_builtin_model
+
+    return ensure_builtin_model()
+
+
+def photo_path(name: str) -> Path:
+    """A real sample photo that ships with an installed package, by file name (coffee.png, chelsea.png, ...)."""
+    return next(p for p in sample_photos() if p.name == name)
+
+
+def photo(name: str) -> bytes:
+    return photo_path(name).read_bytes()
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def write_image(path: Path, seed: int, size=(40, 32), fmt: str | None = None) -> Path:
+    """A small random RGB PNG/JPEG (format from the suffix unless given); content depends on the seed."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=3)
+    arr = np.clip(base + rng.integers(-20, 20, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+def hymenoptera_subset(hymenoptera: Path, root: Path, train: int, val: int) -> Path:
+    """root/{train,val}/{ants,bees}/: the first `train` / `val` photos of each class, copied (sorted by name)."""
+    for split, n in (("train", train), ("val", val)):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for src in sorted((hymenoptera / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(src, root / split / cls / src.name)
+    return root
+
+
+def shadowing_packages(root: Path) -> Path:
+    """A user's project folder with its own top-level `models`, `service` and `training` packages, each of
+    which stops the process if imported."""
+    for name in ("models", "service", "training"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "__init__.py").write_text(f"raise SystemExit('the user project\\'s {name} was imported')\n")
+    return root
+
+
+def inference_batches(metrics_text: str) -> tuple[int, int]:
+    """(onnxruntime calls, of which single-image ones), from the service's Prometheus histogram."""
+    sizes = read_batch_sizes(metrics_text)
+    return int(sizes.get("count", 0)), int(sizes.get("le_1.0", 0))
+
+
+# --- distributed ranks ------------------------------------------------------------------------------------------
 
 ARCH = "efficientnet_lite0"  # the default architecture, with its real (offline) ImageNet weights
 # Eval preprocessing (resize, centre crop, normalise) at 64 px: no random augmentation, and fast on 2 cores.
 SMALL = Preprocessing(input_size=64, resize_size=64)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def join(rank: int, world_size: int, port: int, local_world_size: int | None = None) -> None:
@@ -64,7 +128,7 @@ def equivalence_steps(env: DistEnv, samples: list[Sample], batch: int, accum: in
     (~2e-4 apart after 3 steps). In float64 the two runs agree to ~1e-15. The loss itself stays float32
     (train_one_epoch casts the logits), which is exact here: fl(x/6) == fl(x/3)/2.
     """
-    from training.train import _param_groups, _prepare_phase
+    from tuneserve.training.train import _param_groups, _prepare_phase
 
     cfg = TrainConfig(lr=1e-3, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0, warmup_epochs=0.5)
     torch.manual_seed(0)  # the fresh 3-way head: same initial weights in every process
@@ -115,7 +179,7 @@ def sample_params(model: nn.Module) -> torch.Tensor:
 def local_sgd_rank(rank: int, world_size: int, port: int, cfg: dict[str, Any], local_world_size: int, out: str) -> None:
     """Run `train()` unchanged, with spies (not mocks) on the loop functions it calls: a snapshot of the
     parameters after every optimizer step (after the local SGD averager ran), and of the model evaluated."""
-    import training.train as tt
+    import tuneserve.training.train as tt
 
     join(rank, world_size, port, local_world_size)
     steps: list[torch.Tensor] = []

@@ -1,0 +1,43 @@
+"""Where a run stands: epochs done, the best epoch so far, early-stopping count and the per-epoch history.
+
+Saved in last.pt with the model and optimizer, so a resumed run continues with the same best epoch and
+patience as the interrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    best_top1: float = -1.0
+    best_loss: float = float("inf")  # validation loss of the best epoch: breaks top-1 ties
+    best_epoch: int = 0
+    since_best: int = 0  # epochs without improvement, for early stopping
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (training/train.py)
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Add epoch `row` (with its validation metrics under "val"); True when it is the new best."""
+        val = row["val"]
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        improved = val["top1"] > self.best_top1 or (val["top1"] == self.best_top1 and val["loss"] < self.best_loss)
+        if improved:
+            self.best_top1, self.best_loss, self.best_epoch, self.since_best = val["top1"], val["loss"], self.epoch, 0
+        else:
+            self.since_best += 1
+        return improved
+
+    @property
+    def best_row(self) -> dict[str, Any]:
+        return next(r for r in self.history if r["epoch"] == self.best_epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> "Progress":
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
