@@ -29,6 +29,9 @@ class ModelCard:
     # Other precisions of the same graph, by name ("fp16"): {"file", "kept", "top1_agreement", ...}. A variant
     # is kept (its file stored) only when it agrees with fp32 on real images; see training/export.py.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Every other file of the version: {name: {"bytes", "sha256"}}, written at registration (models/store.py),
+    # so damage is found before serving. Empty in cards written before it existed.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_name: str = "input"  # float32 (N, 3, input_size, input_size), normalised
     output_name: str = "logits"  # float32 (N, num_classes)
     format_version: int = FORMAT_VERSION

@@ -16,6 +16,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tuneserve.models.image_cost import decode_bytes, jpeg_shortfall
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -96,24 +98,28 @@ ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 
 def load_image(
-    source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+    source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
+    max_decode_bytes: int | None = None,
 ) -> Image.Image:
     """Decode a file path or bytes into an upright 8-bit RGB image.
 
     EXIF orientation is applied, animated GIF/WebP give their first frame, and modes L, LA, P, RGBA,
     CMYK, I, I;16 and F become RGB (transparent pixels over white). Raises ImageDecodeError with the
-    reason for empty, non-image, truncated, unsupported-format or oversized input.
+    reason for empty, non-image, truncated, unsupported-format or oversized input; oversized means more
+    than `max_pixels`, or (when given) more than `max_decode_bytes` of memory to decode and convert
+    (models/image_cost.py), both known from the header before decoding.
     `draft_size` lets JPEGs decode at a reduced scale (1/2, 1/4 or 1/8, keeping at least that many pixels a
     side): model inputs use `decode` (Preprocessing.draft_size); data checks use a small size, for speed.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ImageDecodeError("empty image: received 0 bytes")
-        fp: Any = io.BytesIO(bytes(source))
+        data = bytes(source)
     else:
-        fp = os.fspath(source)
+        with open(os.fspath(source), "rb") as f:
+            data = f.read()
+    if len(data) == 0:
+        raise ImageDecodeError("empty image: received 0 bytes")
     try:
-        with Image.open(fp) as img:
+        with Image.open(io.BytesIO(data)) as img:
             if img.format not in SUPPORTED_FORMATS:
                 raise ImageDecodeError(
                     f"unsupported image format {img.format}; send one of {', '.join(SUPPORTED_FORMATS[:-1])}"
@@ -124,8 +130,16 @@ def load_image(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                 )
             img.seek(0)  # first frame of animations
-            if draft_size and img.format in ("JPEG", "MPO"):  # MPO: phone cameras' multi-picture JPEG
-                img.draft("RGB", (draft_size, draft_size))
+            if img.format in ("JPEG", "MPO"):  # MPO: phone cameras' multi-picture JPEG
+                shortfall = jpeg_shortfall(img, data)
+                if shortfall:
+                    raise ImageDecodeError(f"corrupt or {shortfall}")
+                if draft_size:
+                    img.draft("RGB", (draft_size, draft_size))
+            if max_decode_bytes is not None and decode_bytes(img.mode, img.size) > max_decode_bytes:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} {img.mode} pixels: decoding it needs about "
+                    f"{decode_bytes(img.mode, img.size) // 2**20} MiB, over the limit of {max_decode_bytes // 2**20} MiB")
             img.load()  # decode now, so truncation is reported here and not later
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
@@ -140,22 +154,43 @@ def load_image(
         raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
 
 
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit grey: scale the full range to 8 bits instead of clipping at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in _WIDE_GREY:
+        return _wide_grey_to_l(img).convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Over white: paste through the alpha channel, which needs one RGB image beside the RGBA one
+        # (alpha_composite would need two more RGBA images).
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _wide_grey_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit grey -> 8-bit grey, scaling the image's own range to 0..255 (not clipping at 255), without
+    float64 copies of the whole image: 16-bit through a 65,536-entry table, 32-bit row block by row block."""
+    arr = np.asarray(img)  # (H, W) uint16 / int32 / float32, a view where Pillow allows
+    lo, hi = arr.min(), arr.max()
+    if not hi > lo:
+        return Image.new("L", img.size, 0)
+    if arr.dtype == np.uint16 or arr.dtype.str in ("<u2", ">u2"):
+        table = np.clip(np.round((np.arange(65536, dtype=np.float64) - float(lo)) * (255.0 / (float(hi) - float(lo)))), 0, 255)
+        return Image.fromarray(table.astype(np.uint8)[arr], mode="L")
+    out = np.empty(arr.shape, dtype=np.uint8)
+    scale = np.float32(255.0 / (float(hi) - float(lo)))
+    for start in range(0, arr.shape[0], 256):  # 256 rows at a time: float32 scratch of 256 x W
+        block = (arr[start:start + 256].astype(np.float32) - np.float32(lo)) * scale
+        np.rint(block, out=block)
+        out[start:start + 256] = block
+    return Image.fromarray(out, mode="L")
 
 
 def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
@@ -222,12 +257,26 @@ def _normaliser(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.nda
     return scale.reshape(3, 1, 1), offset.reshape(3, 1, 1)
 
 
-def decode(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
+           max_decode_bytes: int | None = None) -> Image.Image:
     """Bytes or path -> RGB image, as every pipeline that feeds this model decodes it (training's two
     pipelines, validation, export's parity check, evaluation and serving): large JPEGs at pp.draft_size."""
-    return load_image(source, max_pixels=max_pixels, draft_size=pp.draft_size)
+    return load_image(source, max_pixels=max_pixels, draft_size=pp.draft_size, max_decode_bytes=max_decode_bytes)
 
 
-def preprocess(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_estimate(data: bytes, pp: Preprocessing) -> int:
+    """Peak bytes `decode(data, pp)` will need, read from the header alone (draft scaling included); 0 when
+    the header cannot be read (decoding then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format in ("JPEG", "MPO") and pp.draft_size:
+                img.draft("RGB", (pp.draft_size, pp.draft_size))
+            return decode_bytes(img.mode, img.size)
+    except Exception:  # noqa: BLE001 - any unreadable header: the decode reports it properly
+        return 0
+
+
+def preprocess(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_decode_bytes: int | None = None) -> np.ndarray:
     """Bytes or path -> float32 (3, input_size, input_size): what the exported model takes per image."""
-    return eval_transform(decode(source, pp, max_pixels=max_pixels), pp)
+    return eval_transform(decode(source, pp, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes), pp)

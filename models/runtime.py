@@ -91,6 +91,10 @@ class OnnxClassifier:
         self.providers = self.session.get_providers()
         wanted = requested[0][0] if isinstance(requested[0], tuple) else requested[0]
         if wanted != self.providers[0]:
+            if device == "cuda":  # asked for explicitly: running on the CPU instead would be a silent surprise
+                raise RuntimeError(f"device 'cuda' was asked for, but onnxruntime could not start {wanted} (it "
+                                   f"runs on {self.providers[0]}; its log above says why: CUDA 13 and cuDNN 9 "
+                                   "libraries and a driver are needed)")
             log.warning("asked for %s but onnxruntime runs on %s", wanted, self.providers[0])
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name

@@ -1,40 +1,107 @@
-"""Admission control by observed delay: refuse new requests while admitted ones are taking too long.
+"""Admission control: take a request only when it can be answered within the latency bound.
 
-A fixed in-flight cap (TUNESERVE_MAX_IN_FLIGHT) bounds memory, but not waiting time: on 2 CPU cores 512
-images are ~3.5 s of work, so under sustained overload every answer came back seconds late, and images that
-waited past the batcher's bound were shed only after being decoded, wasting the CPU that was short already.
-This gate follows CoDel's idea: act on a *standing* queue, seen as the smallest delay among the requests that
-finished recently. A burst leaves some fast completions and passes; when even the fastest request of the
-last `window_s` took longer than the bound, new requests get 503 at once, before their body is read.
+Every admitted request gets a deadline, its arrival plus TUNESERVE_MAX_LATENCY_MS; the work is checked
+against it before decoding, before batching and before answering (service/served_model.py, batcher.py,
+routes.py), so that nothing is decoded or run for an answer that would come too late.
+
+Admission itself estimates the work in flight, not only its count: the images admitted and not yet
+answered, divided by the rate at which this worker finishes images while it is busy (measured over the
+last seconds), is how long a new request would wait. It is refused (503, before its body is read) when
+that wait passes half the bound, leaving the other half for its own decoding and inference and for the
+estimate's error. Under a flood this keeps the queue short, so admitted requests finish in time and
+refusals cost microseconds instead of a decode each.
 """
 from __future__ import annotations
 
 import collections
 import time
+from dataclasses import dataclass
 from typing import Callable
 
+# The queue may hold this share of the bound; the rest is the request's own work and the estimate's error.
+QUEUE_SHARE_OF_BOUND = 0.5
+RATE_WINDOW_S = 3.0  # completions this recent make the rate: long enough to average batches, short enough to follow load
 
-class DelayGate:
-    def __init__(self, bound_s: float, window_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
-        self.bound_s = bound_s
-        self.window_s = window_s
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request's answer stops being worth computing (time.monotonic seconds)."""
+
+    arrived: float
+    expires: float
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) > self.expires
+
+    def remaining(self) -> float:
+        return self.expires - time.monotonic()
+
+    def waited_ms(self) -> float:
+        return 1000 * (time.monotonic() - self.arrived)
+
+
+class WorkEstimate:
+    """Images in flight and the rate at which they finish while the worker is busy -> the wait a new image
+    would have. Event-loop only (no locks).
+
+    The rate is trusted only when it was measured with about as much work in flight as there is now: a
+    worker that has served one request at a time finishes images more slowly than it can under load
+    (decoding threads and batches are not used), so a burst after a quiet spell is admitted and left to
+    the deadline checks instead of being refused on an estimate made for another load."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, window_s: float = RATE_WINDOW_S):
         self.clock = clock
-        self._done: collections.deque[tuple[float, float]] = collections.deque()  # (finished at, delay)
+        self.window_s = window_s
+        self.in_flight = 0  # images admitted and not finished
+        self._mark = clock()  # last completion, or the start of the current busy stretch
+        self._changed = self._mark  # last change of in_flight
+        self._area = 0.0  # integral of in_flight over time since _mark (image-seconds)
+        # Per answer: (finished at, images, busy seconds before it, image-seconds in flight before it).
+        self._done: collections.deque[tuple[float, int, float, float]] = collections.deque()
 
-    def record(self, admitted_at: float) -> None:
-        """A request admitted at `admitted_at` (clock time) has finished, answered or not."""
+    def _accumulate(self, now: float) -> None:
+        self._area += self.in_flight * (now - self._changed)
+        self._changed = now
+
+    def started(self, images: int) -> None:
         now = self.clock()
-        self._done.append((now, now - admitted_at))
+        if self.in_flight == 0:
+            self._mark, self._area = now, 0.0  # a busy stretch starts: idle time is not busy time
+        self._accumulate(now)
+        self.in_flight += images
+
+    def finished(self, images: int, served: bool = True) -> None:
+        """`images` left the worker: answered (`served`), or refused after admission (their busy time goes to
+        the next answer, so work not done does not make the rate look higher)."""
+        now = self.clock()
+        self._accumulate(now)
+        self.in_flight -= images
+        if not served:
+            return
+        self._done.append((now, images, now - self._mark, self._area))
+        self._mark, self._area = now, 0.0
         self._forget(now)
 
-    def min_recent_delay(self) -> float | None:
-        """The smallest delay among requests finished within the window; None when none finished."""
+    def rate(self) -> tuple[float, float] | None:
+        """(images finished per busy second, mean images in flight meanwhile) over the window; None before
+        anything finished."""
         self._forget(self.clock())
-        return min((d for _, d in self._done), default=None)
+        images = sum(d[1] for d in self._done)
+        busy = sum(d[2] for d in self._done)
+        if images == 0 or busy <= 0:
+            return None
+        return images / busy, sum(d[3] for d in self._done) / busy
 
-    def open(self) -> bool:
-        delay = self.min_recent_delay()
-        return delay is None or delay <= self.bound_s
+    def wait_s(self, images: int = 1) -> float:
+        """Estimated seconds until `images` more, queued behind the work in flight, would be finished; 0 when
+        there is nothing ahead or no rate measured under a comparable load."""
+        measured = self.rate()
+        if measured is None or self.in_flight == 0:
+            return 0.0
+        rate, load = measured
+        if 2 * load < self.in_flight:
+            return 0.0  # measured under less than half today's load: it would underestimate the worker
+        return (self.in_flight + images) / rate
 
     def _forget(self, now: float) -> None:
         while self._done and now - self._done[0][0] > self.window_s:

@@ -3,8 +3,8 @@
 Policy (as Triton's dynamic batcher without a queue delay): whenever the engine is free, it takes everything
 queued, up to `max_batch` images, and runs it in a thread; requests that arrive meanwhile wait for the next
 call. An idle engine therefore answers a lone request at once, and a busy one forms batches as large as the
-load makes them, with no timer to tune. A request whose images waited longer than `max_latency_ms` without
-starting is shed (Overloaded -> 503): past that point the queue is growing faster than it drains.
+load makes them, with no timer to tune. A request whose deadline (service/admission.py) passes before its
+images start is shed (Overloaded -> 503) without running: its answer would come too late.
 
 Why not BentoML's adaptive batcher: reaching it from the same service takes `self.to_async.<api>`, a second
 trip through BentoML's ASGI stack and JSON per request, which cost more CPU than decoding the image did.
@@ -28,26 +28,26 @@ log = logging.getLogger(__name__)
 
 
 class Overloaded(RuntimeError):
-    """The request's images waited longer than the latency bound for the engine."""
+    """The request's deadline passed while its images waited for the engine."""
 
 
 @dataclass
 class _Pending:
     images: np.ndarray  # float32 (n, 3, H, W)
     future: asyncio.Future
-    queued_at: float = field(default_factory=time.perf_counter)
+    deadline: float  # time.monotonic() after which the images are not run
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 class DynamicBatcher:
-    """`await batcher.submit(images)` -> logits float32 (n, classes); `run(batch)` is the model call."""
+    """`await batcher.submit(images, deadline)` -> logits float32 (n, classes); `run(batch)` is the model call."""
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_latency_ms: float,
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int,
                  on_batch: Callable[[int], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run = run
         self.max_batch = max_batch
-        self.max_latency_s = max_latency_ms / 1000
         self.on_batch = on_batch  # called with each call's image count (metrics)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wake: asyncio.Event | None = None
@@ -55,10 +55,11 @@ class DynamicBatcher:
         # One model call at a time: a second concurrent call would only compete for the same device.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer")
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
+    async def submit(self, images: np.ndarray, deadline: float = float("inf")) -> np.ndarray:
+        """Logits for `images`, or Overloaded when `deadline` (time.monotonic) passes before they start."""
         self._ensure_started()
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, future))
+        self._queue.append(_Pending(images, future, deadline))
         self._wake.set()
         return await future
 
@@ -100,8 +101,8 @@ class DynamicBatcher:
 
     def _take(self) -> list[_Pending]:
         """Queued requests for the next call: whole requests, up to max_batch images (a request larger
-        than max_batch goes alone). Requests that waited past the latency bound are shed first."""
-        now = time.perf_counter()
+        than max_batch goes alone). Requests whose deadline has passed are shed first."""
+        now = time.monotonic()
         taken: list[_Pending] = []
         count = 0
         while self._queue:
@@ -109,10 +110,10 @@ class DynamicBatcher:
             if p.future.done():  # cancelled by its caller while queued
                 self._queue.popleft()
                 continue
-            if now - p.queued_at > self.max_latency_s:
+            if now > p.deadline:
                 self._queue.popleft()
-                p.future.set_exception(Overloaded(
-                    f"waited {1000 * (now - p.queued_at):.0f} ms for the model, over the {1000 * self.max_latency_s:.0f} ms bound"))
+                p.future.set_exception(Overloaded(f"waited {1000 * (now - p.queued_at):.0f} ms for the model, past "
+                                                  "the request's deadline"))
                 continue
             if taken and count + len(p.images) > self.max_batch:
                 break

@@ -46,6 +46,10 @@ class ServiceConfig:
     max_image_bytes: int = _setting(20 * 1024 * 1024, "TUNESERVE_MAX_IMAGE_BYTES", "largest accepted image file (413 above)", 1)
     max_pixels: int = _setting(DEFAULT_MAX_PIXELS, "TUNESERVE_MAX_PIXELS", "largest accepted width x height (413 above: decompression bombs)", 1)
     max_request_bytes: int = _setting(128 * 1024 * 1024, "TUNESERVE_MAX_REQUEST_BYTES", "largest /classify_batch body, all images together (413 above)", 1)
+    max_decode_mb: int = _setting(512, "TUNESERVE_MAX_DECODE_MB", "most memory (MiB) one image may need to decode, "
+                                  "known from its header: 40 Mpx of 16-bit grey need ~240 (413 above)", 1)
+    decode_memory_mb: int = _setting(1024, "TUNESERVE_DECODE_MEMORY_MB", "memory (MiB) the decodes running at once "
+                                     "in a worker may need together; more waits, until its deadline (503)", 1)
     max_batch_images: int = _setting(64, "TUNESERVE_MAX_BATCH_IMAGES", "most images in one /classify_batch request (413 above)", 1)
     max_in_flight: int = _setting(512, "TUNESERVE_MAX_IN_FLIGHT", "images being decoded or classified per worker before new requests get 503", 1)
     top_k: int = _setting(5, "TUNESERVE_TOP_K", "predictions per image when the request does not say", 1)

@@ -8,11 +8,18 @@ tests and benchmarks make their own from a ServiceConfig, without touching the e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from tuneserve.models.architectures import BUILTIN_NAME
+from tuneserve.models.artifact import FP16_ONNX_FILE, ONNX_FILE
+from tuneserve.models.precision import choose_precision
 from tuneserve.models.runtime import gpu_present
-from tuneserve.models.store import ModelNotFoundError, StoredModel, load_model
+from tuneserve.models.store import ModelIntegrityError, ModelNotFoundError, StoredModel, load_model, verify
 from tuneserve.service.config import ServiceConfig
+
+
+class ModelUnusable(RuntimeError):
+    """The chosen model cannot be served: a damaged file, or a graph onnxruntime cannot load."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,7 @@ class ServingPlan:
     config: ServiceConfig
     model: StoredModel
     device: str  # "cpu" or "cuda": where onnxruntime will run
+    precision: str  # "fp32" or "fp16": which of the model's graphs runs
     max_batch_size: int  # most images per inference call; 1: batching off
     max_latency_ms: int  # images that waited longer for the engine are shed (503)
     workers: int  # worker processes, each with its own session and batcher
@@ -30,6 +38,26 @@ class ServingPlan:
     def batching(self) -> bool:
         return self.max_batch_size > 1
 
+    @property
+    def onnx_path(self) -> Path:
+        return self.model.path / (FP16_ONNX_FILE if self.precision == "fp16" else ONNX_FILE)
+
+    def check(self) -> None:
+        """What is served is whole and loads: the graph's file against its registered sha256, then an
+        onnxruntime session on the CPU (what a truncated or damaged graph fails). Run before anything is
+        announced, so that a bad model is one readable error instead of workers that fail at start-up."""
+        from tuneserve.models.runtime import OnnxClassifier
+
+        try:
+            verify(self.model, files=(ONNX_FILE, FP16_ONNX_FILE))
+        except ModelIntegrityError as e:
+            raise ModelUnusable(f"cannot serve {e}") from None
+        try:
+            OnnxClassifier(self.onnx_path, device="cpu", intra_op_threads=1)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; each becomes one message
+            raise ModelUnusable(f"cannot serve {self.model.tag}: onnxruntime cannot load {self.onnx_path.name}: "
+                                f"{e}") from None
+
     @classmethod
     def resolve(cls, config: ServiceConfig) -> "ServingPlan":
         """The plan for `config` on this machine. The model must be registered: the service only loads tags
@@ -37,7 +65,9 @@ class ServingPlan:
         device = expected_device(config.device)
         max_batch_size, max_latency_ms = config.batching(device)
         workers = config.worker_count(device)
-        return cls(config=config, model=resolve_model(config.model), device=device, max_batch_size=max_batch_size,
+        model = resolve_model(config.model)
+        precision = choose_precision(config.precision, device, model.card.variants)
+        return cls(config=config, model=model, device=device, precision=precision, max_batch_size=max_batch_size,
                    max_latency_ms=max_latency_ms, workers=workers, preprocess_threads=config.threads(workers),
                    ort_threads=config.onnxruntime_threads(device))
 

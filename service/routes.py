@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tuneserve.models.runtime import top_k
+from tuneserve.service.admission import Deadline
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.inputs import (
     MULTIPART_OVERHEAD_PER_PART,
@@ -52,13 +53,17 @@ class Backend(Protocol):
     @property
     def config(self) -> ServiceConfig: ...  # request limits and the default top_k
 
+    def deadline(self) -> Deadline: ...  # for a request arriving now
+
     def check_capacity(self) -> None: ...  # HTTPError 503 when a new request would be refused anyway
 
     def admit(self, images: int) -> ContextManager[None]: ...  # counts images in flight; HTTPError 503 when full
 
-    async def preprocess(self, data: bytes) -> np.ndarray: ...  # encoded image -> float32 (3, S, S); HTTPError 4xx
+    def late(self, deadline: Deadline, stage: str) -> HTTPError: ...  # the 503 for a deadline passed at `stage`
 
-    async def classify(self, arrays: list[np.ndarray]) -> np.ndarray: ...  # -> probabilities float32 (N, classes)
+    async def preprocess(self, data: bytes, deadline: Deadline) -> np.ndarray: ...  # -> float32 (3, S, S); HTTPError
+
+    async def classify(self, arrays: list[np.ndarray], deadline: Deadline) -> np.ndarray: ...  # -> float32 (N, classes)
 
     def describe(self) -> dict[str, Any]: ...  # GET /model
 
@@ -94,16 +99,17 @@ class Routes:
     def backend(self) -> Backend:
         return self._resolve()
 
-    def _admit_request(self, request: Request) -> int:
-        """Common start of both classify routes: capacity and a bad query-string top_k are refused before
-        a possibly large body is read. Returns top_k."""
+    def _admit_request(self, request: Request) -> tuple[Deadline, int]:
+        """Common start of both classify routes: the request's deadline, counted from now; capacity and a bad
+        query-string top_k are refused before a possibly large body is read. Returns (deadline, top_k)."""
         b = self.backend
+        deadline = b.deadline()
         b.check_capacity()
-        return parse_top_k(request.query_params.get("top_k"), b.config.top_k, len(b.labels))
+        return deadline, parse_top_k(request.query_params.get("top_k"), b.config.top_k, len(b.labels))
 
     async def classify(self, request: Request) -> Response:
         b, cfg = self.backend, self.backend.config
-        k = self._admit_request(request)
+        deadline, k = self._admit_request(request)
         if is_multipart(request):
             body = await read_body(request, cfg.max_image_bytes + MULTIPART_OVERHEAD_PER_PART, "TUNESERVE_MAX_IMAGE_BYTES")
             files, fields = await read_form(request, body, 1, HTTPError(
@@ -120,13 +126,15 @@ class Routes:
             image = ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES"))
         _check_image_size(image, cfg.max_image_bytes)
         with b.admit(1):
-            array = await b.preprocess(image.data)
-            probs = await b.classify([array])
+            array = await b.preprocess(image.data, deadline)
+            probs = await b.classify([array], deadline)
+            if deadline.expired():
+                raise b.late(deadline, "before the answer was ready")
         return JSONResponse({"model": b.tag, "predictions": top_k(probs[0], b.labels, k)})
 
     async def classify_batch(self, request: Request) -> Response:
         b, cfg = self.backend, self.backend.config
-        k = self._admit_request(request)
+        deadline, k = self._admit_request(request)
         if not is_multipart(request):
             raise HTTPError(415, "/classify_batch takes multipart/form-data with one file part per image "
                                  "(e.g. curl -F images=@a.jpg -F images=@b.jpg); for one raw image use /classify")
@@ -143,14 +151,19 @@ class Routes:
         async def prepare(image: ImageInput) -> np.ndarray | HTTPError:
             try:
                 _check_image_size(image, cfg.max_image_bytes)
-                return await b.preprocess(image.data)
+                return await b.preprocess(image.data, deadline)
             except HTTPError as e:
                 return e  # one bad image gets its own error; the others are still classified
 
         with b.admit(len(files)):
             prepared = await asyncio.gather(*(prepare(f) for f in files))
+            late = next((p for p in prepared if isinstance(p, HTTPError) and p.status == 503), None)
+            if late is not None:
+                raise late  # the request as a whole is out of time
             good = [p for p in prepared if isinstance(p, np.ndarray)]
-            probs = iter(await b.classify(good) if good else [])
+            probs = iter(await b.classify(good, deadline) if good else [])
+            if deadline.expired():
+                raise b.late(deadline, "before the answer was ready")
         results: list[dict[str, Any]] = []
         for image, p in zip(files, prepared):
             if isinstance(p, HTTPError):

@@ -2,9 +2,12 @@
 
 No BentoML here: the BentoML service (service/service.py) makes one ServedModel in each worker process and
 the routes (service/routes.py) call it; tests build one from a ServingPlan and drive it directly or
-through the routes. The path of an image: decode + preprocess in the thread pool, concurrently with other
-requests -> the DynamicBatcher, which gathers the arrays of concurrent requests into one onnxruntime call
-whenever the engine is free -> softmax.
+through the routes. The path of a request: admission (service/admission.py: refused at once when the work
+in flight would keep it past its deadline) -> per image, its decode cost read from the header and reserved
+from the worker's decode memory (service/decode_budget.py) -> decode + preprocess in the thread pool,
+concurrently with other requests -> the DynamicBatcher, which gathers the arrays of concurrent requests
+into one onnxruntime call whenever the engine is free -> softmax. Each step first checks the request's
+deadline, so nothing is decoded or run for an answer that would come too late.
 """
 from __future__ import annotations
 
@@ -17,12 +20,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from tuneserve.models.artifact import FP16_ONNX_FILE
-from tuneserve.models.precision import choose_precision
-from tuneserve.models.preprocessing import ImageDecodeError, preprocess
+from tuneserve.models.preprocessing import ImageDecodeError, Preprocessing, decode_estimate, preprocess
 from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, softmax
-from tuneserve.service.admission import DelayGate
+from tuneserve.service.admission import QUEUE_SHARE_OF_BOUND, Deadline, WorkEstimate
 from tuneserve.service.batcher import DynamicBatcher, Overloaded
+from tuneserve.service.decode_budget import LARGE_BYTES, DecodeBudget, DecodeBudgetExceeded, release_free_memory
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.inputs import HTTPError, decode_error_status
 from tuneserve.service.plan import ServingPlan
@@ -38,17 +40,16 @@ class ServedModel:
         self.plan = plan
         self.model = plan.model
         card = self.model.card
-        self.precision = choose_precision(plan.config.precision, plan.device, card.variants)
-        onnx_path = self.model.path / FP16_ONNX_FILE if self.precision == "fp16" else self.model.onnx_path
+        self.precision = plan.precision
         # Buckets up to the largest call the batcher makes: a full batch, or one /classify_batch request alone.
         # spin=False on CPU: onnxruntime's idle threads must not busy-wait on the cores decoding needs.
-        self.session = OnnxClassifier(onnx_path, device=plan.config.device, intra_op_threads=plan.ort_threads,
+        self.session = OnnxClassifier(plan.onnx_path, device=plan.config.device, intra_op_threads=plan.ort_threads,
                                       max_batch=max(plan.max_batch_size, plan.config.max_batch_images),
                                       spin=plan.device == "cuda")
-        self._batcher = DynamicBatcher(self.session, plan.max_batch_size, plan.max_latency_ms, on_batch=on_batch)
-        self._in_flight = 0  # images admitted and not answered yet (event-loop only: no lock)
-        self._gate = DelayGate(plan.max_latency_ms / 1000)
+        self._batcher = DynamicBatcher(self.session, plan.max_batch_size, on_batch=on_batch)
+        self._work = WorkEstimate()  # images in flight and how fast they finish (admission)
         self._pool = ThreadPoolExecutor(plan.preprocess_threads, thread_name_prefix="tuneserve-preprocess")
+        self._decode_budget = DecodeBudget(plan.config.decode_memory_mb * 2**20, plan.preprocess_threads)
         self._warm_up()
         log.info(
             "serving %s (%s, %d classes, %s) with onnxruntime on %s (%s intra-op threads); batching %s; "
@@ -84,70 +85,74 @@ class ServedModel:
 
     # -- admission: refuse early and cheaply rather than queue without bound -----------------------------------
 
+    def deadline(self) -> Deadline:
+        """For a request arriving now: answer within TUNESERVE_MAX_LATENCY_MS, or not at all."""
+        now = time.monotonic()
+        return Deadline(now, now + self.plan.max_latency_ms / 1000)
+
     def check_capacity(self) -> None:
-        """503 now, before a request's body is read, when a new request would be refused anyway."""
-        if self._in_flight >= self.config.max_in_flight:
-            raise self._busy()
-        if self._standing_queue():
-            raise self._slow()
+        """503 now, before a request's body is read, when one more image would be refused anyway."""
+        self._refuse_if_full(1)
 
     @contextlib.contextmanager
     def admit(self, images: int) -> Iterator[None]:
         """Count `images` as in flight while the block runs; refuse (503) beyond TUNESERVE_MAX_IN_FLIGHT, or
-        while recent requests all took longer than TUNESERVE_MAX_LATENCY_MS (service/admission.py), so a
-        flood gets fast answers instead of an ever-growing queue."""
-        if self._in_flight + images > self.config.max_in_flight:
-            raise self._busy()
-        if self._standing_queue():
-            raise self._slow()
-        self._in_flight += images
-        admitted_at = self._gate.clock()
+        when the work already in flight would keep them waiting past half the latency bound
+        (service/admission.py), so a flood gets fast answers instead of an ever-growing queue."""
+        self._refuse_if_full(images)
+        self._work.started(images)
+        served = False
         try:
             yield
+            served = True
         finally:
-            self._in_flight -= images
-            self._gate.record(admitted_at)
+            self._work.finished(images, served)
 
-    def _busy(self) -> HTTPError:
-        return HTTPError(
-            503, f"server overloaded: {self._in_flight} images are already being processed by this worker "
-            f"(limit TUNESERVE_MAX_IN_FLIGHT={self.config.max_in_flight}); retry shortly",
-            {"Retry-After": "1"},
-        )
+    def _refuse_if_full(self, images: int) -> None:
+        in_flight, cfg = self._work.in_flight, self.config
+        if in_flight + images > cfg.max_in_flight:
+            raise HTTPError(503, f"server overloaded: {in_flight} images are already being processed by this "
+                                 f"worker (limit TUNESERVE_MAX_IN_FLIGHT={cfg.max_in_flight}); retry shortly",
+                            {"Retry-After": "1"})
+        wait = self._work.wait_s(images)
+        if wait > QUEUE_SHARE_OF_BOUND * self.plan.max_latency_ms / 1000:
+            raise HTTPError(503, f"server overloaded: the {in_flight} images in flight would keep this request "
+                                 f"waiting ~{1000 * wait:.0f} ms, past half the latency bound "
+                                 f"(TUNESERVE_MAX_LATENCY_MS={self.plan.max_latency_ms}); retry shortly",
+                            {"Retry-After": "1"})
 
-    def _standing_queue(self) -> bool:
-        """Recent requests all took too long *and* more than a batch of images is waiting now: a lone slow
-        request (a huge image) on an idle server does not turn the next one away."""
-        return self._in_flight >= self.plan.max_batch_size and not self._gate.open()
-
-    def _slow(self) -> HTTPError:
-        delay = self._gate.min_recent_delay() or 0.0
-        return HTTPError(
-            503, f"server overloaded: every request finished in the last second took over {1000 * delay:.0f} ms "
-            f"(bound TUNESERVE_MAX_LATENCY_MS={self.plan.max_latency_ms}); retry shortly", {"Retry-After": "1"},
-        )
+    def late(self, deadline: Deadline, stage: str) -> HTTPError:
+        return HTTPError(503, f"server overloaded: {deadline.waited_ms():.0f} ms passed {stage}, over the latency "
+                              f"bound (TUNESERVE_MAX_LATENCY_MS={self.plan.max_latency_ms}); retry shortly",
+                         {"Retry-After": "1"})
 
     # -- the work ----------------------------------------------------------------------------------------------
 
-    async def preprocess(self, data: bytes) -> np.ndarray:
-        """Decode and preprocess one image in the thread pool -> float32 (3, S, S); a bad image raises
-        HTTPError (4xx)."""
-        loop = asyncio.get_running_loop()
+    async def preprocess(self, data: bytes, deadline: Deadline) -> np.ndarray:
+        """Decode and preprocess one image in the thread pool -> float32 (3, S, S), within the worker's decode
+        memory budget and before `deadline`; a bad image raises HTTPError (4xx), a late one 503."""
+        pp, cfg = self.model.card.preprocessing, self.config
+        nbytes = decode_estimate(data, pp)
+        max_bytes = cfg.max_decode_mb * 2**20
+        if nbytes > max_bytes:  # known from the header: refused before it takes any memory or time
+            raise HTTPError(413, f"the image needs about {nbytes // 2**20} MiB to decode, over the limit of "
+                                 f"{cfg.max_decode_mb} MiB (server setting TUNESERVE_MAX_DECODE_MB)")
         try:
-            return await loop.run_in_executor(
-                self._pool, preprocess, data, self.model.card.preprocessing, self.config.max_pixels
-            )
+            async with self._decode_budget.reserve(nbytes, deadline.remaining()):
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, _decode_in_time, data, pp, cfg.max_pixels, max_bytes, nbytes, deadline)
         except ImageDecodeError as e:
             raise HTTPError(decode_error_status(e), str(e)) from None
+        except (DecodeBudgetExceeded, _Late):
+            raise self.late(deadline, "waiting to decode the image") from None
 
-    async def classify(self, arrays: list[np.ndarray]) -> np.ndarray:
+    async def classify(self, arrays: list[np.ndarray], deadline: Deadline) -> np.ndarray:
         """Probabilities float32 (N, classes) for preprocessed float32 (3, S, S) images, run together with
-        whatever other requests are waiting for the engine."""
+        whatever other requests are waiting for the engine, unless `deadline` passes first (503)."""
         try:
-            logits = await self._batcher.submit(np.stack(arrays))
-        except Overloaded as e:
-            raise HTTPError(503, f"server overloaded: {e} (TUNESERVE_MAX_LATENCY_MS={self.plan.max_latency_ms}); "
-                                 "retry shortly", {"Retry-After": "1"}) from None
+            logits = await self._batcher.submit(np.stack(arrays), deadline.expires)
+        except Overloaded:
+            raise self.late(deadline, "waiting for the model") from None
         return softmax(logits)
 
     def describe(self) -> dict[str, Any]:
@@ -171,8 +176,27 @@ class ServedModel:
             "limits": {
                 "max_image_bytes": cfg.max_image_bytes,
                 "max_pixels": cfg.max_pixels,
+                "max_decode_mb": cfg.max_decode_mb,
+                "decode_memory_mb": cfg.decode_memory_mb,
+                "max_latency_ms": plan.max_latency_ms,
                 "max_batch_images": cfg.max_batch_images,
                 "max_request_bytes": cfg.max_request_bytes,
                 "default_top_k": cfg.top_k,
             },
         }
+
+
+class _Late(Exception):
+    """The deadline passed while the image waited for a decoding thread."""
+
+
+def _decode_in_time(data: bytes, pp: Preprocessing, max_pixels: int, max_bytes: int, nbytes: int,
+                    deadline: Deadline) -> np.ndarray:
+    """In a pool thread: preprocess `data` unless its deadline has passed while it waited for the thread."""
+    if deadline.expired():
+        raise _Late()
+    try:
+        return preprocess(data, pp, max_pixels, max_bytes)
+    finally:
+        if nbytes > LARGE_BYTES:
+            release_free_memory()  # a large decode's buffers: back to the system now, not at the next peak

@@ -16,6 +16,7 @@ import logging
 import bentoml
 
 from tuneserve.service.batch_metrics import BATCH_SIZE_BUCKETS, BATCH_SIZE_METRIC
+from tuneserve.service import lifecycle
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.plan import ServingPlan
 from tuneserve.service.routes import create_app
@@ -24,7 +25,16 @@ from tuneserve.service.served_model import ServedModel
 # bentoml's server logging config leaves the root logger at WARNING; the start-up lines must show.
 logging.getLogger("tuneserve.service").setLevel(logging.INFO)
 
-PLAN = ServingPlan.resolve(ServiceConfig.from_env())
+
+def _checked_plan() -> ServingPlan:
+    plan = ServingPlan.resolve(ServiceConfig.from_env())
+    if not lifecycle.in_worker():
+        plan.check()  # in bentoml's main process, before any worker starts (service/lifecycle.py)
+    return plan
+
+
+PLAN = lifecycle.resolve_or_exit(_checked_plan)
+lifecycle.arm_fatal_exit()
 # Images per inference call, as Prometheus sees them (GET /metrics): how well batching works under the load.
 BATCH_SIZES = bentoml.metrics.Histogram(
     name=BATCH_SIZE_METRIC, documentation="images per onnxruntime call", buckets=BATCH_SIZE_BUCKETS,
@@ -49,7 +59,10 @@ class Classifier:
 
     def __init__(self) -> None:
         # Loads and warms up the model; BentoML answers /readyz only after this returns.
-        self.served = ServedModel(PLAN, on_batch=BATCH_SIZES.observe)
+        try:
+            self.served = ServedModel(PLAN, on_batch=BATCH_SIZES.observe)
+        except Exception as e:  # noqa: BLE001 - whatever it is, this worker cannot serve: stop, do not loop
+            lifecycle.fail_worker(f"cannot serve {PLAN.model.tag} on {PLAN.device}: {type(e).__name__}: {e}")
 
     @bentoml.on_shutdown
     def _stop_pools(self) -> None:

@@ -203,3 +203,18 @@ def local_sgd_rank(rank: int, world_size: int, port: int, cfg: dict[str, Any], l
     tt.train_one_epoch, tt.evaluate = epoch_spy, evaluate_spy
     tt.train(TrainConfig(**cfg))
     torch.save({"steps": steps, "evals": evals}, Path(out) / f"rank{rank}.pt")
+
+
+# --- hostile payloads ---------------------------------------------------------------------------------------------
+
+def wide_grey_png(side: int = 6300) -> bytes:
+    """A few-kB PNG of side x side 16-bit grey pixels (40 Mpx at 6300): cheap to send, costly to decode."""
+    return encode(Image.fromarray(np.full((side, side), 1000, dtype=np.uint16)), "PNG", optimize=True)
+
+
+def forged_size_jpeg(jpeg: bytes, width: int = 6300, height: int = 6300) -> bytes:
+    """A real JPEG whose frame header claims `width` x `height`: far less data than such an image needs."""
+    data = bytearray(jpeg)
+    sof = next(i for i in range(2, len(data) - 9) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC1, 0xC2))
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)

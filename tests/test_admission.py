@@ -1,7 +1,9 @@
-"""The delay gate on its own, with a hand-driven clock."""
+"""Admission's estimate of the work in flight, on its own, with a hand-driven clock."""
 from __future__ import annotations
 
-from tuneserve.service.admission import DelayGate
+import pytest
+
+from tuneserve.service.admission import Deadline, WorkEstimate
 
 
 class Clock:
@@ -12,30 +14,68 @@ class Clock:
         return self.now
 
 
-def test_gate_closes_on_a_standing_queue_and_reopens_when_it_drains():
+def steady_load(work: WorkEstimate, clock: Clock, in_flight: int, per_second: int, seconds: float) -> None:
+    """Keep `in_flight` images in flight while one finishes every 1/per_second seconds."""
+    work.started(in_flight - work.in_flight)
+    for _ in range(int(seconds * per_second)):
+        clock.now += 1 / per_second
+        work.finished(1)
+        work.started(1)
+
+
+def test_nothing_measured_or_nothing_ahead_means_no_wait():
     clock = Clock()
-    gate = DelayGate(bound_s=0.5, window_s=1.0, clock=clock)
-    assert gate.open() and gate.min_recent_delay() is None  # nothing finished yet: admit
-    for delay in (0.7, 0.9, 0.6):  # every recent request took longer than the bound
-        gate.record(clock.now - delay)
-        clock.now += 0.1
-    assert not gate.open() and abs(gate.min_recent_delay() - 0.6) < 1e-9
-    gate.record(clock.now - 0.2)  # one fast completion: the queue is not standing
-    assert gate.open()
+    work = WorkEstimate(clock)
+    assert work.wait_s() == 0.0 and work.rate() is None
+    work.started(1)
+    clock.now += 0.01
+    work.finished(1)
+    assert work.wait_s() == 0.0  # nothing in flight now
 
 
-def test_a_burst_with_some_fast_answers_passes():
+def test_under_sustained_load_the_wait_is_the_work_ahead_over_the_rate():
     clock = Clock()
-    gate = DelayGate(bound_s=0.5, window_s=1.0, clock=clock)
-    for delay in (0.05, 0.9, 1.2, 0.8):
-        gate.record(clock.now - delay)
-    assert gate.open()
+    work = WorkEstimate(clock)
+    steady_load(work, clock, in_flight=20, per_second=100, seconds=2)
+    rate, load = work.rate()
+    assert rate == pytest.approx(100, rel=0.02) and load == pytest.approx(20, rel=0.05)
+    assert work.wait_s(1) == pytest.approx(21 / 100, rel=0.02)
+    assert work.wait_s(16) == pytest.approx(36 / 100, rel=0.02)
 
 
-def test_old_completions_are_forgotten():
+def test_idle_time_is_not_counted_as_busy():
     clock = Clock()
-    gate = DelayGate(bound_s=0.5, window_s=1.0, clock=clock)
-    gate.record(clock.now - 2.0)
-    assert not gate.open()
-    clock.now += 1.5  # no completion within the last second: no evidence of a queue
-    assert gate.open() and gate.min_recent_delay() is None
+    work = WorkEstimate(clock)
+    for _ in range(10):  # one request at a time, 10 ms each, one every second
+        work.started(1)
+        clock.now += 0.01
+        work.finished(1)
+        clock.now += 0.99
+    rate, _ = work.rate()  # over the 3 s window: 3 images in 30 ms of busy time
+    assert rate == pytest.approx(100, rel=0.02)
+
+
+def test_a_burst_after_a_quiet_spell_is_not_refused_on_a_rate_measured_one_at_a_time():
+    clock = Clock()
+    work = WorkEstimate(clock)
+    steady_load(work, clock, in_flight=1, per_second=50, seconds=2)
+    work.started(63)  # 64 in flight, against a rate measured with 1
+    assert work.wait_s() == 0.0
+    steady_load(work, clock, in_flight=64, per_second=150, seconds=3)  # now measured under that load
+    assert work.wait_s() == pytest.approx(65 / 150, rel=0.03)
+
+
+def test_work_refused_after_admission_does_not_raise_the_rate():
+    clock = Clock()
+    work = WorkEstimate(clock)
+    steady_load(work, clock, in_flight=10, per_second=100, seconds=1)
+    before = work.rate()[0]
+    work.started(50)
+    clock.now += 0.001
+    work.finished(50, served=False)  # shed at their deadline: no work done
+    assert work.rate()[0] == pytest.approx(before, rel=0.02) and work.in_flight == 10
+
+
+def test_deadline():
+    d = Deadline(arrived=10.0, expires=11.0)
+    assert not d.expired(now=10.5) and d.expired(now=11.01)

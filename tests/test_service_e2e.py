@@ -148,19 +148,20 @@ def test_demo_classifies_the_sample_photos_over_http():
 
 
 def test_overload_is_a_fast_503_not_a_hang():
-    """A latency bound far below one inference makes the batcher shed queued work; the shed requests must
-    come back as 503 with a JSON reason, and the server must keep answering."""
+    """A burst far beyond what the worker can answer within a short latency bound: every answer is a 200 or
+    a 503 with a JSON reason and Retry-After, the work that could not be done in time is shed, and the server
+    then answers normally."""
     model = builtin_model()
-    with running_server(env={"TUNESERVE_MODEL": model.tag, "TUNESERVE_MAX_LATENCY_MS": "5"}) as url:
+    with running_server(env={"TUNESERVE_MODEL": model.tag, "TUNESERVE_MAX_LATENCY_MS": "150"}) as url:
         async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=200)) as client:
                 for _ in range(4):  # connections open, thread pools started
                     await client.post("/classify", content=photo("coffee.png"))
-                return await asyncio.gather(*(client.post("/classify", content=photo("coffee.png")) for _ in range(48)))
+                return await asyncio.gather(*(client.post("/classify", content=photo("coffee.png")) for _ in range(160)))
 
         answers = asyncio.run(burst())
         codes = [a.status_code for a in answers]
-        assert set(codes) <= {200, 503} and 503 in codes, codes
-        shed = next(a for a in answers if a.status_code == 503)
-        assert "TUNESERVE_MAX_LATENCY_MS=5" in shed.json()["error"] and shed.headers["retry-after"] == "1"
+        assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+        for shed in (a for a in answers if a.status_code == 503):
+            assert "TUNESERVE_MAX_LATENCY_MS=150" in shed.json()["error"] and shed.headers["retry-after"] == "1"
         assert httpx.post(f"{url}/classify", content=photo("coffee.png"), timeout=30).status_code == 200

@@ -319,7 +319,8 @@ def test_fp16_variant_serves_the_same_labels(model):
     names = ("coffee.png", "chelsea.png", "rocket.jpg", "grace_hopper.jpg")
 
     async def best(served: ServedModel) -> list[tuple[str, float]]:
-        probs = await served.classify([await served.preprocess(photo(n)) for n in names])
+        deadline = served.deadline()
+        probs = await served.classify([await served.preprocess(photo(n), deadline) for n in names], deadline)
         return [(served.labels[int(p.argmax())], float(p.max())) for p in probs]
 
     fp16, fp32 = (ServedModel(ServingPlan.resolve(ServiceConfig(model=model.tag, precision=p))) for p in ("fp16", "auto"))

@@ -1,14 +1,35 @@
-"""Artifacts in the BentoML model store: round trip, listing, failed saves leave nothing behind."""
+"""Artifacts in the BentoML model store: round trip, listing, integrity, and saves that fail or are killed at
+any instant leave either the whole version or nothing."""
 from __future__ import annotations
 
+import dataclasses
 import glob
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import textwrap
+import time
 
 import pytest
 
 from tuneserve.models.artifact import ModelCard
 from tuneserve.models.preprocessing import Preprocessing
-from tuneserve.models.store import ModelNotFoundError, list_models, load_model, save_model, validate_name
+from tuneserve.models.store import (
+    STAGING_DIR,
+    ModelIntegrityError,
+    ModelNotFoundError,
+    bentoml_home,
+    list_models,
+    load_model,
+    models_root,
+    prune,
+    save_model,
+    scan_store,
+    validate_name,
+    verify,
+)
 
 
 def _card(labels=("a", "b", "c")) -> ModelCard:
@@ -23,7 +44,10 @@ def test_save_load_list_roundtrip(tmp_path):
     stored = save_model("roundtrip", _card(), onnx, {"history.csv": extra})
     assert stored.tag.startswith("roundtrip:")
     loaded = load_model(stored.tag)
-    assert loaded.card == _card() and loaded.onnx_path.read_bytes() == b"onnx-bytes"
+    assert dataclasses.replace(loaded.card, files={}) == _card() and loaded.onnx_path.read_bytes() == b"onnx-bytes"
+    assert loaded.card.files["model.onnx"]["bytes"] == len(b"onnx-bytes")
+    assert set(loaded.card.files) == {"model.onnx", "history.csv"}
+    verify(loaded)
     assert (loaded.path / "history.csv").read_text() == "epoch\n1\n"
     assert load_model("roundtrip").tag == stored.tag  # name alone = latest version
     assert stored.tag in [m.tag for m in list_models()]
@@ -58,3 +82,101 @@ def test_card_refuses_unknown_format_version(tmp_path):
         ModelCard.from_dict(d)
     card.write(tmp_path)
     assert ModelCard.read(tmp_path) == card
+
+
+def _register(name: str, tmp_path, payload: bytes = b"graph") -> str:
+    onnx = tmp_path / f"{name}.onnx"
+    onnx.write_bytes(payload)
+    return save_model(name, _card(), onnx).tag
+
+
+def test_a_damaged_file_is_found_before_serving(tmp_path):
+    tag = _register("damaged", tmp_path, b"0123456789" * 100)
+    model = load_model(tag)
+    (model.path / "model.onnx").write_bytes(b"9123456789" * 100)  # same size, other bytes
+    with pytest.raises(ModelIntegrityError, match="model.onnx has changed since it was registered"):
+        verify(model)
+    (model.path / "model.onnx").write_bytes(b"0123")  # cut short: not even listed as complete
+    with pytest.raises(ModelNotFoundError, match="is incomplete .*registered as 1000"):
+        load_model(tag)
+
+
+def test_incomplete_versions_are_skipped_with_a_warning_and_pruned(tmp_path, caplog):
+    good = _register("leftovers", tmp_path)
+    root = models_root() / "leftovers"
+    (root / "emptyversion").mkdir()  # what a save killed in its first milliseconds left behind
+    no_card = root / "nocard"
+    no_card.mkdir()
+    (no_card / "model.yaml").write_text((root / good.split(":")[1] / "model.yaml").read_text())
+    (no_card / "model.onnx").write_bytes(b"gra")
+    assert [m.tag for m in list_models() if m.name == "leftovers"] == [good]
+    assert "emptyversion" in caplog.text and "tuneserve models prune" in caplog.text
+    assert load_model("leftovers").tag == good
+    with pytest.raises(ModelNotFoundError, match="leftovers:emptyversion is incomplete"):
+        load_model("leftovers:emptyversion")
+    dry = prune(dry_run=True)
+    assert {"leftovers:emptyversion", "leftovers:nocard"} <= {what for what, _ in dry} and (root / "nocard").exists()
+    removed = {what for what, _ in prune()}
+    assert {"leftovers:emptyversion", "leftovers:nocard"} <= removed
+    assert not (root / "emptyversion").exists() and not scan_store()[1]
+    assert (root / "latest").read_text() == good.split(":")[1]
+    import bentoml
+
+    assert good in [str(m.tag) for m in bentoml.models.list()]  # BentoML's own listing works again
+
+
+_SAVER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from tuneserve.models.artifact import ModelCard
+    from tuneserve.models.preprocessing import Preprocessing
+    from tuneserve.models.store import save_model
+    onnx, extra = Path(sys.argv[1]), Path(sys.argv[2])
+    card = ModelCard(arch="resnet18", labels=["a", "b"], preprocessing=Preprocessing())
+    small = Path(sys.argv[3])
+    small.write_bytes(b"x")
+    save_model("warm-up", card, small)  # BentoML's lazy imports happen here: the kill points fall in the save
+    print("saving", flush=True)
+    start = time.perf_counter()
+    save_model("killed", card, onnx, {"history.csv": extra})
+    print(time.perf_counter() - start, flush=True)
+""")
+
+
+def test_a_registration_killed_at_any_instant_leaves_all_or_nothing(tmp_path):
+    """kill -9 at ten points spread over a save of 40 MB; after each, the store holds only complete versions,
+    BentoML can list it, and what the save left behind is in staging, where prune removes it, not in /tmp."""
+    import bentoml
+
+    onnx, extra = tmp_path / "big.onnx", tmp_path / "history.csv"
+    onnx.write_bytes(os.urandom(32 * 2**20))
+    extra.write_bytes(os.urandom(8 * 2**20))
+    tmp_before = set(glob.glob(f"{tempfile.gettempdir()}/*"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def run(kill_after_s: float | None) -> float | None:
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(onnx), str(extra), str(tmp_path / "small.onnx")],
+                                stdout=subprocess.PIPE, env=env, text=True)
+        assert proc.stdout.readline().strip() == "saving"
+        if kill_after_s is None:
+            return float(proc.stdout.readline())
+        time.sleep(kill_after_s)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return None
+
+    duration = run(None)  # one whole save: how long the window to kill in is
+    saved = [m.tag for m in list_models() if m.name == "killed"]
+    assert len(saved) == 1
+    for fraction in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        run(duration * fraction)
+        complete, broken = scan_store()
+        assert not broken, (fraction, broken)
+        for m in (m for m in complete if m.name == "killed"):
+            verify(m)  # every visible version is whole
+        assert {m.tag for m in complete if m.name == "killed"} >= set(saved)
+        assert {str(m.tag) for m in bentoml.models.list() if m.tag.name == "killed"} == {
+            m.tag for m in complete if m.name == "killed"}  # BentoML's listing works and agrees
+        prune()
+        assert not list((bentoml_home() / STAGING_DIR).iterdir())
+    assert set(glob.glob(f"{tempfile.gettempdir()}/*")) <= tmp_before  # nothing left in /tmp

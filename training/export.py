@@ -7,7 +7,6 @@ real validation images, within MAX_ABS_LOGIT_DIFF and with identical top-1, at b
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from tuneserve.models.artifact import FP16_ONNX_FILE, ModelCard
 from tuneserve.models.precision import agreement_report, convert_fp16
 from tuneserve.models.preprocessing import Preprocessing, preprocess
 from tuneserve.models.runtime import OnnxClassifier
-from tuneserve.models.store import StoredModel, save_model
+from tuneserve.models.store import StoredModel, save_model, staging_dir, validate_name
 from tuneserve.models.weights import build_model
 from tuneserve.training import checkpoint as ckpt_io
 from tuneserve.training.config import TrainConfig
@@ -117,7 +116,10 @@ def export_and_register(
 ) -> StoredModel:
     """Export, gate, and register as `name:<new version>` (with an fp16 variant where it agrees with fp32).
     Nothing is registered when any step fails."""
-    with tempfile.TemporaryDirectory(prefix="tuneserve-export-") as tmp:
+    validate_name(name)
+    # Scratch files in the store's staging area: a killed export leaves them where `tuneserve models prune`
+    # (and the next save) removes them, not in /tmp.
+    with staging_dir(f"export-{name}") as tmp:
         onnx_path = export_onnx(model, pp, Path(tmp) / "model.onnx", exporter)
         images = load_parity_images(parity_paths, pp)
         report = parity_report(model, onnx_path, images)

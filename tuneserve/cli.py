@@ -64,9 +64,11 @@ def exit_code(e: Exception) -> int:
 def _is_expected_failure(e: Exception) -> bool:
     """Failures whose message says all there is: no traceback hint for them."""
     from tuneserve.client import ServiceUnreachable
+    from tuneserve.models.store import ModelIntegrityError
+    from tuneserve.service.plan import ModelUnusable
     from tuneserve.service.process import ServerFailed
 
-    if isinstance(e, (ServiceUnreachable, ServerFailed)):
+    if isinstance(e, (ServiceUnreachable, ServerFailed, ModelUnusable, ModelIntegrityError)):
         return True
     export = sys.modules.get("tuneserve.training.export")  # loaded if it raised: no need to import torch here
     return export is not None and isinstance(e, export.ExportParityError)

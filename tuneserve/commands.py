@@ -99,6 +99,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         model = ensure_builtin_model()
         print(f"model: {model.tag}  ({model.path})")
         return EXIT_OK
+    if args.models_command == "prune":
+        return _prune(args.dry_run)
     from tuneserve.models.store import list_models
 
     found = list_models()
@@ -115,6 +117,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prune(dry_run: bool) -> int:
+    from tuneserve.models.store import prune
+
+    removed = prune(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for what, why in removed:
+        print(f"{verb} {what}: {why}")
+    if not removed:
+        print("nothing to remove: every version in the store is complete")
+    return EXIT_OK
+
+
 def _top1(metrics: dict[str, Any]) -> str:
     return f"{metrics['val_top1']:.2%}" if "val_top1" in metrics else "-"
 
@@ -125,12 +139,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     host = args.host or os.environ.get("BENTOML_HOST") or "0.0.0.0"
     port = _port(args.port)
+    from tuneserve.service.plan import ServingPlan
+
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServiceConfig)}
     # Flags over TUNESERVE_* variables over defaults; bad values fail here, once, not in every worker.
     cfg = dataclasses.replace(ServiceConfig.from_env(), **{k: v for k, v in flags.items() if v is not None})
-    # The model too: an unknown tag is one readable error before anything starts, the built-in one is
-    # registered on first use, and the workers get its exact name:version.
+    # The model too, before anything is announced: an unknown tag, a damaged file or a graph that does not
+    # load is one readable error; the built-in model is registered on first use; the workers get the exact
+    # name:version.
     cfg = dataclasses.replace(cfg, model=_serving_model(cfg.model).tag)
+    ServingPlan.resolve(cfg).check()
     env = {**os.environ, **cfg.to_env()}
     print(f"serving {cfg.model} on http://{host}:{port}  (POST /classify, POST /classify_batch, "
           f"GET /model, docs at /)", flush=True)

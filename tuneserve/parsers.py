@@ -107,3 +107,6 @@ def _add_models_parser(sub: Any) -> None:
                    help="one JSON object per model instead of a table")
     actions.add_parser("add-builtin", help="register the built-in ImageNet EfficientNet-Lite0 (exported from the "
                        "weights that ship with the package, offline), so `bentoml serve` and `bentoml build` find it")
+    q = actions.add_parser("prune", help="remove what interrupted saves left: incomplete versions in the store and "
+                           "staging folders of processes that are gone")
+    q.add_argument("--dry-run", action="store_true", help="only list what would be removed")
