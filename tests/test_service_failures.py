@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import glob
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from tuneserve.models.runtime import gpu_present
 from tuneserve.models.store import save_model
 from tuneserve.service.process import SERVICE, free_port, running_server
-from support import builtin_model, forged_size_jpeg, photo, wide_grey_png
+from support import forged_size_jpeg, photo, wide_grey_png
 
 pytestmark = pytest.mark.slow
 
