@@ -19,8 +19,26 @@ from dataclasses import dataclass
 from typing import Callable
 
 # The queue may hold this share of the bound; the rest is the request's own work and the estimate's error.
-QUEUE_SHARE_OF_BOUND = 0.5
+QUEUE_SHARE_OF_BOUND = 0.3
 RATE_WINDOW_S = 3.0  # completions this recent make the rate: long enough to average batches, short enough to follow load
+
+
+# How much lower (nice) the decoding threads run than the event loop. On a saturated CPU the event loop then
+# still reads, refuses and answers requests on time, instead of queueing them unseen in socket buffers while
+# it waits for a core; the decoders lose nothing while any core is free.
+WORKER_THREAD_NICENESS = 5
+
+
+def lower_thread_priority() -> None:
+    """Run the calling thread WORKER_THREAD_NICENESS below the process (Linux: threads have their own nice
+    value); elsewhere, nothing."""
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + WORKER_THREAD_NICENESS)
+    except (AttributeError, OSError):
+        pass
 
 
 @dataclass(frozen=True)
@@ -44,20 +62,24 @@ class WorkEstimate:
     """Images in flight and the rate at which they finish while the worker is busy -> the wait a new image
     would have. Event-loop only (no locks).
 
-    The rate is trusted only when it was measured with about as much work in flight as there is now: a
-    worker that has served one request at a time finishes images more slowly than it can under load
-    (decoding threads and batches are not used), so a burst after a quiet spell is admitted and left to
-    the deadline checks instead of being refused on an estimate made for another load."""
+    A rate measured with less work in flight than now understates the worker: one request at a time leaves
+    decoding threads and batches unused. It is scaled up by the ratio of the loads, at most by
+    `parallelism` (the decoding threads), so that a burst after a quiet spell is judged by what the worker
+    can do, while the ramp of a flood is still held back by a bounded guess."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, window_s: float = RATE_WINDOW_S):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, window_s: float = RATE_WINDOW_S,
+                 parallelism: float = 2.0):
         self.clock = clock
         self.window_s = window_s
+        self.parallelism = max(1.0, parallelism)
         self.in_flight = 0  # images admitted and not finished
         self._mark = clock()  # last completion, or the start of the current busy stretch
         self._changed = self._mark  # last change of in_flight
         self._area = 0.0  # integral of in_flight over time since _mark (image-seconds)
-        # Per answer: (finished at, images, busy seconds before it, image-seconds in flight before it).
+        # Per answer: (finished at, images, busy seconds before it, image-seconds in flight before it), and
+        # their sums over the window, kept as they change (admission asks for every request).
         self._done: collections.deque[tuple[float, int, float, float]] = collections.deque()
+        self._sums = [0, 0.0, 0.0]
 
     def _accumulate(self, now: float) -> None:
         self._area += self.in_flight * (now - self._changed)
@@ -78,7 +100,9 @@ class WorkEstimate:
         self.in_flight -= images
         if not served:
             return
-        self._done.append((now, images, now - self._mark, self._area))
+        entry = (now, images, now - self._mark, self._area)
+        self._done.append(entry)
+        self._sums = [self._sums[0] + entry[1], self._sums[1] + entry[2], self._sums[2] + entry[3]]
         self._mark, self._area = now, 0.0
         self._forget(now)
 
@@ -86,23 +110,25 @@ class WorkEstimate:
         """(images finished per busy second, mean images in flight meanwhile) over the window; None before
         anything finished."""
         self._forget(self.clock())
-        images = sum(d[1] for d in self._done)
-        busy = sum(d[2] for d in self._done)
+        images, busy, area = self._sums
         if images == 0 or busy <= 0:
             return None
-        return images / busy, sum(d[3] for d in self._done) / busy
+        return images / busy, area / busy
 
     def wait_s(self, images: int = 1) -> float:
         """Estimated seconds until `images` more, queued behind the work in flight, would be finished; 0 when
-        there is nothing ahead or no rate measured under a comparable load."""
+        there is nothing ahead or nothing measured yet."""
         measured = self.rate()
         if measured is None or self.in_flight == 0:
             return 0.0
         rate, load = measured
-        if 2 * load < self.in_flight:
-            return 0.0  # measured under less than half today's load: it would underestimate the worker
+        if load < self.in_flight:
+            rate *= min(self.in_flight / max(load, 1e-9), self.parallelism)
         return (self.in_flight + images) / rate
 
     def _forget(self, now: float) -> None:
         while self._done and now - self._done[0][0] > self.window_s:
-            self._done.popleft()
+            _, images, busy, area = self._done.popleft()
+            self._sums = [self._sums[0] - images, self._sums[1] - busy, self._sums[2] - area]
+        if not self._done:
+            self._sums = [0, 0.0, 0.0]  # no drift from float subtraction

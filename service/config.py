@@ -53,13 +53,17 @@ class ServiceConfig:
     max_batch_images: int = _setting(64, "TUNESERVE_MAX_BATCH_IMAGES", "most images in one /classify_batch request (413 above)", 1)
     max_in_flight: int = _setting(512, "TUNESERVE_MAX_IN_FLIGHT", "images being decoded or classified per worker before new requests get 503", 1)
     top_k: int = _setting(5, "TUNESERVE_TOP_K", "predictions per image when the request does not say", 1)
-    preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: one per CPU, at most 16)", 0)
+    preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: the CPUs over the workers, 2 to 16)", 0)
     ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: one per CPU; idle ones sleep)", 0)
     precision: str = _setting("auto", "TUNESERVE_PRECISION", "model precision: auto (fp16 on CUDA where the model "
                               "has a kept fp16 variant, else fp32), fp32 or fp16", choices=PRECISIONS)
     workers: int = _setting(0, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session and "
-                            "batcher (0: 1 on CPU; on CUDA one per 2 CPUs, at most 8)", 0)
+                            "batcher (0: 2 on CPU, for availability; on CUDA one per 2 CPUs, at most 8)", 0)
     timeout_s: int = _setting(60, "TUNESERVE_TIMEOUT_S", "per-request timeout in seconds", 1)
+    header_timeout_s: int = _setting(10, "TUNESERVE_HEADER_TIMEOUT_S", "seconds a request's headers may take to "
+                                     "arrive (408 after; also closes connections that send nothing)", 1)
+    body_timeout_s: int = _setting(30, "TUNESERVE_BODY_TIMEOUT_S", "seconds a request's body may take to arrive "
+                                   "(408 after)", 1)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -98,21 +102,27 @@ class ServiceConfig:
         return (self.max_batch_size or size, self.max_latency_ms or latency)
 
     def worker_count(self, device: str) -> int:
-        """Worker processes. CPU: 1 (measured: a second worker gained nothing on 2 cores, where the model and
-        decoding already share every core). CUDA: the model leaves the CPU, and each worker's event loop
-        then bounds it: ~2.7 ms of event-loop time per single-image request (HTTP, middleware, hand-offs,
-        JSON; py-spy, docs/benchmarks.md "What a request costs"), i.e. a few hundred requests/s per worker
-        against a target of thousands. One per 2 CPUs (the rest decode), at most 8 (each holds its own
-        CUDA session). Arithmetic from CPU measurements: benchmarks/gpu_suite.sh measures 1, 2 and 4."""
+        """Worker processes. CPU: 2 where there are 2 CPUs or more, so that a worker that dies (OOM, a crash)
+        leaves one serving while it restarts: with one worker, killing it gave 3.4-9 s with no answers; with
+        two, every request was answered; and on 2 cores two workers served as many images as one (128-160 vs
+        129-137 img/s at 16 clients, runs interleaved; docs/benchmarks.md "Workers on a CPU host").
+        CUDA: the model leaves the CPU, and each worker's event loop then bounds it: ~2.7 ms of event-loop
+        time per single-image request (HTTP, middleware, hand-offs, JSON; py-spy, docs/benchmarks.md "What a
+        request costs"), i.e. a few hundred requests/s per worker against a target of thousands. One per 2
+        CPUs (the rest decode), at most 8 (each holds its own CUDA session). Arithmetic from CPU
+        measurements: benchmarks/gpu_suite.sh measures 1, 2 and 4."""
         if self.workers:
             return self.workers
+        cpus = os.cpu_count() or 1
         if device != "cuda":
-            return 1
-        return max(1, min(8, (os.cpu_count() or 1) // 2))
+            return min(2, cpus)
+        return max(1, min(8, cpus // 2))
 
     def threads(self, workers: int = 1) -> int:
-        """Decode/preprocess threads per worker: the CPUs shared among the workers, at most 16 each."""
-        return self.preprocess_threads or max(1, min(16, (os.cpu_count() or 1) // max(1, workers)))
+        """Decode/preprocess threads per worker: the CPUs shared among the workers, at most 16 each, and at
+        least 2, so that one is always left for ordinary photos while the other decodes a huge image
+        (service/decode_budget.py)."""
+        return self.preprocess_threads or max(2, min(16, (os.cpu_count() or 1) // max(1, workers)))
 
     def onnxruntime_threads(self, device: str) -> int:
         """Intra-op threads for the session (0 = onnxruntime's default: one per core).

@@ -5,6 +5,8 @@ No model and no BentoML here: only Starlette's request object and its multipart 
 """
 from __future__ import annotations
 
+import asyncio
+
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -49,18 +51,28 @@ def too_large(what: str, size: int | str, limit: int, setting: str) -> HTTPError
     return HTTPError(413, f"{what} is {size} bytes, over the limit of {limit} bytes (server setting {setting})")
 
 
-async def read_body(request: Request, limit: int, setting: str) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed `limit`, without reading the rest."""
+async def read_body(request: Request, limit: int, setting: str, timeout_s: float) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed `limit`, without reading the rest, and
+    (408) when it has not all arrived within `timeout_s`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large("the request body", declared, limit, setting)
-    chunks, size = [], 0
-    async for chunk in request.stream():  # also covers chunked uploads, which declare no length
-        size += len(chunk)
-        if size > limit:
-            raise too_large("the request body", f"more than {limit}", limit, setting)
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():  # also covers chunked uploads, which declare no length
+            size += len(chunk)
+            if size > limit:
+                raise too_large("the request body", f"more than {limit}", limit, setting)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {timeout_s:g} s (server setting "
+                             "TUNESERVE_BODY_TIMEOUT_S); send it faster, or in smaller requests",
+                        {"Connection": "close"}) from None
 
 
 def is_multipart(request: Request) -> bool:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from typing import Any, Awaitable, Callable, ContextManager, Protocol
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -25,6 +27,7 @@ from starlette.routing import Route
 from tuneserve.models.runtime import top_k
 from tuneserve.service.admission import Deadline
 from tuneserve.service.config import ServiceConfig
+from tuneserve.service.http_protocol import ADMITTED_FROM_HEADERS
 from tuneserve.service.inputs import (
     MULTIPART_OVERHEAD_PER_PART,
     HTTPError,
@@ -39,6 +42,8 @@ from tuneserve.service.inputs import (
 log = logging.getLogger("tuneserve.service")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+CLASSIFY_PATHS = frozenset({"/classify", "/classify_batch"})  # the routes admission may refuse from the headers
 
 
 class Backend(Protocol):
@@ -57,7 +62,7 @@ class Backend(Protocol):
 
     def check_capacity(self) -> None: ...  # HTTPError 503 when a new request would be refused anyway
 
-    def admit(self, images: int) -> ContextManager[None]: ...  # counts images in flight; HTTPError 503 when full
+    def admit(self, images: int, estimate: bool = True) -> ContextManager[None]: ...  # in flight; HTTPError 503
 
     def late(self, deadline: Deadline, stage: str) -> HTTPError: ...  # the 503 for a deadline passed at `stage`
 
@@ -84,6 +89,10 @@ def json_errors(handler: Handler) -> Handler:
     return wrapper
 
 
+def _admitted_from_headers(request: Request) -> bool:
+    return bool(request.scope.get("extensions", {}).get(ADMITTED_FROM_HEADERS))
+
+
 def _check_image_size(image: ImageInput, limit: int) -> None:
     if len(image.data) > limit:
         raise too_large(f"image {image.name!r}", len(image.data), limit, "TUNESERVE_MAX_IMAGE_BYTES")
@@ -99,19 +108,21 @@ class Routes:
     def backend(self) -> Backend:
         return self._resolve()
 
-    def _admit_request(self, request: Request) -> tuple[Deadline, int]:
-        """Common start of both classify routes: the request's deadline, counted from now; capacity and a bad
-        query-string top_k are refused before a possibly large body is read. Returns (deadline, top_k)."""
+    def _admit_request(self, request: Request) -> int:
+        """Common start of both classify routes: capacity (unless admission already judged the request from
+        its headers, service/http_protocol.py) and a bad query-string top_k are refused before a possibly large
+        body is read. Returns top_k."""
         b = self.backend
-        deadline = b.deadline()
-        b.check_capacity()
-        return deadline, parse_top_k(request.query_params.get("top_k"), b.config.top_k, len(b.labels))
+        if not _admitted_from_headers(request):
+            b.check_capacity()
+        return parse_top_k(request.query_params.get("top_k"), b.config.top_k, len(b.labels))
 
     async def classify(self, request: Request) -> Response:
         b, cfg = self.backend, self.backend.config
-        deadline, k = self._admit_request(request)
+        k = self._admit_request(request)
         if is_multipart(request):
-            body = await read_body(request, cfg.max_image_bytes + MULTIPART_OVERHEAD_PER_PART, "TUNESERVE_MAX_IMAGE_BYTES")
+            body = await read_body(request, cfg.max_image_bytes + MULTIPART_OVERHEAD_PER_PART, "TUNESERVE_MAX_IMAGE_BYTES",
+                                   cfg.body_timeout_s)
             files, fields = await read_form(request, body, 1, HTTPError(
                 400, "/classify takes one image; send several to /classify_batch (one file part each)"))
             if not files:
@@ -123,9 +134,11 @@ class Routes:
         else:
             # Anything that is not multipart is the image itself, whatever Content-Type says (curl's
             # --data-binary sends application/x-www-form-urlencoded): the decoder recognises the format.
-            image = ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES"))
+            image = ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES",
+                                                       cfg.body_timeout_s))
         _check_image_size(image, cfg.max_image_bytes)
-        with b.admit(1):
+        deadline = b.deadline()  # the latency bound counts from the whole request's arrival
+        with b.admit(1, estimate=not _admitted_from_headers(request)):
             array = await b.preprocess(image.data, deadline)
             probs = await b.classify([array], deadline)
             if deadline.expired():
@@ -134,11 +147,11 @@ class Routes:
 
     async def classify_batch(self, request: Request) -> Response:
         b, cfg = self.backend, self.backend.config
-        deadline, k = self._admit_request(request)
+        k = self._admit_request(request)
         if not is_multipart(request):
             raise HTTPError(415, "/classify_batch takes multipart/form-data with one file part per image "
                                  "(e.g. curl -F images=@a.jpg -F images=@b.jpg); for one raw image use /classify")
-        body = await read_body(request, cfg.max_request_bytes, "TUNESERVE_MAX_REQUEST_BYTES")
+        body = await read_body(request, cfg.max_request_bytes, "TUNESERVE_MAX_REQUEST_BYTES", cfg.body_timeout_s)
         files, fields = await read_form(request, body, cfg.max_batch_images, HTTPError(
             413, f"too many images in one request: the limit is {cfg.max_batch_images} (server setting "
                  "TUNESERVE_MAX_BATCH_IMAGES); split them over several requests"))
@@ -147,6 +160,7 @@ class Routes:
                                  f"curl -F images=@a.jpg -F images=@b.jpg; text fields received: {sorted(fields) or 'none'}")
         if "top_k" in fields:
             k = parse_top_k(fields["top_k"], cfg.top_k, len(b.labels))
+        deadline = b.deadline()
 
         async def prepare(image: ImageInput) -> np.ndarray | HTTPError:
             try:
@@ -196,7 +210,76 @@ def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[s
     ]
     if openapi_base is not None:
         endpoints.append(Route("/docs.json", openapi, methods=["GET"]))
-    return Starlette(routes=endpoints)
+    return Starlette(routes=endpoints, exception_handlers={StarletteHTTPException: _http_exception})
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (405 for a wrong method, ...) in the service's JSON shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    allowed = f"; allowed: {exc.headers['Allow']}" if exc.headers and "Allow" in exc.headers else ""
+    return JSONResponse({"error": f"{exc.detail} for {request.method} {request.url.path}{allowed}"},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+class Probes:
+    """ASGI middleware answering GET /livez and /readyz from `health()` (service/health.py) before BentoML's
+    own probes, which say nothing about the other workers. /readyz is reached only once this worker's model
+    is loaded (BentoML serves nothing before)."""
+
+    def __init__(self, app, health: Callable[[], dict[str, Any]], model: Callable[[], str]):
+        self.app, self.health, self.model = app, health, model
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] not in ("/livez", "/readyz"):
+            await self.app(scope, receive, send)
+            return
+        report = self.health()
+        if scope["path"] == "/readyz":
+            response = JSONResponse({"status": "ready", "model": self.model(), **report})
+        elif report["live"]:
+            response = JSONResponse({"status": "live", **report})
+        else:
+            w = report["workers"]
+            response = JSONResponse({"error": f"{w['expected'] - w['alive']} worker process(es) have been missing "
+                                              f"for {w['missing_for_s']} s and were not restarted", **report},
+                                    status_code=503)
+        await response(scope, receive, send)
+
+
+class JsonErrors:
+    """ASGI middleware: an error answer that is not JSON (BentoML's 404 for an unknown path, a framework's
+    plain-text error) becomes `{"error": "<its text>"}` with the same status and headers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, Any] = {}
+
+        async def send_json_errors(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json"):
+                    held["start"], held["body"] = message, b""
+                    return
+            elif "start" in held and message["type"] == "http.response.body":
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                start = held.pop("start")
+                text = held["body"].decode("utf-8", "replace").strip() or f"HTTP {start['status']}"
+                body = json.dumps({"error": f"{text}: {scope['method']} {scope['path']}"}).encode()
+                headers = [(k, v) for k, v in start.get("headers", []) if k not in (b"content-type", b"content-length")]
+                await send({**start, "headers": [*headers, (b"content-type", b"application/json"),
+                                                 (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_json_errors)
 
 
 # -- OpenAPI descriptions of the endpoints above ----------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ import numpy as np
 
 from tuneserve.models.preprocessing import ImageDecodeError, Preprocessing, decode_estimate, preprocess
 from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, softmax
-from tuneserve.service.admission import QUEUE_SHARE_OF_BOUND, Deadline, WorkEstimate
+from tuneserve.service.admission import QUEUE_SHARE_OF_BOUND, Deadline, WorkEstimate, lower_thread_priority
 from tuneserve.service.batcher import DynamicBatcher, Overloaded
 from tuneserve.service.decode_budget import LARGE_BYTES, DecodeBudget, DecodeBudgetExceeded, release_free_memory
 from tuneserve.service.config import ServiceConfig
@@ -47,8 +48,9 @@ class ServedModel:
                                       max_batch=max(plan.max_batch_size, plan.config.max_batch_images),
                                       spin=plan.device == "cuda")
         self._batcher = DynamicBatcher(self.session, plan.max_batch_size, on_batch=on_batch)
-        self._work = WorkEstimate()  # images in flight and how fast they finish (admission)
-        self._pool = ThreadPoolExecutor(plan.preprocess_threads, thread_name_prefix="tuneserve-preprocess")
+        self._work = WorkEstimate(parallelism=plan.preprocess_threads)  # images in flight, how fast they finish
+        self._pool = ThreadPoolExecutor(plan.preprocess_threads, thread_name_prefix="tuneserve-preprocess",
+                                        initializer=lower_thread_priority)
         self._decode_budget = DecodeBudget(plan.config.decode_memory_mb * 2**20, plan.preprocess_threads)
         self._warm_up()
         log.info(
@@ -94,12 +96,23 @@ class ServedModel:
         """503 now, before a request's body is read, when one more image would be refused anyway."""
         self._refuse_if_full(1)
 
+    def refusal(self) -> bytes | None:
+        """check_capacity as the JSON body of its 503, or None: for refusing a request from its headers alone
+        (service/http_protocol.py)."""
+        try:
+            self._refuse_if_full(1)
+        except HTTPError as e:
+            return json.dumps({"error": e.message}).encode()
+        return None
+
     @contextlib.contextmanager
-    def admit(self, images: int) -> Iterator[None]:
+    def admit(self, images: int, estimate: bool = True) -> Iterator[None]:
         """Count `images` as in flight while the block runs; refuse (503) beyond TUNESERVE_MAX_IN_FLIGHT, or
-        when the work already in flight would keep them waiting past half the latency bound
-        (service/admission.py), so a flood gets fast answers instead of an ever-growing queue."""
-        self._refuse_if_full(images)
+        (`estimate`) when the work already in flight would keep them waiting past the queue's share of the
+        latency bound (service/admission.py), so a flood gets fast answers instead of an ever-growing queue.
+        `estimate=False` for a request admission already judged from its headers: refusing it now, after its
+        body was read, would cost more than serving it."""
+        self._refuse_if_full(images, estimate)
         self._work.started(images)
         served = False
         try:
@@ -108,16 +121,18 @@ class ServedModel:
         finally:
             self._work.finished(images, served)
 
-    def _refuse_if_full(self, images: int) -> None:
+    def _refuse_if_full(self, images: int, estimate: bool = True) -> None:
         in_flight, cfg = self._work.in_flight, self.config
         if in_flight + images > cfg.max_in_flight:
             raise HTTPError(503, f"server overloaded: {in_flight} images are already being processed by this "
                                  f"worker (limit TUNESERVE_MAX_IN_FLIGHT={cfg.max_in_flight}); retry shortly",
                             {"Retry-After": "1"})
+        if not estimate:
+            return
         wait = self._work.wait_s(images)
         if wait > QUEUE_SHARE_OF_BOUND * self.plan.max_latency_ms / 1000:
             raise HTTPError(503, f"server overloaded: the {in_flight} images in flight would keep this request "
-                                 f"waiting ~{1000 * wait:.0f} ms, past half the latency bound "
+                                 f"waiting ~{1000 * wait:.0f} ms, too close to the latency bound "
                                  f"(TUNESERVE_MAX_LATENCY_MS={self.plan.max_latency_ms}); retry shortly",
                             {"Retry-After": "1"})
 

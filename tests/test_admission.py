@@ -55,12 +55,14 @@ def test_idle_time_is_not_counted_as_busy():
     assert rate == pytest.approx(100, rel=0.02)
 
 
-def test_a_burst_after_a_quiet_spell_is_not_refused_on_a_rate_measured_one_at_a_time():
+def test_a_rate_measured_under_less_load_is_scaled_up_to_the_parallelism():
     clock = Clock()
-    work = WorkEstimate(clock)
-    steady_load(work, clock, in_flight=1, per_second=50, seconds=2)
-    work.started(63)  # 64 in flight, against a rate measured with 1
-    assert work.wait_s() == 0.0
+    work = WorkEstimate(clock, parallelism=2)
+    steady_load(work, clock, in_flight=1, per_second=50, seconds=2)  # one at a time: 50 images/s
+    work.started(1)  # 2 in flight: twice the load it was measured under
+    assert work.wait_s() == pytest.approx(3 / 100, rel=0.03)
+    work.started(62)  # 64 in flight: the scale stops at the parallelism, 2
+    assert work.wait_s() == pytest.approx(65 / 100, rel=0.03)
     steady_load(work, clock, in_flight=64, per_second=150, seconds=3)  # now measured under that load
     assert work.wait_s() == pytest.approx(65 / 150, rel=0.03)
 

@@ -110,3 +110,14 @@ def test_models_add_builtin_registers_what_the_service_serves_by_default(model, 
     monkeypatch.setattr("tuneserve.service.plan.BUILTIN_NAME", "never-registered")
     with pytest.raises(ModelNotFoundError, match="tuneserve models add-builtin"):
         resolve_model(None)  # the service never exports a model itself: it names the command that does
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "True"), ("False", "False")])
+def test_bentoml_usage_tracking_is_off_unless_the_user_chose(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_DO_NOT_TRACK"}
+    if preset is not None:
+        env["BENTOML_DO_NOT_TRACK"] = preset
+    code = ("import tuneserve, os; from bentoml._internal.utils.analytics.usage_stats import do_not_track; "
+            "print(os.environ['BENTOML_DO_NOT_TRACK'], do_not_track())")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == [expected, str(expected == "True")], r.stderr

@@ -45,18 +45,21 @@ def test_onnxruntime_threads_default_to_every_cpu(monkeypatch):
     assert ServiceConfig(ort_threads=3).onnxruntime_threads("cpu") == 3
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert ServiceConfig().onnxruntime_threads("cpu") == 1
-    assert ServiceConfig().threads() == 1
+    assert ServiceConfig().threads() == 2
 
 
 def test_worker_count_per_device(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert ServiceConfig().worker_count("cpu") == 1
+    assert ServiceConfig().worker_count("cpu") == 2  # one can die while the other serves
     assert ServiceConfig().worker_count("cuda") == 8
     assert ServiceConfig(workers=3).worker_count("cuda") == 3 and ServiceConfig(workers=3).worker_count("cpu") == 3
     assert ServiceConfig().threads(workers=8) == 2  # the CPUs are shared among the workers
     assert ServiceConfig(preprocess_threads=5).threads(workers=8) == 5
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert ServiceConfig().worker_count("cuda") == 1
+    assert ServiceConfig().threads(workers=2) == 2  # never fewer than 2: one stays free of huge images
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert ServiceConfig().worker_count("cpu") == 1
     with pytest.raises(ValueError, match="TUNESERVE_WORKERS=-1 is out of range"):
         ServiceConfig.from_env({"TUNESERVE_WORKERS": "-1"})
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import os
 import sys
 from importlib.machinery import ModuleSpec
 from pathlib import Path
@@ -14,6 +15,10 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 SUBPACKAGES = ("models", "training", "service")
+
+# BentoML reports usage (commands, model saves, served requests) to BentoML's servers unless this is set.
+# tuneserve turns it off unless the user has chosen: BENTOML_DO_NOT_TRACK=False lets BentoML track again.
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 
 class _SourceTreeFinder(importlib.abc.MetaPathFinder):
