@@ -86,9 +86,11 @@ def bentoml_home() -> Path:
 
 
 def models_root() -> Path:
+    """The folder of the model store BentoML uses now: $BENTOML_HOME/models, or, while it serves a Bento,
+    the Bento's own models/ (BentoML swaps the store in)."""
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    return Path(BentoMLContainer.model_store_dir.get())
+    return Path(BentoMLContainer.model_store.get()._path)
 
 
 @contextlib.contextmanager

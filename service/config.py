@@ -124,15 +124,18 @@ class ServiceConfig:
         (service/decode_budget.py)."""
         return self.preprocess_threads or max(2, min(16, (os.cpu_count() or 1) // max(1, workers)))
 
-    def onnxruntime_threads(self, device: str) -> int:
-        """Intra-op threads for the session (0 = onnxruntime's default: one per core).
-        On CPU the model shares the machine with decoding. Measured on 2 cores, 16 clients (docs/benchmarks.md,
-        "CPU threads"): every core for onnxruntime with its threads sleeping when idle (service.py turns
-        spinning off on CPU) served 160-165 img/s, half the cores 143-150, every core spinning 138. On CUDA
-        these threads only run the odd CPU-side node: the default is fine."""
+    def onnxruntime_threads(self, device: str, workers: int = 1) -> int:
+        """Intra-op threads for each worker's session (0 = onnxruntime's default: one per core).
+        On CPU the model shares the machine with decoding, and the workers share it with each other: the
+        CPUs split among the workers, idle threads sleeping (spinning is turned off on CPU). Measured on 2
+        cores (docs/benchmarks.md, "CPU threads"): one worker served 160-165 img/s at 16 clients with both
+        cores, 143-150 with one, 138 with both spinning; two workers at 4x overload kept 134-138 img/s with
+        one thread each and 128-136 with two each, whose four threads on two cores also delayed the event
+        loops (p99 of 503s 27-37 ms against 62-98). On CUDA these threads only run the odd CPU-side node:
+        the default is fine."""
         if self.ort_threads or device == "cuda":
             return self.ort_threads
-        return os.cpu_count() or 1
+        return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def describe_settings() -> str:

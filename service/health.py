@@ -10,8 +10,10 @@ half-alive.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,9 +24,12 @@ READY_DIR_ENV = "TUNESERVE_READY_DIR"  # set by bentoml's main process, inherite
 
 
 def arm(in_worker: bool) -> None:
-    """In bentoml's main process: a folder where each worker leaves its pid once it serves."""
-    if not in_worker and READY_DIR_ENV not in os.environ:
-        os.environ[READY_DIR_ENV] = tempfile.mkdtemp(prefix="tuneserve-workers-")
+    """In bentoml's main process: a folder where each worker leaves its pid once it serves (a new one, whatever
+    the process inherited: its workers are its own)."""
+    if not in_worker:
+        folder = tempfile.mkdtemp(prefix="tuneserve-workers-")
+        os.environ[READY_DIR_ENV] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def mark_ready() -> None:

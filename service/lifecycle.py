@@ -46,8 +46,8 @@ def resolve_or_exit(make: Callable[[], T]) -> T:
 def arm_fatal_exit() -> None:
     """In the arbiter: give the workers a file to report a fatal start-up failure in, and exit 1 with its
     content when the server stops because of one."""
-    if in_worker() or FATAL_FILE_ENV in os.environ:
-        return
+    if in_worker():
+        return  # workers use their arbiter's file; an arbiter makes its own, whatever it inherited
     fd, path = tempfile.mkstemp(prefix="tuneserve-fatal-", suffix=".txt")
     os.close(fd)
     os.environ[FATAL_FILE_ENV] = path

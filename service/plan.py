@@ -69,7 +69,7 @@ class ServingPlan:
         precision = choose_precision(config.precision, device, model.card.variants)
         return cls(config=config, model=model, device=device, precision=precision, max_batch_size=max_batch_size,
                    max_latency_ms=max_latency_ms, workers=workers, preprocess_threads=config.threads(workers),
-                   ort_threads=config.onnxruntime_threads(device))
+                   ort_threads=config.onnxruntime_threads(device, workers))
 
 
 def resolve_model(tag: str | None) -> StoredModel:

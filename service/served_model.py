@@ -48,7 +48,9 @@ class ServedModel:
                                       max_batch=max(plan.max_batch_size, plan.config.max_batch_images),
                                       spin=plan.device == "cuda")
         self._batcher = DynamicBatcher(self.session, plan.max_batch_size, on_batch=on_batch)
-        self._work = WorkEstimate(parallelism=plan.preprocess_threads)  # images in flight, how fast they finish
+        # Images in flight and how fast they finish; under more load than the rate was measured at, a worker
+        # can go faster by as many decoding threads as it has, at most (service/admission.py).
+        self._work = WorkEstimate(parallelism=plan.preprocess_threads)
         self._pool = ThreadPoolExecutor(plan.preprocess_threads, thread_name_prefix="tuneserve-preprocess",
                                         initializer=lower_thread_priority)
         self._decode_budget = DecodeBudget(plan.config.decode_memory_mb * 2**20, plan.preprocess_threads)
@@ -131,8 +133,9 @@ class ServedModel:
             return
         wait = self._work.wait_s(images)
         if wait > QUEUE_SHARE_OF_BOUND * self.plan.max_latency_ms / 1000:
-            raise HTTPError(503, f"server overloaded: the {in_flight} images in flight would keep this request "
-                                 f"waiting ~{1000 * wait:.0f} ms, too close to the latency bound "
+            raise HTTPError(503, f"server overloaded: the {in_flight} images in flight (this worker finishes "
+                                 f"~{self._work.rate()[0]:.0f}/s) would keep this request waiting "
+                                 f"~{1000 * wait:.0f} ms, too close to the latency bound "
                                  f"(TUNESERVE_MAX_LATENCY_MS={self.plan.max_latency_ms}); retry shortly",
                             {"Retry-After": "1"})
 

@@ -19,6 +19,7 @@ import bentoml
 from tuneserve.service.batch_metrics import BATCH_SIZE_BUCKETS, BATCH_SIZE_METRIC
 from tuneserve.service import http_protocol, lifecycle
 from tuneserve.service.config import ServiceConfig
+from tuneserve.service.decode_budget import limit_malloc_arenas
 from tuneserve.service import health
 from tuneserve.service.health import Health
 from tuneserve.service.plan import ServingPlan
@@ -57,6 +58,7 @@ http_app = create_app(backend=lambda: bentoml.get_current_service().served,
                       openapi_base=lambda: Classifier.openapi_spec.asdict())
 if lifecycle.in_worker():
     http_protocol.use_in_uvicorn()  # header limits and timeouts, JSON framing errors, cheap refusals
+    limit_malloc_arenas()  # before the decoding and inference threads exist
 
 
 @bentoml.service(

@@ -41,6 +41,7 @@ def test_batching_defaults_per_device_and_overrides():
 def test_onnxruntime_threads_default_to_every_cpu(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert ServiceConfig().onnxruntime_threads("cpu") == 8  # they sleep when idle (spin=False), see config.py
+    assert ServiceConfig().onnxruntime_threads("cpu", workers=2) == 4  # the workers share the CPUs
     assert ServiceConfig().onnxruntime_threads("cuda") == 0  # onnxruntime's default
     assert ServiceConfig(ort_threads=3).onnxruntime_threads("cpu") == 3
     monkeypatch.setattr("os.cpu_count", lambda: 1)
