@@ -23,6 +23,30 @@ class Record:
     status: int  # HTTP status; 0 for a failed connection
 
 
+def add_server_arguments(ap) -> None:
+    """--images and --env, as the overload, soak and worker-kill benchmarks take them."""
+    from pathlib import Path
+
+    from shared_data import HYMENOPTERA
+
+    ap.add_argument("--images", type=Path, default=HYMENOPTERA / "val", help="JPEGs to send (default: hymenoptera val)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server setting (repeatable)")
+
+
+def photo_bodies(folder) -> list[bytes]:
+    """Every .jpg under `folder`, read; exits with a message when there is none."""
+    import sys
+
+    bodies = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))]
+    if not bodies:
+        sys.exit(f"error: no .jpg files under {folder}")
+    return bodies
+
+
+def server_env(pairs: list[str]) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in pairs)
+
+
 def build_requests(url: str, path: str, bodies: list[bytes], content_type: str = "application/octet-stream",
                    headers: dict[str, str] | None = None) -> list[bytes]:
     host = urlsplit(url).netloc

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import loadgen
 from results_io import write_result
-from shared_data import HYMENOPTERA
 from tuneserve.service.process import SERVICE, free_port, running_server
 
 BIN_S = 0.25
@@ -37,17 +36,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="length of the overload")
     ap.add_argument("--capacity-seconds", type=float, default=20.0)
     ap.add_argument("--recovery-seconds", type=float, default=10.0)
-    ap.add_argument("--images", type=Path, default=HYMENOPTERA / "val")
-    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server setting (repeatable)")
+    loadgen.add_server_arguments(ap)
     ap.add_argument("--server-dir", type=Path, default=None, help="serve this checkout instead of the installed code")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    bodies = [p.read_bytes() for p in sorted(args.images.rglob("*.jpg"))]
-    if not bodies:
-        sys.exit(f"error: no .jpg files under {args.images}")
-    env = dict(kv.split("=", 1) for kv in args.env)
+    bodies = loadgen.photo_bodies(args.images)
+    env = loadgen.server_env(args.env)
     port = free_port()
     command, server_env = None, dict(env)
     if args.server_dir is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import psutil
 
 import loadgen
 from results_io import write_result
-from shared_data import HYMENOPTERA
 from tuneserve.service.process import free_port, running_server
 
 SAMPLE_S = 10.0
@@ -31,15 +29,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--share", type=float, default=0.7, help="offered load, x capacity")
     ap.add_argument("--rate", type=float, default=None, help="offered requests/s (skips measuring capacity)")
-    ap.add_argument("--images", type=Path, default=HYMENOPTERA / "val")
-    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    loadgen.add_server_arguments(ap)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    bodies = [p.read_bytes() for p in sorted(args.images.rglob("*.jpg"))]
-    if not bodies:
-        sys.exit(f"error: no .jpg files under {args.images}")
-    env = dict(kv.split("=", 1) for kv in args.env)
+    bodies = loadgen.photo_bodies(args.images)
+    env = loadgen.server_env(args.env)
     port = free_port()
     with running_server(env=env, port=port) as url:
         requests = loadgen.build_requests(url, "/classify", bodies)

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import psutil
 
 import loadgen
 from results_io import write_result
-from shared_data import HYMENOPTERA
 from tuneserve.service.process import free_port, running_server
 
 
@@ -31,12 +29,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--kill-at", type=float, default=6.0)
-    ap.add_argument("--images", type=Path, default=HYMENOPTERA / "val")
+    loadgen.add_server_arguments(ap)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    bodies = [p.read_bytes() for p in sorted(args.images.rglob("*.jpg"))]
-    if not bodies:
-        sys.exit(f"error: no .jpg files under {args.images}")
+    bodies = loadgen.photo_bodies(args.images)
     rows = [run(workers, bodies, args) for workers in args.workers]
     print(f"{'workers':>7} {'img/s before':>12} {'failed':>6} {'of':>6} {'longest gap s':>13}  /readyz during")
     for r in rows:
@@ -48,7 +44,7 @@ def main() -> None:
 
 def run(workers: int, bodies: list[bytes], args) -> dict:
     port = free_port()
-    with running_server(env={"TUNESERVE_WORKERS": str(workers)}, port=port) as url:
+    with running_server(env={**loadgen.server_env(args.env), "TUNESERVE_WORKERS": str(workers)}, port=port) as url:
         requests = loadgen.build_requests(url, "/classify", bodies)
         loadgen.run(loadgen.closed_loop(url, requests, 16, 3))
         probes: list[str] = []
