@@ -28,6 +28,7 @@ from tuneserve.models.runtime import top_k
 from tuneserve.service.admission import Deadline
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.http_protocol import ADMITTED_FROM_HEADERS
+from tuneserve.service.openapi import openapi_paths
 from tuneserve.service.inputs import (
     MULTIPART_OVERHEAD_PER_PART,
     HTTPError,
@@ -200,7 +201,7 @@ def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[s
         # Matched before BentoML's own /docs.json (mounted apps come first in its router), so the Swagger UI
         # at / shows these endpoints too.
         spec = openapi_base()  # type: ignore[misc]
-        spec.setdefault("paths", {}).update(OPENAPI_PATHS)
+        spec.setdefault("paths", {}).update(openapi_paths(routes.backend.config))
         return JSONResponse(spec)
 
     endpoints = [
@@ -280,60 +281,3 @@ class JsonErrors:
             await send(message)
 
         await self.app(scope, receive, send_json_errors)
-
-
-# -- OpenAPI descriptions of the endpoints above ----------------------------------------------------------
-
-_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-_PREDICTIONS = {"type": "array", "items": {"type": "object", "properties": {
-    "label": {"type": "string"}, "score": {"type": "number", "description": "softmax probability"}}}}
-_TOP_K = {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
-          "description": "predictions per image (default 5; larger than the number of classes is clamped)"}
-
-
-def _errors(*codes: int) -> dict[str, Any]:
-    why = {400: "bad input (empty, not an image, truncated, bad top_k, malformed form)",
-           413: "image or request over the byte, pixel or image-count limit", 415: "unsupported image format",
-           503: "overloaded: retry after the Retry-After header"}
-    return {str(c): {"description": why[c], "content": {"application/json": {"schema": _ERROR}}} for c in codes}
-
-
-OPENAPI_PATHS: dict[str, Any] = {
-    "/classify": {"post": {
-        "tags": ["Service APIs"], "operationId": "tuneserve__classify",
-        "description": "Classify one image (JPEG, PNG, WebP, GIF, BMP, TIFF), sent as the raw request body or "
-                       "as the multipart file field `image` (multipart may also carry a `top_k` field).",
-        "parameters": [_TOP_K],
-        "requestBody": {"required": True, "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                "image": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "minimum": 1}}}},
-        }},
-        "responses": {"200": {"description": "top-k predictions, best first", "content": {"application/json": {
-            "schema": {"type": "object", "properties": {"model": {"type": "string"}, "predictions": _PREDICTIONS}}}}},
-            **_errors(400, 413, 415, 503)},
-    }},
-    "/classify_batch": {"post": {
-        "tags": ["Service APIs"], "operationId": "tuneserve__classify_batch",
-        "description": "Classify several images in one multipart request (one file part per image, e.g. field "
-                       "`images` repeated). Answers one result per image, in order; an image that cannot be "
-                       "decoded gets its own `error` and `status` while the others are classified.",
-        "parameters": [_TOP_K],
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["images"], "properties": {
-                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "top_k": {"type": "integer", "minimum": 1}}}}}},
-        "responses": {"200": {"description": "one result per image, in request order", "content": {
-            "application/json": {"schema": {"type": "object", "properties": {
-                "model": {"type": "string"}, "results": {"type": "array", "items": {"type": "object", "properties": {
-                    "filename": {"type": "string"}, "predictions": _PREDICTIONS,
-                    "error": {"type": "string"}, "status": {"type": "integer"}}}}}}}}},
-            **_errors(400, 413, 415, 503)},
-    }},
-    "/model": {"get": {
-        "tags": ["Service APIs"], "operationId": "tuneserve__model",
-        "description": "The served model: tag, architecture, labels, input size, preprocessing, validation metrics, "
-                       "ONNX parity report, onnxruntime provider, batching settings and request limits.",
-        "responses": {"200": {"description": "model card", "content": {"application/json": {"schema": {"type": "object"}}}}},
-    }},
-}
