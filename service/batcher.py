@@ -43,17 +43,21 @@ class DynamicBatcher:
     """`await batcher.submit(images, deadline)` -> logits float32 (n, classes); `run(batch)` is the model call."""
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None, on_wait: Callable[[float], None] | None = None,
+                 executor: ThreadPoolExecutor | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run = run
         self.max_batch = max_batch
-        self.on_batch = on_batch  # called with each call's image count (metrics)
+        self.on_batch = on_batch  # called with each call's image count and seconds (metrics)
+        self.on_wait = on_wait  # called with each request's seconds in the queue (metrics)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        # One model call at a time: a second concurrent call would only compete for the same device.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer")
+        # One model call at a time: a second concurrent call would only compete for the same device. A
+        # worker's batchers (one per model) share its one engine thread (service/worker.py).
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer")
 
     async def submit(self, images: np.ndarray, deadline: float = float("inf")) -> np.ndarray:
         """Logits for `images`, or Overloaded when `deadline` (time.monotonic) passes before they start."""
@@ -66,7 +70,8 @@ class DynamicBatcher:
     def close(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _ensure_started(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -84,14 +89,16 @@ class DynamicBatcher:
                     continue
                 try:
                     batch = taken[0].images if len(taken) == 1 else np.concatenate([p.images for p in taken])
+                    started = time.monotonic()
                     logits = await loop.run_in_executor(self._executor, self.run, batch)
+                    seconds = time.monotonic() - started
                 except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
                     for p in taken:
                         if not p.future.done():
                             p.future.set_exception(e)
                     continue
                 if self.on_batch is not None:
-                    self.on_batch(len(batch))
+                    self.on_batch(len(batch), seconds)
                 start = 0
                 for p in taken:
                     n = len(p.images)
@@ -120,4 +127,6 @@ class DynamicBatcher:
             self._queue.popleft()
             taken.append(p)
             count += len(p.images)
+            if self.on_wait is not None:
+                self.on_wait(now - p.queued_at)
         return taken

@@ -16,6 +16,7 @@ from tuneserve.models.precision import PRECISIONS
 from tuneserve.models.preprocessing import DEFAULT_MAX_PIXELS
 
 DEVICES = ("auto", "cuda", "cpu")
+MODEL_CONTROL = ("none", "poll", "explicit")
 
 # Batching defaults per device, chosen by measurement (docs/benchmarks.md, "Serving: batching").
 # CPU (2 cores, EfficientNet-Lite0): onnxruntime alone is no faster per image in batches there
@@ -28,21 +29,44 @@ DEVICES = ("auto", "cuda", "cpu")
 BATCHING_DEFAULTS = {"cpu": (8, 1000), "cuda": (64, 1000)}
 
 
-def _setting(default: Any, env: str, help: str, minimum: int | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "min": minimum, "choices": choices})
+def _setting(default: Any, env: str, help: str, minimum: int | None = None, choices: tuple[str, ...] | None = None,
+             flag: str | None = None, repeat: bool = False, secret: bool = False) -> Any:
+    """A setting: its variable, its help, and how the CLI shows it (`flag`, repeatable, or none for a secret,
+    which belongs in the environment or a file, never on a command line that `ps` shows)."""
+    return field(default=default, repr=not secret, metadata={
+        "env": env, "help": help, "min": minimum, "choices": choices, "flag": flag, "repeat": repeat, "secret": secret})
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    model: str | None = _setting(None, "TUNESERVE_MODEL", "model tag (name or name:version); none: the built-in ImageNet model")
+    models: str | None = _setting(
+        None, "TUNESERVE_MODELS", "models to serve: tags (name = its latest version, or name:version), "
+        "comma-separated, or 'all' for every tuneserve model in the store; none: the built-in ImageNet model "
+        "(TUNESERVE_MODEL is read too)", flag="--model", repeat=True)
+    default_model: str | None = _setting(
+        None, "TUNESERVE_DEFAULT_MODEL", "name of the model that /classify, /classify_batch and /model serve "
+        "(default: the first one)", flag="--default")
+    model_control: str = _setting(
+        "none", "TUNESERVE_MODEL_CONTROL", "none: the versions chosen at start are served; poll: a new version "
+        "registered in the store is loaded, warmed up and switched to; explicit: versions change through the "
+        "management API only", choices=MODEL_CONTROL)
+    poll_interval_s: int = _setting(5, "TUNESERVE_POLL_INTERVAL_S", "how often poll mode looks at the store", 1)
+    api_key: str | None = _setting(None, "TUNESERVE_API_KEY", "key that inference routes require as "
+                                   "'Authorization: Bearer <key>' (none: no key)", secret=True)
+    api_key_file: str | None = _setting(None, "TUNESERVE_API_KEY_FILE", "file holding that key (a mounted "
+                                        "secret)", secret=True)
+    admin_key: str | None = _setting(None, "TUNESERVE_ADMIN_KEY", "key of the management API (load, unload, "
+                                     "roll back models); none: the API does not exist", secret=True)
+    admin_key_file: str | None = _setting(None, "TUNESERVE_ADMIN_KEY_FILE", "file holding that key", secret=True)
+    metrics_auth: bool = _setting(False, "TUNESERVE_METRICS_AUTH", "/metrics requires the API key too")
     device: str = _setting("auto", "TUNESERVE_DEVICE", "onnxruntime device: auto (CUDA when usable), cuda or cpu",
                            choices=DEVICES)
     max_batch_size: int | None = _setting(
         None, "TUNESERVE_MAX_BATCH_SIZE", "most images per inference call; 1 turns batching off "
         "(default: measured per device, docs/serving.md)", 1)
     max_latency_ms: int | None = _setting(
-        None, "TUNESERVE_MAX_LATENCY_MS", "requests whose images waited longer than this for the model "
-        "are shed with 503 (default: measured per device)", 1)
+        None, "TUNESERVE_MAX_LATENCY_MS", "every request is answered within this many ms of its arrival, or "
+        "refused with 503 (default: measured per device)", 1)
     max_image_bytes: int = _setting(20 * 1024 * 1024, "TUNESERVE_MAX_IMAGE_BYTES", "largest accepted image file (413 above)", 1)
     max_pixels: int = _setting(DEFAULT_MAX_PIXELS, "TUNESERVE_MAX_PIXELS", "largest accepted width x height (413 above: decompression bombs)", 1)
     max_request_bytes: int = _setting(128 * 1024 * 1024, "TUNESERVE_MAX_REQUEST_BYTES", "largest /classify_batch body, all images together (413 above)", 1)
@@ -80,10 +104,17 @@ class ServiceConfig:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(f.metadata["env"], "").strip()
+            if not raw and f.name == "models":
+                raw = environ.get("TUNESERVE_MODEL", "").strip()  # the one-model name it had first
             if not raw:
                 continue
             if "str" in str(f.type):  # annotations are strings here (from __future__ import annotations)
                 values[f.name] = raw
+                continue
+            if str(f.type) == "bool":
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"{f.metadata['env']}={raw!r} is not a boolean: use true or false")
+                values[f.name] = raw.lower() in ("1", "true", "yes")
                 continue
             try:
                 values[f.name] = int(raw)
@@ -93,8 +124,27 @@ class ServiceConfig:
 
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce this config in another process (unset fields are left out)."""
-        return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None}
+        return {f.metadata["env"]: str(getattr(self, f.name)).lower() if isinstance(getattr(self, f.name), bool)
+                else str(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def model_tags(self) -> list[str]:
+        """The tags asked for ("all" stays as it is; none: an empty list)."""
+        return [t.strip() for t in (self.models or "").split(",") if t.strip()]
+
+    def key(self, which: str) -> str | None:
+        """The API key ("api") or admin key ("admin"): from its variable, or read from its file."""
+        value, path = getattr(self, f"{which}_key"), getattr(self, f"{which}_key_file")
+        if value:
+            return value
+        if not path:
+            return None
+        try:
+            text = open(path).read().strip()
+        except OSError as e:
+            raise ValueError(f"TUNESERVE_{which.upper()}_KEY_FILE={path!r} cannot be read: {e.strerror}") from None
+        if not text:
+            raise ValueError(f"TUNESERVE_{which.upper()}_KEY_FILE={path!r} is empty")
+        return text
 
     def batching(self, device: str) -> tuple[int, int]:
         """(max_batch_size, max_latency_ms) for `device` ("cpu" or "cuda"): explicit settings win."""

@@ -21,15 +21,17 @@ from pathlib import Path
 
 LIVENESS_GRACE_S = 30.0  # a worker restart takes a few seconds (model load and warm-up included)
 READY_DIR_ENV = "TUNESERVE_READY_DIR"  # set by bentoml's main process, inherited by its workers
+CONTROL_DIR_ENV = "TUNESERVE_CONTROL_DIR"  # the same, for the wanted model state (service/repository.py)
 
 
 def arm(in_worker: bool) -> None:
-    """In bentoml's main process: a folder where each worker leaves its pid once it serves (a new one, whatever
-    the process inherited: its workers are its own)."""
+    """In bentoml's main process: a folder where each worker leaves its pid once it serves, and one where the
+    workers share the wanted model state (new ones, whatever the process inherited: its workers are its own)."""
     if not in_worker:
-        folder = tempfile.mkdtemp(prefix="tuneserve-workers-")
-        os.environ[READY_DIR_ENV] = folder
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        for env, prefix in ((READY_DIR_ENV, "tuneserve-workers-"), (CONTROL_DIR_ENV, "tuneserve-control-")):
+            folder = tempfile.mkdtemp(prefix=prefix)
+            os.environ[env] = folder
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def mark_ready() -> None:
@@ -37,6 +39,27 @@ def mark_ready() -> None:
     folder = os.environ.get(READY_DIR_ENV)
     if folder and os.path.isdir(folder):
         Path(folder, str(os.getpid())).touch()
+
+
+def ready_worker_pids() -> list[int]:
+    """The pids of this server's workers that serve now (empty outside a BentoML server)."""
+    import psutil
+
+    folder = os.environ.get(READY_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return []
+    pids = []
+    for entry in os.scandir(folder):
+        try:
+            pid = int(entry.name)
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                pids.append(pid)
+                continue
+        except (ValueError, psutil.Error):
+            pass
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)  # a worker that is gone
+    return sorted(pids)
 
 
 @dataclass
@@ -47,23 +70,7 @@ class Health:
     def workers_alive(self) -> int:
         """Worker processes of this server that serve now (this one included); 1 outside a BentoML server.
         A worker that died, or one started in its place and still loading its model, is not counted."""
-        import psutil
-
-        folder = os.environ.get(READY_DIR_ENV)
-        if not folder or not os.path.isdir(folder):
-            return 1
-        alive = 0
-        for entry in os.scandir(folder):
-            try:
-                pid = int(entry.name)
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive += 1
-                    continue
-            except (ValueError, psutil.Error):
-                pass
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)  # a worker that is gone
-        return max(alive, 1)
+        return max(len(ready_worker_pids()), 1)
     def report(self) -> dict:
         alive = self.workers_alive()
         now = time.monotonic()

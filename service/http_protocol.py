@@ -30,9 +30,9 @@ MAX_HEADERS = 100
 # ASGI scope extension set on requests that admission let through from their headers.
 ADMITTED_FROM_HEADERS = "tuneserve.admitted"
 
-# (method, path) -> the JSON body of a 503 when the request would be refused, else None. Set by the service
-# once its model is loaded; None until then.
-Refuser = Callable[[str, str], "bytes | None"]
+# (method, path, headers) -> the JSON body of a 503 when the request would be refused, else None. Set by the
+# service once its models are loaded; None until then.
+Refuser = Callable[[str, str, "list[tuple[bytes, bytes]]"], "bytes | None"]
 _refuser: Refuser | None = None
 _header_timeout_s = 10.0
 
@@ -185,7 +185,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return None
         method = self.parser.get_method().decode("ascii", "replace")
         path = httptools.parse_url(self.url).path.decode("ascii", "replace")
-        return _refuser(method, path)
+        return _refuser(method, path, self.headers)
 
     # -- the header timer --------------------------------------------------------------------------------------
 

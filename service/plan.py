@@ -1,9 +1,10 @@
 """What a service process serves and how: resolved once from a ServiceConfig into one frozen object.
 
-The settings say what was asked (`auto` device, batching left to its default); the plan says what that
-means on this machine (CUDA or CPU, batch bound, latency bound, worker and thread counts) for one
-registered model. The BentoML service makes it once, at import (its decorator needs the worker count);
-tests and benchmarks make their own from a ServiceConfig, without touching the environment.
+The settings say what was asked (`auto` device, batching left to its default, models by name); the plan
+says what that means on this machine (CUDA or CPU, batch bound, latency bound, worker and thread counts)
+and which registered versions it starts with. The BentoML service makes it once, at import (its decorator
+needs the worker count); tests and benchmarks make their own from a ServiceConfig, without touching the
+environment. Versions loaded later (service/repository.py) get their ModelChoice from `plan.choose`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from tuneserve.models.architectures import BUILTIN_NAME
 from tuneserve.models.artifact import FP16_ONNX_FILE, ONNX_FILE
 from tuneserve.models.precision import choose_precision
 from tuneserve.models.runtime import gpu_present
-from tuneserve.models.store import ModelIntegrityError, ModelNotFoundError, StoredModel, load_model, verify
+from tuneserve.models.store import (
+    ModelIntegrityError,
+    ModelNotFoundError,
+    StoredModel,
+    list_models,
+    load_model,
+    verify,
+)
 from tuneserve.service.config import ServiceConfig
 
 
@@ -23,53 +31,109 @@ class ModelUnusable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ModelChoice:
+    """One registered version and the precision it runs in here."""
+
+    stored: StoredModel
+    precision: str  # "fp32" or "fp16": which of the version's graphs runs
+
+    @property
+    def name(self) -> str:
+        return self.stored.name
+
+    @property
+    def tag(self) -> str:
+        return self.stored.tag
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.stored.path / (FP16_ONNX_FILE if self.precision == "fp16" else ONNX_FILE)
+
+    def check(self) -> None:
+        """What is served is whole and loads: the graphs' files against their registered sha256, then an
+        onnxruntime session on the CPU (what a truncated or damaged graph fails). Run before anything is
+        announced, so that a bad model is one readable error instead of workers that fail at start-up."""
+        from tuneserve.models.runtime import OnnxClassifier
+
+        try:
+            verify(self.stored, files=(ONNX_FILE, FP16_ONNX_FILE))
+        except ModelIntegrityError as e:
+            raise ModelUnusable(f"cannot serve {e}") from None
+        try:
+            OnnxClassifier(self.onnx_path, device="cpu", intra_op_threads=1)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; each becomes one message
+            raise ModelUnusable(f"cannot serve {self.tag}: onnxruntime cannot load {self.onnx_path.name}: {e}") from None
+
+
+@dataclass(frozen=True)
 class ServingPlan:
     config: ServiceConfig
-    model: StoredModel
+    models: tuple[ModelChoice, ...]  # the versions served at start, in the order asked for
+    default: str  # name of the model the unnamed routes serve
     device: str  # "cpu" or "cuda": where onnxruntime will run
-    precision: str  # "fp32" or "fp16": which of the model's graphs runs
     max_batch_size: int  # most images per inference call; 1: batching off
-    max_latency_ms: int  # images that waited longer for the engine are shed (503)
-    workers: int  # worker processes, each with its own session and batcher
-    preprocess_threads: int  # decode/preprocess threads per worker
-    ort_threads: int  # onnxruntime intra-op threads (0: onnxruntime's default)
+    max_latency_ms: int  # every request is answered within this, or refused
+    workers: int  # worker processes, each with its own sessions and batchers
+    preprocess_threads: int  # decode/preprocess threads per worker, shared by its models
+    ort_threads: int  # onnxruntime intra-op threads per session (0: onnxruntime's default)
 
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 1
 
     @property
-    def onnx_path(self) -> Path:
-        return self.model.path / (FP16_ONNX_FILE if self.precision == "fp16" else ONNX_FILE)
+    def model(self) -> ModelChoice:
+        """The default model's starting version."""
+        return next(m for m in self.models if m.name == self.default)
+
+    def choose(self, stored: StoredModel) -> ModelChoice:
+        """How `stored` runs under this plan (its precision on this device)."""
+        return ModelChoice(stored, choose_precision(self.config.precision, self.device, stored.card.variants))
 
     def check(self) -> None:
-        """What is served is whole and loads: the graph's file against its registered sha256, then an
-        onnxruntime session on the CPU (what a truncated or damaged graph fails). Run before anything is
-        announced, so that a bad model is one readable error instead of workers that fail at start-up."""
-        from tuneserve.models.runtime import OnnxClassifier
-
-        try:
-            verify(self.model, files=(ONNX_FILE, FP16_ONNX_FILE))
-        except ModelIntegrityError as e:
-            raise ModelUnusable(f"cannot serve {e}") from None
-        try:
-            OnnxClassifier(self.onnx_path, device="cpu", intra_op_threads=1)
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; each becomes one message
-            raise ModelUnusable(f"cannot serve {self.model.tag}: onnxruntime cannot load {self.onnx_path.name}: "
-                                f"{e}") from None
+        for m in self.models:
+            m.check()
 
     @classmethod
     def resolve(cls, config: ServiceConfig) -> "ServingPlan":
-        """The plan for `config` on this machine. The model must be registered: the service only loads tags
-        (the built-in model is registered by the CLI: `tuneserve models add-builtin`, `serve` or `demo`)."""
+        """The plan for `config` on this machine. The models must be registered: the service only loads
+        tags (the built-in model is registered by the CLI: `tuneserve models add-builtin`, `serve` or `demo`)."""
         device = expected_device(config.device)
         max_batch_size, max_latency_ms = config.batching(device)
         workers = config.worker_count(device)
-        model = resolve_model(config.model)
-        precision = choose_precision(config.precision, device, model.card.variants)
-        return cls(config=config, model=model, device=device, precision=precision, max_batch_size=max_batch_size,
+        stored = resolve_models(config.model_tags())
+        default = config.default_model or stored[0].name
+        if default not in {s.name for s in stored}:
+            raise ValueError(f"TUNESERVE_DEFAULT_MODEL={default!r} is not among the served models: "
+                             f"{', '.join(s.name for s in stored)}")
+        models = tuple(ModelChoice(s, choose_precision(config.precision, device, s.card.variants)) for s in stored)
+        return cls(config=config, models=models, default=default, device=device, max_batch_size=max_batch_size,
                    max_latency_ms=max_latency_ms, workers=workers, preprocess_threads=config.threads(workers),
                    ort_threads=config.onnxruntime_threads(device, workers))
+
+
+def resolve_models(tags: list[str]) -> list[StoredModel]:
+    """The versions `tags` name (see ServiceConfig.models), one per model name; ModelNotFoundError says how to
+    register what is missing."""
+    if not tags:
+        return [resolve_model(None)]
+    if tags == ["all"]:
+        newest: dict[str, StoredModel] = {}
+        for m in list_models():  # newest first
+            newest.setdefault(m.name, m)
+        if not newest:
+            raise ModelNotFoundError("TUNESERVE_MODELS=all, but the store holds no tuneserve model: train one, or "
+                                     "run `tuneserve models add-builtin`")
+        return list(newest.values())
+    if "all" in tags:
+        raise ValueError("TUNESERVE_MODELS: 'all' stands alone; list tags, or use 'all' by itself")
+    found = [load_model(t) for t in tags]
+    names = [m.name for m in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"TUNESERVE_MODELS names {', '.join(twice)} more than once: one version per model name "
+                         "is served (the management API switches between versions)")
+    return found
 
 
 def resolve_model(tag: str | None) -> StoredModel:
@@ -80,8 +144,8 @@ def resolve_model(tag: str | None) -> StoredModel:
         return load_model(BUILTIN_NAME)
     except ModelNotFoundError:
         raise ModelNotFoundError(
-            f"no model chosen (TUNESERVE_MODEL) and the built-in model {BUILTIN_NAME} is not registered: run "
-            "`tuneserve models add-builtin` once, or choose a model with TUNESERVE_MODEL=<name or name:version>"
+            f"no model chosen (TUNESERVE_MODELS) and the built-in model {BUILTIN_NAME} is not registered: run "
+            "`tuneserve models add-builtin` once, or choose models with TUNESERVE_MODELS=<name or name:version>,..."
         ) from None
 
 

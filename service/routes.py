@@ -12,10 +12,13 @@ function that returns it, called once, at the first request (the BentoML service
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
-from typing import Any, Awaitable, Callable, ContextManager, Protocol
+import re
+import time
+from typing import Any, Awaitable, Callable, ContextManager, Iterator, Protocol
 
 import numpy as np
 from starlette.applications import Starlette
@@ -27,6 +30,7 @@ from starlette.routing import Route
 from tuneserve.models.runtime import top_k
 from tuneserve.service.admission import Deadline
 from tuneserve.service.config import ServiceConfig
+from tuneserve.service.metrics import Metrics
 from tuneserve.service.http_protocol import ADMITTED_FROM_HEADERS
 from tuneserve.service.openapi import openapi_paths
 from tuneserve.service.inputs import (
@@ -44,20 +48,44 @@ log = logging.getLogger("tuneserve.service")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-CLASSIFY_PATHS = frozenset({"/classify", "/classify_batch"})  # the routes admission may refuse from the headers
+# The routes admission may refuse from the request line alone (service/http_protocol.py).
+_CLASSIFY_PATH = re.compile(r"^(/models/[^/]+)?/classify(_batch)?$")
+
+
+def is_classify_path(path: str) -> bool:
+    return _CLASSIFY_PATH.match(path) is not None
+
+
+class ServedVersion(Protocol):
+    """One model version being served (service/served_model.py)."""
+
+    name: str
+    version: str
+    tag: str  # "name:version"
+    labels: list[str]
+
+    def in_use(self) -> ContextManager[Any]: ...  # while a request uses it, a switch waits for it
+
+    async def preprocess(self, data: bytes, deadline: Deadline) -> np.ndarray: ...  # -> float32 (3, S, S); HTTPError
+
+    async def classify(self, arrays: list[np.ndarray], deadline: Deadline) -> np.ndarray: ...  # -> float32 (N, classes)
+
+    def describe(self) -> dict[str, Any]: ...  # GET /model
 
 
 class Backend(Protocol):
-    """What the routes need from the service: one served model (service/served_model.py implements it)."""
+    """What the routes need from the service: a worker and its models (service/worker.py implements it)."""
 
     @property
-    def tag(self) -> str: ...  # "name:version"
+    def config(self) -> ServiceConfig: ...  # request limits, the default top_k, the model control mode
 
     @property
-    def labels(self) -> list[str]: ...
+    def models(self) -> Any: ...  # the ModelRepository: describe(), describe_one(), previous_version(), change()
 
     @property
-    def config(self) -> ServiceConfig: ...  # request limits and the default top_k
+    def metrics(self) -> Metrics: ...
+
+    def get(self, name: str | None) -> ServedVersion: ...  # None: the default model; HTTPError 404
 
     def deadline(self) -> Deadline: ...  # for a request arriving now
 
@@ -66,12 +94,6 @@ class Backend(Protocol):
     def admit(self, images: int, estimate: bool = True) -> ContextManager[None]: ...  # in flight; HTTPError 503
 
     def late(self, deadline: Deadline, stage: str) -> HTTPError: ...  # the 503 for a deadline passed at `stage`
-
-    async def preprocess(self, data: bytes, deadline: Deadline) -> np.ndarray: ...  # -> float32 (3, S, S); HTTPError
-
-    async def classify(self, arrays: list[np.ndarray], deadline: Deadline) -> np.ndarray: ...  # -> float32 (N, classes)
-
-    def describe(self) -> dict[str, Any]: ...  # GET /model
 
 
 def json_errors(handler: Handler) -> Handler:
@@ -109,18 +131,42 @@ class Routes:
     def backend(self) -> Backend:
         return self._resolve()
 
-    def _admit_request(self, request: Request) -> int:
+    def _model(self, request: Request) -> ServedVersion:
+        return self.backend.get(request.path_params.get("name"))
+
+    def _admit_request(self, request: Request, model: ServedVersion) -> int:
         """Common start of both classify routes: capacity (unless admission already judged the request from
         its headers, service/http_protocol.py) and a bad query-string top_k are refused before a possibly large
         body is read. Returns top_k."""
         b = self.backend
         if not _admitted_from_headers(request):
             b.check_capacity()
-        return parse_top_k(request.query_params.get("top_k"), b.config.top_k, len(b.labels))
+        return parse_top_k(request.query_params.get("top_k"), b.config.top_k, len(model.labels))
 
     async def classify(self, request: Request) -> Response:
+        with self._model(request).in_use() as model, self._measured(model):
+            return await self._classify(request, model)
+
+    async def classify_batch(self, request: Request) -> Response:
+        with self._model(request).in_use() as model, self._measured(model):
+            return await self._classify_batch(request, model)
+
+    @contextlib.contextmanager
+    def _measured(self, model: ServedVersion) -> Iterator[None]:
+        """Count the request under its model and version, with its status and time."""
+        started, status = time.monotonic(), 500
+        try:
+            yield
+            status = 200
+        except HTTPError as e:
+            status = e.status
+            raise
+        finally:
+            self.backend.metrics.request(model.name, model.version, status, time.monotonic() - started)
+
+    async def _classify(self, request: Request, model: ServedVersion) -> Response:
         b, cfg = self.backend, self.backend.config
-        k = self._admit_request(request)
+        k = self._admit_request(request, model)
         if is_multipart(request):
             body = await read_body(request, cfg.max_image_bytes + MULTIPART_OVERHEAD_PER_PART, "TUNESERVE_MAX_IMAGE_BYTES",
                                    cfg.body_timeout_s)
@@ -131,7 +177,7 @@ class Routes:
                                      f"(e.g. curl -F image=@photo.jpg); text fields received: {sorted(fields) or 'none'}")
             image = files[0]
             if "top_k" in fields:
-                k = parse_top_k(fields["top_k"], cfg.top_k, len(b.labels))
+                k = parse_top_k(fields["top_k"], cfg.top_k, len(model.labels))
         else:
             # Anything that is not multipart is the image itself, whatever Content-Type says (curl's
             # --data-binary sends application/x-www-form-urlencoded): the decoder recognises the format.
@@ -140,15 +186,15 @@ class Routes:
         _check_image_size(image, cfg.max_image_bytes)
         deadline = b.deadline()  # the latency bound counts from the whole request's arrival
         with b.admit(1, estimate=not _admitted_from_headers(request)):
-            array = await b.preprocess(image.data, deadline)
-            probs = await b.classify([array], deadline)
+            array = await model.preprocess(image.data, deadline)
+            probs = await model.classify([array], deadline)
             if deadline.expired():
                 raise b.late(deadline, "before the answer was ready")
-        return JSONResponse({"model": b.tag, "predictions": top_k(probs[0], b.labels, k)})
+        return JSONResponse({"model": model.tag, "predictions": top_k(probs[0], model.labels, k)})
 
-    async def classify_batch(self, request: Request) -> Response:
+    async def _classify_batch(self, request: Request, model: ServedVersion) -> Response:
         b, cfg = self.backend, self.backend.config
-        k = self._admit_request(request)
+        k = self._admit_request(request, model)
         if not is_multipart(request):
             raise HTTPError(415, "/classify_batch takes multipart/form-data with one file part per image "
                                  "(e.g. curl -F images=@a.jpg -F images=@b.jpg); for one raw image use /classify")
@@ -160,13 +206,13 @@ class Routes:
             raise HTTPError(400, "no file in the multipart form: send each image as a file part, e.g. "
                                  f"curl -F images=@a.jpg -F images=@b.jpg; text fields received: {sorted(fields) or 'none'}")
         if "top_k" in fields:
-            k = parse_top_k(fields["top_k"], cfg.top_k, len(b.labels))
+            k = parse_top_k(fields["top_k"], cfg.top_k, len(model.labels))
         deadline = b.deadline()
 
         async def prepare(image: ImageInput) -> np.ndarray | HTTPError:
             try:
                 _check_image_size(image, cfg.max_image_bytes)
-                return await b.preprocess(image.data, deadline)
+                return await model.preprocess(image.data, deadline)
             except HTTPError as e:
                 return e  # one bad image gets its own error; the others are still classified
 
@@ -176,7 +222,7 @@ class Routes:
             if late is not None:
                 raise late  # the request as a whole is out of time
             good = [p for p in prepared if isinstance(p, np.ndarray)]
-            probs = iter(await b.classify(good, deadline) if good else [])
+            probs = iter(await model.classify(good, deadline) if good else [])
             if deadline.expired():
                 raise b.late(deadline, "before the answer was ready")
         results: list[dict[str, Any]] = []
@@ -184,17 +230,83 @@ class Routes:
             if isinstance(p, HTTPError):
                 results.append({"filename": image.name, "error": p.message, "status": p.status})
             else:
-                results.append({"filename": image.name, "predictions": top_k(next(probs), b.labels, k)})
-        return JSONResponse({"model": b.tag, "results": results})
+                results.append({"filename": image.name, "predictions": top_k(next(probs), model.labels, k)})
+        return JSONResponse({"model": model.tag, "results": results})
 
     async def model_info(self, request: Request) -> Response:
-        return JSONResponse(self.backend.describe())
+        return JSONResponse(self.backend.get(None).describe())
+
+    async def list_models(self, request: Request) -> Response:
+        models = self.backend.models
+        return JSONResponse({"default": models.default, "models": models.describe()})
+
+    async def one_model(self, request: Request) -> Response:
+        return JSONResponse(self.backend.models.describe_one(request.path_params["name"]))
+
+    # -- the management API (explicit model control; only with an admin key, service/auth.py) --------------------
+
+    async def repository_index(self, request: Request) -> Response:
+        """Triton's repository index: every model this worker knows, with its version and state."""
+        return JSONResponse([{"name": m["name"], "version": m["version"] or "", "state": m["state"].upper(),
+                              "reason": m["error"] or ""} for m in self.backend.models.describe()])
+
+    async def load(self, request: Request) -> Response:
+        """Load `name` at the version in the body ({"version": "..."}; none: its newest) on every worker."""
+        models, name = self._explicit(), request.path_params["name"]
+        version = (await _json_body(request)).get("version")
+        if version is not None and not isinstance(version, str):
+            raise HTTPError(400, f"version must be a string, got {version!r}")
+        from tuneserve.models.store import ModelNotFoundError, load_model
+
+        try:  # one concrete version for every worker, even when the store changes meanwhile
+            stored = await asyncio.to_thread(load_model, f"{name}:{version}" if version else name)
+        except ModelNotFoundError as e:
+            raise HTTPError(404, str(e)) from None
+        return JSONResponse(await self._change(models, name, {"version": stored.version}))
+
+    async def unload(self, request: Request) -> Response:
+        models, name = self._explicit(), request.path_params["name"]
+        models.get(name)  # 404 for a model not served
+        return JSONResponse(await self._change(models, name, {"unloaded": True}))
+
+    async def rollback(self, request: Request) -> Response:
+        models, name = self._explicit(), request.path_params["name"]
+        return JSONResponse(await self._change(models, name, {"version": models.previous_version(name)}))
+
+    def _explicit(self) -> Any:
+        mode = self.backend.config.model_control
+        if mode != "explicit":
+            raise HTTPError(409, f"model control is {mode!r}: versions change through the management API only with "
+                                 "TUNESERVE_MODEL_CONTROL=explicit")
+        return self.backend.models
+
+    async def _change(self, models: Any, name: str, want: dict[str, Any]) -> dict[str, Any]:
+        from tuneserve.service.repository import ModelLoadFailed
+
+        try:
+            return await models.change(name, want)
+        except ModelLoadFailed as e:
+            raise HTTPError(422, f"{e}; the version before keeps serving") from None
 
 
-def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[str, Any]] | None = None) -> Starlette:
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await read_body(request, 64 * 1024, "the management API's body limit (64 KiB)", 10)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise HTTPError(400, "the body must be JSON, e.g. {\"version\": \"abc123\"}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object, e.g. {\"version\": \"abc123\"}")
+    return {**body.get("parameters", {}), **body} if isinstance(body.get("parameters"), dict) else body
+
+
+def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[str, Any]] | None = None,
+               management: bool = False) -> Starlette:
     """The endpoints, served by `backend()`. `openapi_base()` is the document that GET /docs.json extends
     with these endpoints (BentoML's own, which documents only @bentoml.api methods); without it, /docs.json
-    is not served here."""
+    is not served here. `management`: the management API's routes exist (there is an admin key)."""
     routes = Routes(backend)
 
     async def openapi(request: Request) -> Response:
@@ -208,7 +320,18 @@ def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[s
         Route("/classify", json_errors(routes.classify), methods=["POST"]),
         Route("/classify_batch", json_errors(routes.classify_batch), methods=["POST"]),
         Route("/model", json_errors(routes.model_info), methods=["GET"]),
+        Route("/models", json_errors(routes.list_models), methods=["GET"]),
+        Route("/models/{name}", json_errors(routes.one_model), methods=["GET"]),
+        Route("/models/{name}/classify", json_errors(routes.classify), methods=["POST"]),
+        Route("/models/{name}/classify_batch", json_errors(routes.classify_batch), methods=["POST"]),
     ]
+    if management:
+        endpoints += [
+            Route("/v2/repository/index", json_errors(routes.repository_index), methods=["POST"]),
+            Route("/v2/repository/models/{name}/load", json_errors(routes.load), methods=["POST"]),
+            Route("/v2/repository/models/{name}/unload", json_errors(routes.unload), methods=["POST"]),
+            Route("/v2/repository/models/{name}/rollback", json_errors(routes.rollback), methods=["POST"]),
+        ]
     if openapi_base is not None:
         endpoints.append(Route("/docs.json", openapi, methods=["GET"]))
     return Starlette(routes=endpoints, exception_handlers={StarletteHTTPException: _http_exception})

@@ -218,3 +218,35 @@ def forged_size_jpeg(jpeg: bytes, width: int = 6300, height: int = 6300) -> byte
     sof = next(i for i in range(2, len(data) - 9) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC1, 0xC2))
     data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)
+
+
+# --- a worker without a server ------------------------------------------------------------------------------------
+
+class RecordingMetrics:
+    """The service's metrics (service/metrics.py), kept in lists for tests to read."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []  # images per onnxruntime call
+        self.requests: list[tuple[str, str, int]] = []  # (model, version, status)
+        self.failed_loads: list[str] = []
+
+    def request(self, model: str, version: str, status: int, seconds: float) -> None:
+        self.requests.append((model, version, status))
+
+    def engine_wait(self, model: str, version: str, seconds: float) -> None:
+        pass
+
+    def batch(self, model: str, version: str, images: int, seconds: float) -> None:
+        self.batches.append(images)
+
+    def load_failed(self, model: str) -> None:
+        self.failed_loads.append(model)
+
+
+def make_worker(metrics=None, **settings):
+    """A Worker (service/worker.py) serving what `settings` (ServiceConfig fields) say."""
+    from tuneserve.service.config import ServiceConfig
+    from tuneserve.service.plan import ServingPlan
+    from tuneserve.service.worker import Worker
+
+    return Worker(ServingPlan.resolve(ServiceConfig(**settings)), metrics)

@@ -12,10 +12,12 @@ from support import encode
 def test_defaults_and_env_mapping():
     cfg = ServiceConfig.from_env({})
     assert cfg == ServiceConfig()
-    assert cfg.max_image_bytes == 20 * 1024 * 1024 and cfg.model is None and cfg.device == "auto"
+    assert cfg.max_image_bytes == 20 * 1024 * 1024 and cfg.models is None and cfg.device == "auto"
     cfg = ServiceConfig.from_env({"TUNESERVE_MODEL": "hym:v1", "TUNESERVE_MAX_BATCH_SIZE": " 16 ",
-                                  "TUNESERVE_DEVICE": "cpu", "TUNESERVE_TOP_K": ""})
-    assert (cfg.model, cfg.max_batch_size, cfg.device, cfg.top_k) == ("hym:v1", 16, "cpu", 5)
+                                  "TUNESERVE_DEVICE": "cpu", "TUNESERVE_TOP_K": "", "TUNESERVE_METRICS_AUTH": "true"})
+    assert (cfg.models, cfg.max_batch_size, cfg.device, cfg.top_k) == ("hym:v1", 16, "cpu", 5)
+    assert cfg.metrics_auth is True and cfg.model_tags() == ["hym:v1"]
+    assert ServiceConfig.from_env({"TUNESERVE_MODELS": "a, b:v2", "TUNESERVE_MODEL": "ignored"}).model_tags() == ["a", "b:v2"]
     assert ServiceConfig.from_env(cfg.to_env()) == cfg  # what `tuneserve serve` hands to bentoml's workers
 
 

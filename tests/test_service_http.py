@@ -1,5 +1,5 @@
-"""The service's endpoints in-process, real model, real photos: the routes (`create_app`) over a ServedModel
-built from a ServiceConfig, behind Starlette's TestClient, which runs every request on one event loop, so the
+"""The service's endpoints in-process, real model, real photos: the routes (`create_app`) over a Worker
+built from ServiceConfig settings, behind Starlette's TestClient, which runs every request on one event loop, so the
 dynamic batcher, the thread pool and the limits work as under `bentoml serve`; and BentoML's own endpoints
 (/livez, /readyz, /metrics, the OpenAPI document) through the BentoML service's ASGI app."""
 from __future__ import annotations
@@ -13,11 +13,8 @@ from PIL import Image
 
 from tuneserve.models.preprocessing import preprocess
 from tuneserve.models.runtime import OnnxClassifier, softmax
-from tuneserve.service.config import ServiceConfig
-from tuneserve.service.plan import ServingPlan
 from tuneserve.service.routes import create_app
-from tuneserve.service.served_model import ServedModel
-from support import builtin_model, encode, photo
+from support import RecordingMetrics, builtin_model, encode, make_worker, photo
 
 MAX_IMAGE_BYTES = 2_000_000  # small limits, so that the tests stay small
 MAX_PIXELS = 4_000_000
@@ -25,25 +22,23 @@ MAX_BATCH_IMAGES = 4
 
 
 @pytest.fixture(scope="module")
-def batch_sizes() -> list[int]:
-    """Images per inference call, as the served model reports them."""
-    return []
+def metrics() -> RecordingMetrics:
+    return RecordingMetrics()
 
 
 @pytest.fixture(scope="module")
-def served(model, batch_sizes):
-    cfg = ServiceConfig(model=model.tag, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS,
-                        max_batch_images=MAX_BATCH_IMAGES)
-    served = ServedModel(ServingPlan.resolve(cfg), on_batch=batch_sizes.append)
-    yield served
-    served.close()
+def worker(model, metrics):
+    worker = make_worker(metrics, models=model.tag, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS,
+                         max_batch_images=MAX_BATCH_IMAGES)
+    yield worker
+    worker.close()
 
 
 @pytest.fixture(scope="module")
-def client(served):
+def client(worker):
     from starlette.testclient import TestClient
 
-    with TestClient(create_app(lambda: served), raise_server_exceptions=False) as c:
+    with TestClient(create_app(lambda: worker), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -266,7 +261,8 @@ def test_still_serving_after_bad_input(client):
 
 # -- concurrency -----------------------------------------------------------------------------------------------
 
-def test_concurrent_requests_are_batched_and_answered_correctly(client, batch_sizes):
+def test_concurrent_requests_are_batched_and_answered_correctly(client, metrics):
+    batch_sizes = metrics.batches
     names = ["coffee.png", "chelsea.png", "rocket.jpg", "astronaut.png"]
     expected = {n: client.post("/classify", content=photo(n), params={"top_k": 3}).json() for n in names}
     before = len(batch_sizes)
@@ -283,9 +279,9 @@ def test_concurrent_requests_are_batched_and_answered_correctly(client, batch_si
     assert max(calls) > 1  # at least one call carried several images
 
 
-def test_overload_answers_503_quickly(client, served, monkeypatch):
-    plan = served.plan
-    monkeypatch.setattr(served, "plan", dataclasses.replace(plan, config=dataclasses.replace(plan.config, max_in_flight=1)))
+def test_overload_answers_503_quickly(client, worker, monkeypatch):
+    plan = worker.plan
+    monkeypatch.setattr(worker, "plan", dataclasses.replace(plan, config=dataclasses.replace(plan.config, max_in_flight=1)))
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: client.post("/classify", content=photo("astronaut.png")), range(16)))
     codes = [a.status_code for a in answers]
@@ -299,14 +295,15 @@ def test_overload_answers_503_quickly(client, served, monkeypatch):
 def test_batching_can_be_switched_off(model):
     from starlette.testclient import TestClient
 
-    calls: list[int] = []
-    served = ServedModel(ServingPlan.resolve(ServiceConfig(model=model.tag, max_batch_size=1)), on_batch=calls.append)
-    with TestClient(create_app(lambda: served)) as client:
+    metrics = RecordingMetrics()
+    worker = make_worker(metrics, models=model.tag, max_batch_size=1)
+    calls = metrics.batches
+    with TestClient(create_app(lambda: worker)) as client:
         batching = client.get("/model").json()["batching"]
         assert batching["enabled"] is False and batching["max_batch_size"] == 1
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: client.post("/classify", content=photo("coffee.png")), range(16)))
-    served.close()
+    worker.close()
     assert all(a.status_code == 200 and top1(a.json()) == "espresso" for a in answers)
     assert calls == [1] * 16  # every onnxruntime call ran one image
 
@@ -318,14 +315,14 @@ def test_fp16_variant_serves_the_same_labels(model):
 
     names = ("coffee.png", "chelsea.png", "rocket.jpg", "grace_hopper.jpg")
 
-    async def best(served: ServedModel) -> list[tuple[str, float]]:
-        deadline = served.deadline()
+    async def best(worker) -> list[tuple[str, float]]:
+        deadline, served = worker.deadline(), worker.get(None)
         probs = await served.classify([await served.preprocess(photo(n), deadline) for n in names], deadline)
         return [(served.labels[int(p.argmax())], float(p.max())) for p in probs]
 
-    fp16, fp32 = (ServedModel(ServingPlan.resolve(ServiceConfig(model=model.tag, precision=p))) for p in ("fp16", "auto"))
-    assert fp16.describe()["runtime"]["precision"] == "fp16"
-    assert fp32.describe()["runtime"]["precision"] == "fp32"  # auto on a CPU
+    fp16, fp32 = (make_worker(models=model.tag, precision=p) for p in ("fp16", "auto"))
+    assert fp16.get(None).describe()["runtime"]["precision"] == "fp16"
+    assert fp32.get(None).describe()["runtime"]["precision"] == "fp32"  # auto on a CPU
     half, full = asyncio.run(best(fp16)), asyncio.run(best(fp32))
     assert [label for label, _ in half] == [label for label, _ in full]
     np.testing.assert_allclose([p for _, p in half], [p for _, p in full], atol=0.02)

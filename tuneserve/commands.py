@@ -141,17 +141,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = _port(args.port)
     from tuneserve.service.plan import ServingPlan
 
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServiceConfig)}
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ServiceConfig)}
+    flags["models"] = ",".join(flags["models"]) if flags["models"] else None  # --model a --model b
     # Flags over TUNESERVE_* variables over defaults; bad values fail here, once, not in every worker.
     cfg = dataclasses.replace(ServiceConfig.from_env(), **{k: v for k, v in flags.items() if v is not None})
-    # The model too, before anything is announced: an unknown tag, a damaged file or a graph that does not
-    # load is one readable error; the built-in model is registered on first use; the workers get the exact
-    # name:version.
-    cfg = dataclasses.replace(cfg, model=_serving_model(cfg.model).tag)
-    ServingPlan.resolve(cfg).check()
+    if not cfg.model_tags():
+        from tuneserve.training.builtin import ensure_builtin_model
+
+        ensure_builtin_model()  # registered on first use; the service only loads tags
+    # The models too, before anything is announced: an unknown tag, a damaged file or a graph that does not
+    # load is one readable error; the workers get the exact name:version of each.
+    plan = ServingPlan.resolve(cfg)
+    plan.check()
+    cfg.key("api"), cfg.key("admin")  # an unreadable key file is an error now, not in every worker
+    if cfg.models != "all":
+        cfg = dataclasses.replace(cfg, models=",".join(m.tag for m in plan.models))
     env = {**os.environ, **cfg.to_env()}
-    print(f"serving {cfg.model} on http://{host}:{port}  (POST /classify, POST /classify_batch, "
-          f"GET /model, docs at /)", flush=True)
+    print(f"serving {', '.join(m.tag for m in plan.models)} on http://{host}:{port}  (POST /classify, "
+          f"POST /models/NAME/classify, GET /models, docs at /)", flush=True)
     # exec: `tuneserve serve` becomes `bentoml serve`, so Ctrl-C, SIGTERM and the exit code are bentoml's own.
     cmd = serve_command(host, port)
     os.execve(cmd[0], cmd, env)
@@ -167,16 +174,6 @@ def _port(flag: int | None) -> int:
     if not 1 <= port <= 65535:
         raise ValueError(f"{source} must be in 1..65535, got {port}")
     return port
-
-
-def _serving_model(tag: str | None):
-    from tuneserve.models.store import load_model
-
-    if tag:
-        return load_model(tag)
-    from tuneserve.training.builtin import ensure_builtin_model
-
-    return ensure_builtin_model()
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
