@@ -35,11 +35,17 @@ ADMITTED_FROM_HEADERS = "tuneserve.admitted"
 Refuser = Callable[[str, str, "list[tuple[bytes, bytes]]"], "bytes | None"]
 _refuser: Refuser | None = None
 _header_timeout_s = 10.0
+# path -> whether any route serves it. A path none serves is passed on as UNMATCHED_PATH (its own kept in
+# the scope's extensions for the 404's message), so that metrics labelled by path, BentoML's among them,
+# count every stray path under one label instead of making a series each.
+_known_path: Callable[[str], bool] | None = None
+UNMATCHED_PATH = "/{unmatched}"
+ORIGINAL_PATH = "tuneserve.path"
 
 
-def configure(refuser: Refuser | None, header_timeout_s: float) -> None:
-    global _refuser, _header_timeout_s
-    _refuser, _header_timeout_s = refuser, header_timeout_s
+def configure(refuser: Refuser | None, header_timeout_s: float, known_path: Callable[[str], bool] | None = None) -> None:
+    global _refuser, _header_timeout_s, _known_path
+    _refuser, _header_timeout_s, _known_path = refuser, header_timeout_s, known_path
 
 
 def use_in_uvicorn() -> None:
@@ -162,6 +168,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if _refuser is not None:  # admission has looked at it: the route need not estimate again
                 self.scope.setdefault("extensions", {})[ADMITTED_FROM_HEADERS] = True  # type: ignore[typeddict-item]
             super().on_headers_complete()
+            path = self.scope.get("path", "")
+            if _known_path is not None and not _known_path(path):
+                self.scope.setdefault("extensions", {})[ORIGINAL_PATH] = path  # type: ignore[typeddict-item]
+                self.scope["path"] = self.scope["raw_path"] = UNMATCHED_PATH  # type: ignore[typeddict-item]
+                if isinstance(self.scope["raw_path"], str):
+                    self.scope["raw_path"] = UNMATCHED_PATH.encode()  # type: ignore[typeddict-item]
         elif self.cycle is None or self.cycle.response_complete:
             # Nothing before it on this connection: answer straight onto the socket, with no ASGI task. The
             # stand-in cycle is already complete, so uvicorn's parser callbacks drop the body as it arrives.

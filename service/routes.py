@@ -31,7 +31,7 @@ from tuneserve.models.runtime import top_k
 from tuneserve.service.admission import Deadline
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.metrics import Metrics
-from tuneserve.service.http_protocol import ADMITTED_FROM_HEADERS
+from tuneserve.service.http_protocol import ADMITTED_FROM_HEADERS, ORIGINAL_PATH
 from tuneserve.service.openapi import openapi_paths
 from tuneserve.service.inputs import (
     MULTIPART_OVERHEAD_PER_PART,
@@ -54,6 +54,17 @@ _CLASSIFY_PATH = re.compile(r"^(/models/[^/]+)?/classify(_batch)?$")
 
 def is_classify_path(path: str) -> bool:
     return _CLASSIFY_PATH.match(path) is not None
+
+
+# Every path the service answers (its routes, BentoML's, the Swagger UI's files), for http_protocol's metrics hygiene.
+_KNOWN_PATH = re.compile(
+    r"^(/|/classify|/classify_batch|/model|/models|/models/[^/]+(/classify(_batch)?)?|/livez|/readyz|/metrics"
+    r"|/docs\.json|/schema\.json|/v2/repository/index|/v2/repository/models/[^/]+/(load|unload|rollback)"
+    r"|/(static_content|assets)/.*)$")
+
+
+def is_known_path(path: str) -> bool:
+    return _KNOWN_PATH.match(path) is not None
 
 
 class ServedVersion(Protocol):
@@ -395,7 +406,8 @@ class JsonErrors:
                     return
                 start = held.pop("start")
                 text = held["body"].decode("utf-8", "replace").strip() or f"HTTP {start['status']}"
-                body = json.dumps({"error": f"{text}: {scope['method']} {scope['path']}"}).encode()
+                path = scope.get("extensions", {}).get(ORIGINAL_PATH, scope["path"])
+                body = json.dumps({"error": f"{text}: {scope['method']} {path}"}).encode()
                 headers = [(k, v) for k, v in start.get("headers", []) if k not in (b"content-type", b"content-length")]
                 await send({**start, "headers": [*headers, (b"content-type", b"application/json"),
                                                  (b"content-length", str(len(body)).encode())]})

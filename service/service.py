@@ -23,7 +23,7 @@ from tuneserve.service.decode_budget import limit_malloc_arenas
 from tuneserve.service.health import Health
 from tuneserve.service.metrics import PrometheusMetrics
 from tuneserve.service.plan import ServingPlan
-from tuneserve.service.routes import JsonErrors, Probes, create_app, is_classify_path
+from tuneserve.service.routes import JsonErrors, Probes, create_app, is_classify_path, is_known_path
 from tuneserve.service.worker import Worker
 
 # bentoml's server logging config leaves the root logger at WARNING; the start-up lines must show.
@@ -70,7 +70,7 @@ class _Classifier:
         except Exception as e:  # noqa: BLE001 - whatever it is, this worker cannot serve: stop, do not loop
             lifecycle.fail_worker(f"cannot serve {', '.join(m.tag for m in PLAN.models)} on {PLAN.device}: "
                                   f"{type(e).__name__}: {e}")
-        http_protocol.configure(self._refuse, PLAN.config.header_timeout_s)
+        http_protocol.configure(self._refuse, PLAN.config.header_timeout_s, is_known_path)
         health.mark_ready()
 
     def _refuse(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> bytes | None:

@@ -16,7 +16,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="tuneserve-test-prometheus-"))
 
 from shared_data import HYMENOPTERA  # noqa: E402  (benchmarks/, on pytest's pythonpath)
-from support import builtin_model, write_image  # noqa: E402
+from support import builtin_model, hymenoptera_subset, write_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,34 @@ def tiny_folder(tmp_path: Path) -> Path:
         for i in range(6):
             write_image(root / cls / f"{i}.png", seed=c * 100 + i)
     return root
+
+
+@pytest.fixture(scope="session")
+def ants_bees(hymenoptera, tmp_path_factory):
+    """(model, run folder): a 1-epoch fine-tune on 10 + 6 real photos per class of hymenoptera, registered as
+    "e2e-hym" (2 classes: ants, bees)."""
+    from tuneserve.training.config import TrainConfig
+    from tuneserve.training.train import train
+
+    root = hymenoptera_subset(hymenoptera, tmp_path_factory.mktemp("hym-subset"), 10, 6)
+    result = train(TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0,
+                               name="e2e-hym", output_dir=str(root / "runs"), parity_images=8))
+    assert result.model is not None
+    return result.model, result.run_dir
+
+
+@pytest.fixture(scope="session")
+def three_shades(tmp_path_factory):
+    """A second fine-tuned model with other classes: 1 epoch on small generated images of 3 colours,
+    registered as "shades" (alpha, beta, gamma)."""
+    from tuneserve.training.config import TrainConfig
+    from tuneserve.training.train import train
+
+    root = tmp_path_factory.mktemp("shades") / "data"
+    for c, cls in enumerate(["alpha", "beta", "gamma"]):
+        for i in range(8):
+            write_image(root / cls / f"{i}.png", seed=c * 100 + i, size=(48, 40))
+    result = train(TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0,
+                               name="shades", output_dir=str(root.parent / "runs"), parity_images=4))
+    assert result.model is not None
+    return result.model

@@ -93,6 +93,10 @@ def test_malformed_framing_and_routing_errors_are_json(server):
             assert r.status_code == 404 and r.headers["content-type"] == "application/json", r.text
             assert "/no/such/path" in r.json()["error"]
         assert client.post("/classify", content=photo("coffee.png")).status_code == 200  # still serving
+        for stray in ("/a1", "/b2", "/c3"):
+            assert client.get(stray).status_code == 404
+        metrics = client.get("/metrics").text
+        assert 'endpoint="/{unmatched}"' in metrics and 'endpoint="/a1"' not in metrics  # one series, not one each
 
 
 def test_livez_and_readyz_tell_the_truth_while_a_worker_restarts(server, model):

@@ -48,7 +48,7 @@ def test_bentoml_build_offline(tmp_path):
         dockerfile = tar.extractfile("./env/docker/Dockerfile").read().decode()
         requirements = tar.extractfile("./env/python/requirements.txt").read().decode()
     assert "FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04" in dockerfile
-    assert f"TUNESERVE_MODEL={model.tag}" in dockerfile  # the image serves exactly the packed version
+    assert f"TUNESERVE_MODELS={model.tag}" in dockerfile  # the image serves exactly the packed version
     assert "uv venv -p 3.11" in dockerfile and "USER bentoml" in dockerfile  # uv's Python 3.11, run as non-root
     assert "build-essential" not in dockerfile and " git" not in dockerfile  # deploy/Dockerfile.template's lean base
     assert "onnxruntime-gpu==1.31.*" in requirements and "bentoml==" in requirements

@@ -14,29 +14,19 @@ import httpx
 import numpy as np
 import pytest
 
-from support import hymenoptera_subset
 from tuneserve.service.process import free_port, running_server
 from support import inference_batches, builtin_model, photo
 from tuneserve.cli import main
 
 pytestmark = pytest.mark.slow
 
-PER_CLASS_TRAIN = 10
 PER_CLASS_VAL = 6
 
 
 @pytest.fixture(scope="module")
-def finetuned(hymenoptera, tmp_path_factory):
+def finetuned(ants_bees):
     """A 1-epoch fine-tune on a small real subset, through the training code; (stored model, run folder)."""
-    from tuneserve.training.config import TrainConfig
-    from tuneserve.training.train import train
-
-    root = hymenoptera_subset(hymenoptera, tmp_path_factory.mktemp("hym-subset"), PER_CLASS_TRAIN, PER_CLASS_VAL)
-    cfg = TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0, name="e2e-hym",
-                      output_dir=str(root / "runs"), parity_images=8)
-    result = train(cfg)
-    assert result.model is not None
-    return result.model, result.run_dir
+    return ants_bees
 
 
 @pytest.fixture(scope="module")

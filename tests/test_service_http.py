@@ -197,6 +197,11 @@ def test_bentoml_endpoints_and_openapi(bento_client):
     assert r.status_code == 200 and top1(r.json()) == "espresso"
     metrics = client.get("/metrics").text
     assert "tuneserve_inference_batch_size_bucket" in metrics and 'endpoint="/classify"' in metrics
+    name, version = r.json()["model"].split(":")
+    labels = f'model="{name}",status="200",version="{version}"'
+    assert f"tuneserve_requests_total{{{labels}}}" in metrics, [m for m in metrics.splitlines() if "requests_total" in m]
+    for family in ("tuneserve_request_duration_seconds", "tuneserve_engine_wait_seconds", "tuneserve_inference_seconds"):
+        assert f'{family}_count{{model="{name}",version="{version}"}}' in metrics, family
 
 
 # -- bad input: a 4xx JSON answer each, and the server keeps serving ------------------------------------------

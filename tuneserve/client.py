@@ -29,8 +29,14 @@ def service_url(url: str | None) -> str:
 
 
 class ServiceClient:
-    def __init__(self, url: str | None = None, timeout_s: float = 120.0):
+    """`api_key` (default $TUNESERVE_API_KEY) for the inference routes, `admin_key` (default
+    $TUNESERVE_ADMIN_KEY) for the management API."""
+
+    def __init__(self, url: str | None = None, timeout_s: float = 120.0, api_key: str | None = None,
+                 admin_key: str | None = None):
         self.url = service_url(url)
+        self.api_key = api_key or os.environ.get("TUNESERVE_API_KEY") or None
+        self.admin_key = admin_key or os.environ.get("TUNESERVE_ADMIN_KEY") or None
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
 
     def __enter__(self) -> "ServiceClient":
@@ -39,12 +45,23 @@ class ServiceClient:
     def __exit__(self, *exc: object) -> None:
         self._http.close()
 
-    def classify(self, image: bytes, top_k: int) -> Answer:
-        return self._request("POST", "/classify", params={"top_k": top_k}, content=image,
-                             headers={"content-type": "application/octet-stream"})
+    def classify(self, image: bytes, top_k: int, model: str | None = None) -> Answer:
+        path = f"/models/{model}/classify" if model else "/classify"
+        return self._request("POST", path, params={"top_k": top_k}, content=image,
+                             headers={"content-type": "application/octet-stream", **self._auth(self.api_key)})
 
     def model(self) -> Answer:
-        return self._request("GET", "/model")
+        return self._request("GET", "/model", headers=self._auth(self.api_key))
+
+    def manage(self, action: str, name: str, version: str | None = None) -> Answer:
+        """The management API: `action` is load, unload or rollback."""
+        body = {"version": version} if version else {}
+        return self._request("POST", f"/v2/repository/models/{name}/{action}", json=body,
+                             headers=self._auth(self.admin_key))
+
+    @staticmethod
+    def _auth(key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Answer:
         try:

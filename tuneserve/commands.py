@@ -101,6 +101,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.models_command == "prune":
         return _prune(args.dry_run)
+    if args.models_command in ("load", "unload", "rollback"):
+        return _manage(args)
     from tuneserve.models.store import list_models
 
     found = list_models()
@@ -126,6 +128,20 @@ def _prune(dry_run: bool) -> int:
         print(f"{verb} {what}: {why}")
     if not removed:
         print("nothing to remove: every version in the store is complete")
+    return EXIT_OK
+
+
+def _manage(args: argparse.Namespace) -> int:
+    from tuneserve.client import ServiceClient
+
+    with ServiceClient(args.url, admin_key=args.admin_key) as client:
+        answer = client.manage(args.models_command, args.name, getattr(args, "version", None))
+    if not answer.ok:
+        print(f"error: {answer.body.get('error', '')} (HTTP {answer.status})", file=sys.stderr)
+        return EXIT_FAILURE
+    body = answer.body
+    state = "unloaded" if body.get("unloaded") else f"serving version {body.get('version')}"
+    print(f"{args.name}: {state} on {body.get('workers', '?')} worker(s) at {client.url}")
     return EXIT_OK
 
 
@@ -185,8 +201,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
-    with ServiceClient(args.url) as client:
-        answers = [(path, client.classify(path.read_bytes(), args.top_k)) for path in paths]
+    with ServiceClient(args.url, api_key=args.api_key) as client:
+        answers = [(path, client.classify(path.read_bytes(), args.top_k, args.model)) for path in paths]
     failed = [(p, a) for p, a in answers if not a.ok]
     if args.json:
         print(json.dumps([{"image": str(p), **a.body} if a.ok else

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help=TOP_K_HELP)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per image: the service's answer, or its error and HTTP status")
+    p.add_argument("--model", default=None, metavar="NAME", help="model to ask (none: the model the service serves by default)")
+    p.add_argument("--api-key", default=None, help="the service's API key (default: $TUNESERVE_API_KEY)")
 
     p = sub.add_parser("demo", help="serve the built-in ImageNet model on a free port and classify real sample "
                        "photos over HTTP")
@@ -115,3 +117,12 @@ def _add_models_parser(sub: Any) -> None:
     q = actions.add_parser("prune", help="remove what interrupted saves left: incomplete versions in the store and "
                            "staging folders of processes that are gone")
     q.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    for action, what in (("load", "serve NAME at a version (its newest without --version) on every worker"),
+                         ("unload", "stop serving NAME"), ("rollback", "serve NAME's version before the current one")):
+        q = actions.add_parser(action, help=f"{what}, through a running service's management API "
+                               "(TUNESERVE_MODEL_CONTROL=explicit, TUNESERVE_ADMIN_KEY)")
+        q.add_argument("name", help="model name")
+        if action == "load":
+            q.add_argument("--version", default=None, help="version to serve (default: the newest in the store)")
+        q.add_argument("--url", default=None, help="service URL (default: $TUNESERVE_URL or http://127.0.0.1:3000)")
+        q.add_argument("--admin-key", default=None, help="the service's admin key (default: $TUNESERVE_ADMIN_KEY)")

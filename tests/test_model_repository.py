@@ -1,0 +1,144 @@
+"""Several models in one service, and their versions changing while it serves (in-process: a Worker behind the
+real routes; the multi-worker and under-load checks are in tests/test_live_updates.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from starlette.testclient import TestClient
+
+from tuneserve.models.store import save_model
+from tuneserve.service.auth import ApiKeys
+from tuneserve.service.routes import create_app
+from support import RecordingMetrics, make_worker, photo
+
+pytestmark = pytest.mark.slow
+
+ADMIN = "admin-key-for-tests"
+API = "api-key-for-tests"
+
+
+def new_version(model, damaged: bool = False) -> str:
+    """Register the same graph again as a new version of `model`'s name (optionally with a damaged file)."""
+    stored = save_model(model.name, dataclasses.replace(model.card, files={}), model.onnx_path)
+    if damaged:
+        data = bytearray(stored.onnx_path.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+        stored.onnx_path.write_bytes(bytes(data))
+    return stored.version
+
+
+@pytest.fixture(scope="module")
+def two_models(ants_bees, three_shades):
+    hym, _ = ants_bees
+    return hym, three_shades
+
+
+def test_two_models_each_answer_with_their_own_labels(two_models):
+    hym, shades = two_models
+    worker = make_worker(models=f"{hym.tag},{shades.name}")
+    with TestClient(create_app(lambda: worker)) as client:
+        listed = client.get("/models").json()
+        assert listed["default"] == hym.name
+        assert [(m["name"], m["version"], m["labels"], m["state"]) for m in listed["models"]] == [
+            (hym.name, hym.version, 2, "ready"), (shades.name, shades.version, 3, "ready")]
+        ant = client.post(f"/models/{hym.name}/classify", content=photo("coffee.png")).json()
+        shade = client.post(f"/models/{shades.name}/classify", content=photo("coffee.png")).json()
+        assert ant["model"] == hym.tag and {p["label"] for p in ant["predictions"]} == {"ants", "bees"}
+        assert shade["model"] == shades.tag and {p["label"] for p in shade["predictions"]} == {"alpha", "beta", "gamma"}
+        assert client.post("/classify", content=photo("coffee.png")).json()["model"] == hym.tag  # the default
+        assert client.get("/model").json()["tag"] == hym.tag
+        batch = client.post(f"/models/{shades.name}/classify_batch", files=[("images", ("c.png", photo("coffee.png")))])
+        assert batch.json()["model"] == shades.tag
+        one = client.get(f"/models/{shades.name}").json()
+        assert one["version"] == shades.version and one["labels"] == ["alpha", "beta", "gamma"] and one["state"] == "ready"
+        missing = client.post("/models/nope/classify", content=photo("coffee.png"))
+        assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+        assert f"served models: {hym.name}, {shades.name}" in missing.json()["error"]
+        assert client.get("/models/nope").status_code == 404
+    worker.close()
+
+
+def test_the_default_model_can_be_named(two_models):
+    hym, shades = two_models
+    worker = make_worker(models=f"{hym.tag},{shades.tag}", default_model=shades.name)
+    with TestClient(create_app(lambda: worker)) as client:
+        assert client.post("/classify", content=photo("coffee.png")).json()["model"] == shades.tag
+    worker.close()
+    with pytest.raises(ValueError, match="TUNESERVE_DEFAULT_MODEL='nope' is not among the served models"):
+        make_worker(models=hym.tag, default_model="nope")
+    with pytest.raises(ValueError, match="more than once"):
+        make_worker(models=f"{hym.tag},{hym.name}")
+
+
+def test_explicit_control_loads_rolls_back_and_unloads(two_models):
+    hym, shades = two_models
+    metrics = RecordingMetrics()
+    worker = make_worker(metrics, models=f"{hym.tag},{shades.tag}", model_control="explicit")
+    app = ApiKeys(create_app(lambda: worker, management=True), api_key=None, admin_key=ADMIN)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with TestClient(app) as client:
+        v2 = new_version(shades)
+        r = client.post(f"/v2/repository/models/{shades.name}/load", json={"version": v2}, headers=admin)
+        assert r.status_code == 200 and r.json()["version"] == v2, r.text
+        assert client.post(f"/models/{shades.name}/classify", content=photo("coffee.png")).json()["model"] == f"{shades.name}:{v2}"
+        r = client.post(f"/v2/repository/models/{shades.name}/rollback", headers=admin)
+        assert r.status_code == 200 and r.json()["version"] == shades.version, r.text
+        assert client.post(f"/models/{shades.name}/classify", content=photo("coffee.png")).json()["model"] == shades.tag
+
+        bad = new_version(shades, damaged=True)
+        r = client.post(f"/v2/repository/models/{shades.name}/load", json={"version": bad}, headers=admin)
+        assert r.status_code == 422 and "the version before keeps serving" in r.json()["error"], r.text
+        assert client.post(f"/models/{shades.name}/classify", content=photo("coffee.png")).json()["model"] == shades.tag
+        state = next(m for m in client.get("/models").json()["models"] if m["name"] == shades.name)
+        assert state["state"] == "failed" and "has changed since it was registered" in state["error"]
+        assert state["version"] == shades.version and metrics.failed_loads == [shades.name]
+
+        index = client.post("/v2/repository/index", headers=admin).json()
+        assert {(m["name"], m["state"]) for m in index} == {(hym.name, "READY"), (shades.name, "FAILED")}
+        r = client.post(f"/v2/repository/models/{hym.name}/unload", headers=admin)
+        assert r.status_code == 409 and "default model" in r.json()["error"]
+        r = client.post(f"/v2/repository/models/{shades.name}/unload", headers=admin)
+        assert r.status_code == 200 and r.json()["unloaded"] is True
+        assert client.post(f"/models/{shades.name}/classify", content=photo("coffee.png")).status_code == 404
+        r = client.post(f"/v2/repository/models/{shades.name}/load", headers=admin)  # its newest: the damaged one
+        assert r.status_code == 422
+        r = client.post(f"/v2/repository/models/{shades.name}/load", json={"version": v2}, headers=admin)
+        assert r.status_code == 200 and client.get(f"/models/{shades.name}").json()["version"] == v2
+        assert client.post("/v2/repository/models/nope/load", headers=admin).status_code == 404
+    worker.close()
+
+
+def test_versions_change_only_in_explicit_mode(two_models):
+    hym, _ = two_models
+    worker = make_worker(models=hym.tag, model_control="poll")
+    with TestClient(create_app(lambda: worker, management=True)) as client:
+        r = client.post(f"/v2/repository/models/{hym.name}/load")
+        assert r.status_code == 409 and "TUNESERVE_MODEL_CONTROL=explicit" in r.json()["error"]
+    with TestClient(create_app(lambda: worker, management=False)) as client:
+        assert client.post(f"/v2/repository/models/{hym.name}/load").status_code == 404  # no admin key: no API
+    worker.close()
+
+
+def test_api_keys(two_models):
+    hym, _ = two_models
+    worker = make_worker(models=hym.tag, model_control="explicit")
+    app = ApiKeys(create_app(lambda: worker, management=True), api_key=API, admin_key=ADMIN)
+    with TestClient(app) as client:
+        for headers, problem in (({}, "no 'Authorization: Bearer <key>' header"),
+                                 ({"Authorization": "Bearer nope"}, "the key is wrong"),
+                                 ({"Authorization": f"Basic {API}"}, "no 'Authorization: Bearer <key>' header"),
+                                 ({"Authorization": f"Bearer {ADMIN}"}, "the key is wrong")):  # the admin key is not the API key
+            for method, path in (("POST", "/classify"), ("GET", "/models"), ("GET", "/model"),
+                                 ("POST", f"/models/{hym.name}/classify")):
+                r = client.request(method, path, content=photo("coffee.png") if method == "POST" else None, headers=headers)
+                assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), (path, r.text)
+                assert problem in r.json()["error"] and "TUNESERVE_API_KEY" in r.json()["error"]
+                assert API not in r.text and ADMIN not in r.text
+        ok = {"Authorization": f"Bearer {API}"}
+        assert client.post("/classify", content=photo("coffee.png"), headers=ok).status_code == 200
+        assert client.get("/models", headers=ok).status_code == 200
+        assert client.post("/v2/repository/index", headers=ok).status_code == 401  # the API key is not the admin key
+        assert client.post("/v2/repository/index", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        assert client.get("/docs.json").status_code == 404  # open (no document in this bare app): not a 401
+    worker.close()
