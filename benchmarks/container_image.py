@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def largest_packages(image: str, env: dict[str, str], n: int = 6) -> list[tuple[
 def cold_start(image: str, env: dict[str, str], photo: bytes) -> tuple[float, float]:
     """Seconds from `podman run` to /readyz 200, and to the first /classify answer."""
     name, port = f"tuneserve-bench-{uuid.uuid4().hex[:8]}", free_port()
-    flags = cs.podman_flags_like_kubernetes(cs.deployment_manifest())
+    key = secrets.token_hex(16)
+    flags = cs.podman_flags_like_kubernetes(cs.deployment_manifest(), {"tuneserve-keys": {"api-key": key}})
     start = time.monotonic()
     try:
         subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", *flags, image],
@@ -56,7 +58,8 @@ def cold_start(image: str, env: dict[str, str], photo: bytes) -> tuple[float, fl
         url = f"http://127.0.0.1:{port}"
         cs.wait_ready(url)
         ready = time.monotonic() - start
-        req = urllib.request.Request(f"{url}/classify", data=photo, method="POST")
+        req = urllib.request.Request(f"{url}/classify", data=photo, method="POST",
+                                     headers={"Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(req, timeout=60) as r:
             r.read()
         return ready, time.monotonic() - start

@@ -24,13 +24,41 @@ class Record:
 
 
 def add_server_arguments(ap) -> None:
-    """--images and --env, as the overload, soak and worker-kill benchmarks take them."""
+    """--images, --env and --server-dir, as the overload, soak, worker-kill and several-models benchmarks take them."""
     from pathlib import Path
 
     from shared_data import HYMENOPTERA
 
     ap.add_argument("--images", type=Path, default=HYMENOPTERA / "val", help="JPEGs to send (default: hymenoptera val)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server setting (repeatable)")
+    ap.add_argument("--server-dir", type=Path, default=None,
+                    help="serve this checkout instead of the installed code (an older commit in a git worktree)")
+
+
+def server_command(server_dir, port: int, env: dict[str, str]) -> tuple[list[str] | None, dict[str, str]]:
+    """(command, env) for running_server: None and `env` for the code installed here; for `server_dir`,
+    `bentoml serve` with that checkout as its working directory and first on the path."""
+    import sys
+
+    from tuneserve.service.process import SERVICE
+
+    if server_dir is None:
+        return None, dict(env)
+    root = server_dir.resolve()
+    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port),
+               "--working-dir", str(root)]
+    return command, {**env, "PYTHONPATH": str(root)}
+
+
+def server_process(port: int):
+    """The psutil.Process of the `bentoml serve` listening on `port` (its workers are its children)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "bentoml" in cmd and f"--port {port}" in cmd and "_bentoml_impl.worker" not in cmd:
+            return p
+    raise RuntimeError(f"no bentoml serve process on port {port}")
 
 
 def photo_bodies(folder) -> list[bytes]:

@@ -20,12 +20,11 @@ import argparse
 import asyncio
 import os
 import resource
-import sys
 from pathlib import Path
 
 import loadgen
 from results_io import write_result
-from tuneserve.service.process import SERVICE, free_port, running_server
+from tuneserve.service.process import free_port, running_server
 
 BIN_S = 0.25
 
@@ -37,7 +36,6 @@ def main() -> None:
     ap.add_argument("--capacity-seconds", type=float, default=20.0)
     ap.add_argument("--recovery-seconds", type=float, default=10.0)
     loadgen.add_server_arguments(ap)
-    ap.add_argument("--server-dir", type=Path, default=None, help="serve this checkout instead of the installed code")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -45,12 +43,7 @@ def main() -> None:
     bodies = loadgen.photo_bodies(args.images)
     env = loadgen.server_env(args.env)
     port = free_port()
-    command, server_env = None, dict(env)
-    if args.server_dir is not None:
-        root = args.server_dir.resolve()
-        command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port),
-                   "--working-dir", str(root)]
-        server_env["PYTHONPATH"] = str(root)
+    command, server_env = loadgen.server_command(args.server_dir, port, env)
     with running_server(env=server_env, port=port, command=command) as url:
         requests = loadgen.build_requests(url, "/classify", bodies)
         loadgen.run(loadgen.closed_loop(url, requests, 16, 5))  # warm-up

@@ -138,13 +138,14 @@ def deployment_manifest() -> dict:
     return yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())
 
 
-def podman_flags_like_kubernetes(deployment: dict) -> list[str]:
-    """`podman run` flags that give the container what the Deployment gives its pod: environment, user,
-    read-only root with emptyDir mounts, no capabilities, no privilege escalation."""
+def podman_flags_like_kubernetes(deployment: dict, secrets: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """`podman run` flags that give the container what the Deployment gives its pod: environment (values from
+    `secrets`, {secret name: {key: value}}, where the manifest reads a Secret), user, read-only root with emptyDir
+    mounts, no capabilities, no privilege escalation."""
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     sc = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
-    flags = [f"--env={e['name']}={e['value']}" for e in container.get("env", [])]
+    flags = [f"--env={name}={value}" for name, value in _env(container, secrets or {})]
     if "runAsUser" in sc:
         flags.append(f"--user={sc['runAsUser']}:{sc.get('runAsGroup', sc['runAsUser'])}")
     if sc.get("readOnlyRootFilesystem"):
@@ -156,3 +157,20 @@ def podman_flags_like_kubernetes(deployment: dict) -> list[str]:
     if sc.get("allowPrivilegeEscalation") is False:
         flags.append("--security-opt=no-new-privileges")
     return flags
+
+
+def _env(container: dict, secrets: dict[str, dict[str, str]]) -> list[tuple[str, str]]:
+    """The container's environment as Kubernetes resolves it: a missing optional Secret key leaves the variable
+    unset; a missing required one stops the pod (here: an error naming it)."""
+    env = []
+    for e in container.get("env", []):
+        if "value" in e:
+            env.append((e["name"], str(e["value"])))
+            continue
+        ref = e["valueFrom"]["secretKeyRef"]
+        value = secrets.get(ref["name"], {}).get(ref["key"])
+        if value is None and not ref.get("optional", False):
+            raise KeyError(f"{e['name']} needs key {ref['key']!r} of Secret {ref['name']!r}, which was not given")
+        if value is not None:
+            env.append((e["name"], value))
+    return env

@@ -15,9 +15,8 @@ import asyncio
 import time
 from pathlib import Path
 
-import psutil
-
 import loadgen
+import psutil
 from results_io import write_result
 from tuneserve.service.process import free_port, running_server
 
@@ -36,14 +35,15 @@ def main() -> None:
     bodies = loadgen.photo_bodies(args.images)
     env = loadgen.server_env(args.env)
     port = free_port()
-    with running_server(env=env, port=port) as url:
+    command, server_env = loadgen.server_command(args.server_dir, port, env)
+    with running_server(env=server_env, port=port, command=command) as url:
         requests = loadgen.build_requests(url, "/classify", bodies)
         capacity = None
         if args.rate is None:
             loadgen.run(loadgen.closed_loop(url, requests, 16, 5))
             capacity = sum(r.status == 200 for r in loadgen.run(loadgen.closed_loop(url, requests, 16, 20))) / 20
         rate = args.rate or args.share * capacity
-        server = _server_process(port)
+        server = loadgen.server_process(port)
         samples: list[dict] = []
         records = loadgen.run(_soak(url, requests, rate, 60 * args.minutes, server, samples))
 
@@ -68,14 +68,6 @@ def main() -> None:
     print(f"\n{len(records)} requests at {rate:.1f}/s, {result['errors']} errors")
     if args.out:
         write_result(args.out, **{k: v for k, v in result.items() if k != "samples"}, samples=samples)
-
-
-def _server_process(port: int) -> psutil.Process:
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "bentoml" in cmd and f"--port {port}" in cmd and "_bentoml_impl.worker" not in cmd:
-            return p
-    raise RuntimeError(f"no bentoml serve process on port {port}")
 
 
 async def _soak(url: str, requests: list[bytes], rate: float, seconds: float, server: psutil.Process,

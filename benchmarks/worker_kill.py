@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
-
 import loadgen
+import psutil
 from results_io import write_result
 from tuneserve.service.process import free_port, running_server
 
@@ -44,7 +43,9 @@ def main() -> None:
 
 def run(workers: int, bodies: list[bytes], args) -> dict:
     port = free_port()
-    with running_server(env={**loadgen.server_env(args.env), "TUNESERVE_WORKERS": str(workers)}, port=port) as url:
+    command, env = loadgen.server_command(args.server_dir, port,
+                                          {**loadgen.server_env(args.env), "TUNESERVE_WORKERS": str(workers)})
+    with running_server(env=env, port=port, command=command) as url:
         requests = loadgen.build_requests(url, "/classify", bodies)
         loadgen.run(loadgen.closed_loop(url, requests, 16, 3))
         probes: list[str] = []

@@ -34,7 +34,8 @@ FRAMEWORK_LABEL = "tuneserve-onnx"  # marks our entries among whatever else live
 BENTOML_MODEL_FILE = "model.yaml"  # BentoML's description of a store entry
 STAGING_DIR = "tuneserve-staging"  # inside BENTOML_HOME; never inside models/, which BentoML lists
 _OWNER_FILE = "owner.pid"
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"  # also the OpenAPI pattern of a model name
+_NAME_RE = re.compile(NAME_PATTERN)
 
 
 class ModelNotFoundError(LookupError):

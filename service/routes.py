@@ -32,7 +32,7 @@ from tuneserve.service.admission import Deadline
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.metrics import Metrics
 from tuneserve.service.http_protocol import ADMITTED_FROM_HEADERS, ORIGINAL_PATH
-from tuneserve.service.openapi import openapi_paths
+from tuneserve.service.openapi import openapi_paths, security_schemes
 from tuneserve.service.inputs import (
     MULTIPART_OVERHEAD_PER_PART,
     HTTPError,
@@ -58,7 +58,7 @@ def is_classify_path(path: str) -> bool:
 
 # Every path the service answers (its routes, BentoML's, the Swagger UI's files), for http_protocol's metrics hygiene.
 _KNOWN_PATH = re.compile(
-    r"^(/|/classify|/classify_batch|/model|/models|/models/[^/]+(/classify(_batch)?)?|/livez|/readyz|/metrics"
+    r"^(/|/classify|/classify_batch|/model|/models|/models/[^/]+(/classify(_batch)?)?|/healthz|/livez|/readyz|/metrics"
     r"|/docs\.json|/schema\.json|/v2/repository/index|/v2/repository/models/[^/]+/(load|unload|rollback)"
     r"|/(static_content|assets)/.*)$")
 
@@ -324,7 +324,12 @@ def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[s
         # Matched before BentoML's own /docs.json (mounted apps come first in its router), so the Swagger UI
         # at / shows these endpoints too.
         spec = openapi_base()  # type: ignore[misc]
-        spec.setdefault("paths", {}).update(openapi_paths(routes.backend.config))
+        cfg = routes.backend.config
+        served = [m["name"] for m in routes.backend.models.describe() if m["version"]]
+        spec.setdefault("paths", {}).update(openapi_paths(cfg, served, management))
+        schemes = security_schemes(cfg, management)
+        if schemes:
+            spec.setdefault("components", {}).setdefault("securitySchemes", {}).update(schemes)
         return JSONResponse(spec)
 
     endpoints = [

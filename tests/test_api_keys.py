@@ -33,5 +33,10 @@ def test_keys_on_a_real_server(model, tmp_path):
         assert client.post("/v2/repository/index", headers=ok).status_code == 401
         index = client.post("/v2/repository/index", headers={"Authorization": f"Bearer {ADMIN}"})
         assert index.status_code == 200 and index.json()[0]["state"] == "READY"
+        spec = client.get("/docs.json").json()  # open, and says which key each route needs
+        assert spec["components"]["securitySchemes"]["apiKey"] == {
+            "type": "http", "scheme": "bearer", "description": "TUNESERVE_API_KEY"}
+        assert spec["paths"]["/classify"]["post"]["security"] == [{"apiKey": []}]
+        assert spec["paths"]["/v2/repository/index"]["post"]["security"] == [{"adminKey": []}]
     text = log.read_text()
     assert API not in text and ADMIN not in text

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -66,7 +68,9 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
         assert {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "uvloop", "httptools"} <= installed
 
         # Started the way deploy/kubernetes/deployment.yaml starts it: its env, user, read-only root, no caps.
-        flags = cs.podman_flags_like_kubernetes(cs.deployment_manifest())
+        # The API key comes from the Secret the manifest reads; no admin key, so no management API.
+        key = secrets.token_hex(16)
+        flags = cs.podman_flags_like_kubernetes(cs.deployment_manifest(), {"tuneserve-keys": {"api-key": key}})
         assert "--read-only" in flags and "--cap-drop=ALL" in flags
         subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", *flags, image],
                        env=podman, check=True, capture_output=True, timeout=120)
@@ -80,8 +84,20 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
         assert default_user.stdout.strip() == "bentoml"
 
         photo = sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[0]
+        for wrong in ({}, {"Authorization": "Bearer not-the-key"}):
+            req = urllib.request.Request(f"{url}/classify", data=photo.read_bytes(), method="POST",
+                                         headers={"Content-Type": "image/jpeg", **wrong})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=60)
+            assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"].startswith("Bearer")
+            assert "error" in json.loads(refused.value.read())
+        req = urllib.request.Request(f"{url}/v2/repository/index", data=b"{}", method="POST",
+                                     headers={"Authorization": f"Bearer {key}"})
+        with pytest.raises(urllib.error.HTTPError) as absent:
+            urllib.request.urlopen(req, timeout=10)
+        assert absent.value.code == 404  # the Secret has no admin-key: the management API does not exist
         req = urllib.request.Request(f"{url}/classify?top_k=5", data=photo.read_bytes(), method="POST",
-                                     headers={"Content-Type": "image/jpeg"})
+                                     headers={"Content-Type": "image/jpeg", "Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(req, timeout=60) as r:
             served = json.loads(r.read())
         assert served["model"] == model.tag  # the model baked into the image, by exact version
@@ -93,7 +109,7 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
         assert [p["label"] for p in served["predictions"]] == [stored.card.labels[i] for i in order]
         np.testing.assert_allclose([p["score"] for p in served["predictions"]], probs[order], atol=1e-4)
 
-        # The Deployment's probe and scrape paths answer on the running image.
+        # The Deployment's probe and scrape paths answer on the running image, without the key.
         manifest = cs.deployment_manifest()
         (container,) = manifest["spec"]["template"]["spec"]["containers"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):

@@ -54,7 +54,7 @@ def test_pod_runs_as_the_images_non_root_user_with_a_read_only_root(manifests):
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     # BentoML writes under BENTOML_HOME: it must point into a writable emptyDir mount.
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert any(env["BENTOML_HOME"].startswith(m + "/") for m in mounts)
 
@@ -75,3 +75,25 @@ def test_image_is_the_bento_that_bentofile_builds(manifests):
     assert image.split(":")[0] == bento_name  # `bentoml containerize` names the image after the Bento
     (override,) = manifests["Kustomization"]["images"]
     assert override["name"] == bento_name
+
+
+def test_keys_come_from_a_secret_and_the_api_key_is_required(manifests):
+    env = {e["name"]: e for e in _container(manifests)["env"]}
+    api = env["TUNESERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
+    admin = env["TUNESERVE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert api["name"] == admin["name"] == "tuneserve-keys"
+    assert not api.get("optional", False)  # no Secret, no pod: never an open inference port by mistake
+    assert admin["optional"] is True  # no admin key: the management API does not exist
+    # Keys are never written into the manifests themselves.
+    assert not any("KEY" in name and "value" in e for name, e in env.items())
+    assert "Secret" not in manifests
+
+
+def test_podman_flags_resolve_the_secret_like_kubernetes(manifests):
+    import podman_image as cs
+
+    dep = manifests["Deployment"]
+    flags = cs.podman_flags_like_kubernetes(dep, {"tuneserve-keys": {"api-key": "k1"}})
+    assert "--env=TUNESERVE_API_KEY=k1" in flags and not any("TUNESERVE_ADMIN_KEY" in f for f in flags)
+    with pytest.raises(KeyError, match="api-key"):
+        cs.podman_flags_like_kubernetes(dep, {})

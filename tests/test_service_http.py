@@ -5,6 +5,7 @@ dynamic batcher, the thread pool and the limits work as under `bentoml serve`; a
 from __future__ import annotations
 
 import dataclasses
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,8 +29,10 @@ def metrics() -> RecordingMetrics:
 
 @pytest.fixture(scope="module")
 def worker(model, metrics):
+    # A generous latency bound: 24 requests at once on 2 cores wait ~0.35 s, which admission would refuse under
+    # the CPU default of 1 s (30% of it); the overload test below sets its own limit.
     worker = make_worker(metrics, models=model.tag, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS,
-                         max_batch_images=MAX_BATCH_IMAGES)
+                         max_batch_images=MAX_BATCH_IMAGES, max_latency_ms=10_000)
     yield worker
     worker.close()
 
@@ -193,6 +196,12 @@ def test_bentoml_endpoints_and_openapi(bento_client):
     spec = client.get("/docs.json").json()
     assert {"/classify", "/classify_batch", "/model", "/readyz"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    # Every documented path keeps its own metrics label (the others share one: service/http_protocol.py).
+    from tuneserve.service.routes import is_known_path
+
+    documented = [re.sub(r"\{[^}]+\}", "x", path) for path in spec["paths"]]
+    assert [path for path in documented if not is_known_path(path)] == []
+    assert not is_known_path("/wp-login.php") and not is_known_path("/models/x/y")
     r = client.post("/classify", content=photo("coffee.png"))
     assert r.status_code == 200 and top1(r.json()) == "espresso"
     metrics = client.get("/metrics").text
@@ -202,6 +211,24 @@ def test_bentoml_endpoints_and_openapi(bento_client):
     assert f"tuneserve_requests_total{{{labels}}}" in metrics, [m for m in metrics.splitlines() if "requests_total" in m]
     for family in ("tuneserve_request_duration_seconds", "tuneserve_engine_wait_seconds", "tuneserve_inference_seconds"):
         assert f'{family}_count{{model="{name}",version="{version}"}}' in metrics, family
+
+
+@pytest.mark.parametrize("management", [False, True])
+def test_openapi_documents_exactly_the_apps_routes(worker, management):
+    from starlette.testclient import TestClient
+
+    app = create_app(lambda: worker, openapi_base=lambda: {"openapi": "3.0.2", "paths": {}}, management=management)
+    routes = {(r.path, m.lower()) for r in app.routes for m in r.methods - {"HEAD"} if r.path != "/docs.json"}
+    with TestClient(app) as client:
+        spec = client.get("/docs.json").json()
+    documented = {(path, method) for path, item in spec["paths"].items() for method in item}
+    assert documented == routes
+    assert any(path.startswith("/v2/repository/") for path, _ in routes) == management
+    for path, item in spec["paths"].items():
+        for op in item.values():
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(re.findall(r"\{(\w+)\}", path)), path
+            assert all(code.isdigit() for code in op["responses"]), path
 
 
 # -- bad input: a 4xx JSON answer each, and the server keeps serving ------------------------------------------
