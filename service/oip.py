@@ -1,0 +1,284 @@
+"""The Open Inference Protocol (KServe v2, as Triton speaks it over HTTP): inference requests in, responses out.
+
+Codec only, no model and no server: `parse_infer_request` turns a request body (JSON, or JSON followed by
+binary tensors, Triton's binary tensor data extension) into the images or pixels to classify and the outputs
+asked for; `encode_infer_response` turns probabilities back into the protocol's answer. Every way a request
+can be wrong is an HTTPError 400 that names the field and what is accepted.
+
+What a tuneserve model takes and gives, in protocol terms (GET /v2/models/{name} says the same):
+- input `image`, BYTES, shape [N] (or [N, 1]): encoded images (JPEG, PNG, ...). In the binary extension each
+  element is its 4-byte little-endian length followed by the bytes, so clients send raw JPEG bytes; in JSON
+  each element is the image's base64 text (JSON strings cannot carry raw bytes).
+- input `pixels`, FP32, shape [N, 3, S, S]: images already preprocessed as the model card says (RGB,
+  resized, normalised), for clients that preprocess themselves.
+- output `probabilities`, FP32, shape [N, classes]: softmax probabilities, the labels' order.
+  With `"parameters": {"classification": k}` on the output (the classification extension), the output is
+  instead BYTES [N, k] of "score:index:label", best first, as Triton answers.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tuneserve.service.inputs import HTTPError
+
+HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor data extension
+IMAGE_INPUT = "image"
+PIXELS_INPUT = "pixels"
+OUTPUT = "probabilities"
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
+_DTYPE_SIZE = {"FP32": 4}
+
+
+@dataclass
+class InferRequest:
+    """A parsed v2 inference request: exactly one of `images` (encoded bytes) or `pixels` (float32 arrays)."""
+
+    id: str | None
+    images: list[bytes] = field(default_factory=list)
+    pixels: np.ndarray | None = None  # float32 (N, 3, S, S)
+    classification: int = 0  # k of the classification extension; 0: probabilities
+    binary_output: bool = False
+
+    @property
+    def count(self) -> int:
+        return len(self.pixels) if self.pixels is not None else len(self.images)
+
+
+def parse_infer_request(body: bytes, header_length: str | None, input_size: int, max_images: int,
+                        max_image_bytes: int) -> InferRequest:
+    """`body` and its Inference-Header-Content-Length header (None: all JSON) -> InferRequest; HTTPError 400
+    for anything malformed, 413 for more than `max_images` images or an image over `max_image_bytes`."""
+    header, binary = _split(body, header_length)
+    try:
+        request = json.loads(header)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "the inference request must be a JSON object (with the binary tensor extension, its "
+                             f"first {HEADER_LENGTH} bytes)") from None
+    if not isinstance(request, dict):
+        raise HTTPError(400, "the inference request must be a JSON object with an 'inputs' list")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise HTTPError(400, f"'inputs' must be a list of one tensor: {IMAGE_INPUT!r} (BYTES, encoded images) or "
+                             f"{PIXELS_INPUT!r} (FP32 [N,3,{input_size},{input_size}], preprocessed)")
+    tensor = inputs[0]
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise HTTPError(400, f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    data = _tensor_bytes(tensor, binary)
+    out = InferRequest(id=_request_id(request), **_outputs(request))
+    if (name, datatype) == (IMAGE_INPUT, "BYTES"):
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise HTTPError(400, f"input {IMAGE_INPUT!r}: shape must be [N] or [N, 1], got {shape}")
+        _check_count(shape[0], max_images)
+        out.images = _bytes_elements(tensor, data, shape[0])
+        for i, image in enumerate(out.images):
+            if not image:
+                raise HTTPError(400, f"input {IMAGE_INPUT!r}: element {i} is empty")
+            if len(image) > max_image_bytes:
+                raise HTTPError(413, f"input {IMAGE_INPUT!r}: element {i} is {len(image)} bytes; the limit is "
+                                     f"{max_image_bytes} (server setting TUNESERVE_MAX_IMAGE_BYTES)")
+    elif (name, datatype) == (PIXELS_INPUT, "FP32"):
+        want = [shape[0] if shape else -1, 3, input_size, input_size]
+        if len(shape) != 4 or shape[1:] != want[1:]:
+            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape must be {want} (N images, RGB, the model's input "
+                                 f"size), got {shape}")
+        _check_count(shape[0], max_images)
+        out.pixels = _fp32_elements(tensor, data, shape)
+    else:
+        raise HTTPError(400, f"input {name!r} of datatype {datatype!r} is not accepted: send {IMAGE_INPUT!r} "
+                             f"(BYTES, encoded images) or {PIXELS_INPUT!r} (FP32 [N,3,{input_size},{input_size}])")
+    return out
+
+
+def encode_infer_response(model_name: str, version: str, request: InferRequest, probs: np.ndarray,
+                          labels: list[str]) -> tuple[bytes, dict[str, str]]:
+    """probs float32 (N, classes) -> (body, headers) of the v2 answer: JSON, or JSON + binary tensor."""
+    if request.classification:
+        k = min(request.classification, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        strings = [f"{float(probs[n, i])!r}:{i}:{labels[i]}" for n in range(len(probs)) for i in order[n]]
+        output: dict[str, Any] = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(probs), k]}
+        raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings)
+        values: Any = strings
+    else:
+        output = {"name": OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}
+        raw = np.ascontiguousarray(probs, dtype="<f4").tobytes()
+        values = probs.astype(np.float32).ravel().tolist()
+    response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": [output]}
+    if request.id is not None:
+        response["id"] = request.id
+    if not request.binary_output:
+        output["data"] = values
+        return json.dumps(response).encode(), {"content-type": "application/json"}
+    output["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps(response).encode()
+    return header + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+
+
+def model_metadata(name: str, versions: list[str], input_size: int, num_classes: int) -> dict[str, Any]:
+    """GET /v2/models/{name}: what the model takes and gives."""
+    return {"name": name, "versions": versions, "platform": PLATFORM,
+            "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+                       {"name": PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, input_size, input_size]}],
+            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, num_classes]}]}
+
+
+def model_config(name: str, version: str, input_size: int, num_classes: int, max_batch_size: int) -> dict[str, Any]:
+    """GET /v2/models/{name}/config, Triton's model configuration extension (its JSON form of model_config.proto):
+    the inputs without their batch dimension, which max_batch_size stands for."""
+    return {"name": name, "platform": PLATFORM, "backend": "onnxruntime", "version_policy": {"specific": {"versions": [version]}},
+            "max_batch_size": max_batch_size,
+            "input": [{"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1],
+                       "optional": True},
+                      {"name": PIXELS_INPUT, "data_type": "TYPE_FP32", "dims": [3, input_size, input_size],
+                       "optional": True}],
+            "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [num_classes]}],
+            "dynamic_batching": {}}
+
+
+# -- parsing --------------------------------------------------------------------------------------------------
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        n = -1
+    if not 0 < n <= len(body):
+        raise HTTPError(400, f"{HEADER_LENGTH}: {header_length!r} must be the length of the JSON header, between 1 "
+                             f"and the body's {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _request_id(request: dict[str, Any]) -> str | None:
+    rid = request.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise HTTPError(400, f"'id' must be a string, got {rid!r}")
+    return rid
+
+
+def _outputs(request: dict[str, Any]) -> dict[str, Any]:
+    """classification k and binary output, from 'outputs' and the request's parameters."""
+    params = request.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise HTTPError(400, "'parameters' must be a JSON object")
+    binary = params.get("binary_data_output", False) is True
+    classification = 0
+    outputs = request.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list) or len(outputs) > 1 or not all(isinstance(o, dict) for o in outputs):
+            raise HTTPError(400, f"'outputs' may name one output, {OUTPUT!r}")
+        for o in outputs:
+            if o.get("name") != OUTPUT:
+                raise HTTPError(400, f"output {o.get('name')!r} does not exist: the model's output is {OUTPUT!r}")
+            p = o.get("parameters") or {}
+            if not isinstance(p, dict):
+                raise HTTPError(400, f"output {OUTPUT!r}: 'parameters' must be a JSON object")
+            binary = p.get("binary_data", binary) is True
+            k = p.get("classification", 0)
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise HTTPError(400, f"output {OUTPUT!r}: 'classification' must be an integer >= 1 (0: "
+                                     f"probabilities), got {k!r}")
+            classification = k
+    return {"classification": classification, "binary_output": binary}
+
+
+def _check_count(n: int, max_images: int) -> None:
+    if n < 1:
+        raise HTTPError(400, "the input holds no image: its first dimension must be at least 1")
+    if n > max_images:
+        raise HTTPError(413, f"{n} images in one request; the limit is {max_images} (server setting "
+                             "TUNESERVE_MAX_BATCH_IMAGES); split them over several requests")
+
+
+def _tensor_bytes(tensor: dict[str, Any], binary: bytes) -> bytes | None:
+    """The tensor's binary data (None: its data is in JSON)."""
+    params = tensor.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise HTTPError(400, f"input {tensor.get('name')!r}: 'parameters' must be a JSON object")
+    size = params.get("binary_data_size")
+    if size is None:
+        if binary:
+            raise HTTPError(400, "binary data follows the JSON header, but no input declares its "
+                                 "'binary_data_size'")
+        if "data" not in tensor:
+            raise HTTPError(400, f"input {tensor.get('name')!r} has neither 'data' nor a 'binary_data_size'")
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+        raise HTTPError(400, f"input {tensor.get('name')!r}: binary_data_size {size!r} does not match the "
+                             f"{len(binary)} bytes after the JSON header")
+    return binary
+
+
+def _bytes_elements(tensor: dict[str, Any], data: bytes | None, n: int) -> list[bytes]:
+    if data is not None:  # 4-byte little-endian length, then the bytes, per element
+        out, pos = [], 0
+        while pos < len(data):
+            if pos + 4 > len(data):
+                raise HTTPError(400, f"input {IMAGE_INPUT!r}: binary data ends inside an element's 4-byte length")
+            (length,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            if pos + length > len(data):
+                raise HTTPError(400, f"input {IMAGE_INPUT!r}: element {len(out)} claims {length} bytes, but only "
+                                     f"{len(data) - pos} follow")
+            out.append(data[pos:pos + length])
+            pos += length
+    else:
+        values = _flatten(tensor["data"])
+        if not all(isinstance(v, str) for v in values):
+            raise HTTPError(400, f"input {IMAGE_INPUT!r}: in JSON, each element is an image as base64 text")
+        out = []
+        for i, v in enumerate(values):
+            try:
+                out.append(base64.b64decode(v, validate=True))
+            except (binascii.Error, ValueError):
+                raise HTTPError(400, f"input {IMAGE_INPUT!r}: element {i} is not base64 text (in JSON, images are "
+                                     "sent base64-encoded; raw bytes go in the binary tensor extension)") from None
+    if len(out) != n:
+        raise HTTPError(400, f"input {IMAGE_INPUT!r}: shape says {n} elements, the data holds {len(out)}")
+    return out
+
+
+def _fp32_elements(tensor: dict[str, Any], data: bytes | None, shape: list[int]) -> np.ndarray:
+    count = int(np.prod(shape))
+    if data is not None:
+        if len(data) != count * _DTYPE_SIZE["FP32"]:
+            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count * 4} bytes of FP32, got "
+                                 f"{len(data)}")
+        array = np.frombuffer(data, dtype="<f4").astype(np.float32, copy=False)
+    else:
+        values = _flatten(tensor["data"])
+        if len(values) != count or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count} numbers, got {len(values)} "
+                                 "values")
+        array = np.asarray(values, dtype=np.float32)
+    array = array.reshape(shape)
+    if not np.isfinite(array).all():
+        raise HTTPError(400, f"input {PIXELS_INPUT!r}: every value must be finite (no NaN or infinity)")
+    return array
+
+
+def _flatten(data: Any) -> list[Any]:
+    """The protocol allows data as a flat list or nested in the tensor's shape."""
+    if not isinstance(data, list):
+        raise HTTPError(400, f"'data' must be a list, got {type(data).__name__}")
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
