@@ -15,7 +15,7 @@ from typing import Iterable
 from starlette.responses import JSONResponse
 
 ADMIN_PREFIX = "/v2/repository/"
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/docs.json", "/", "/schema.json"})
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs.json", "/", "/schema.json"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")  # the Swagger UI's files
 
 

@@ -58,6 +58,10 @@ class OipRoutes:
 
     async def _infer(self, request: Request, model) -> Response:
         b, cfg = self.backend, self.backend.config
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise HTTPError(415, f"Content-Encoding {encoding!r} is not accepted: send the request uncompressed "
+                                 "(images are compressed already)")
         self.routes.admit_early(request)
         body = await read_body(request, cfg.max_request_bytes, "TUNESERVE_MAX_REQUEST_BYTES", cfg.body_timeout_s)
         # The JSON form of a batch of images is base64 text (4/3 of the bytes) inside JSON: parsing it is

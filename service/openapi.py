@@ -45,9 +45,9 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
     return {"description": description, "content": {"application/json": {"schema": schema or {"type": "object"}}}}
 
 
-def openapi_paths(cfg: ServiceConfig, served: list[str], management: bool = False) -> dict[str, Any]:
+def openapi_paths(cfg: ServiceConfig, served: list[str], versions: list[str], management: bool = False) -> dict[str, Any]:
     """Every route of service/routes.create_app(..., management) with the limits of `cfg` and the model names
-    `served` now; with an API key (or an admin key for the management API) the routes that need it say so,
+    `served` now, at `versions`; with an API key (or an admin key for the management API) the routes that need it say so,
     and may answer 401."""
     api_key = cfg.key("api") is not None
     classify, batch, info = _classify(cfg), _classify_batch(cfg), _model_info()
@@ -69,14 +69,65 @@ def openapi_paths(cfg: ServiceConfig, served: list[str], management: bool = Fals
         "/models/{name}/classify": {"post": classify("tuneserve__models_name_classify", "model `name`", name)},
         "/models/{name}/classify_batch": {"post": batch("tuneserve__models_name_classify_batch", "model `name`",
                                                         name)},
+        # The routes BentoML's clients call (service/service.py's @bentoml.api functions), answered by the two
+        # above (service/routes.py, CLIENT_ROUTES): the same operations.
+        "/bentoml/classify": {"post": classify("classify", "the default model (BentoML's clients)")},
+        "/bentoml/classify_batch": {"post": batch("classify_batch", "the default model (BentoML's clients)")},
     }
     if api_key:
         for item in paths.values():
             for op in item.values():
                 op["security"] = [{"apiKey": []}]
                 op["responses"].update(_errors(401))
+    paths.update(_oip(cfg, served, versions, api_key))
     if management:
         paths.update(_management(served))
+    return paths
+
+
+def _oip(cfg: ServiceConfig, served: list[str], versions: list[str], api_key: bool) -> dict[str, Any]:
+    """The Open Inference Protocol's routes (service/oip_routes.py; the tensors are described in service/oip.py)."""
+    from tuneserve.service.oip_routes import oip_paths
+
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": versions},
+               "description": "the version served now (GET /v2/models/{name} lists it)"}
+    docs = {
+        "server_metadata": ("Server metadata: name, version and the protocol extensions served.", None),
+        "model_metadata": ("Model metadata: versions, platform, input and output tensors.", None),
+        "model_ready": ("200 when the model (at the version) is served and ready; 404 when it is not served.", None),
+        "model_config": ("The model's configuration, as Triton's model configuration extension answers it.", None),
+        "infer": ("Classify images with the Open Inference Protocol (KServe v2): input `image` (BYTES [N], encoded "
+                  "images; base64 text in JSON, raw in the binary tensor data extension with an "
+                  "Inference-Header-Content-Length header) or `pixels` (FP32 [N,3,S,S], preprocessed); output "
+                  "`probabilities` (FP32 [N,classes]), or with `parameters.classification: k` BYTES [N,k] of "
+                  f"'score:index:label'. At most {cfg.max_batch_images} images, {cfg.max_image_bytes} bytes each, "
+                  f"{cfg.max_request_bytes} bytes in all.", 
+                  {"required": True, "content": {
+                      "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+                          "id": {"type": "string"}, "parameters": {"type": "object"},
+                          "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                              "type": "object", "required": ["name", "datatype", "shape"], "properties": {
+                                  "name": {"type": "string", "enum": ["image", "pixels"]},
+                                  "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
+                                  "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                  "parameters": {"type": "object"}, "data": {"type": "array"}}}},
+                          "outputs": {"type": "array", "maxItems": 1, "items": {"type": "object"}}}}},
+                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}),
+    }
+    paths: dict[str, Any] = {}
+    for path, method, handler in oip_paths():
+        description, body = docs[handler]
+        params = ([_name(served)] if "{name}" in path else []) + ([version] if "{version}" in path else [])
+        errors = (400, 404, 408, 413, 415, 503) if handler == "infer" else ((404,) if params else ())
+        op: dict[str, Any] = {"tags": ["Open Inference Protocol"], "description": description,
+                              "operationId": "tuneserve__v2_" + handler + ("_version" if "{version}" in path else ""),
+                              "parameters": params, "responses": {"200": _json("the answer"), **_errors(*errors)}}
+        if body is not None:
+            op["requestBody"] = body
+        if api_key:
+            op["security"] = [{"apiKey": []}]
+            op["responses"].update(_errors(401))
+        paths[path] = {method.lower(): op}
     return paths
 
 

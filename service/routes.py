@@ -27,11 +27,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import tuneserve
 from tuneserve.models.runtime import top_k
 from tuneserve.service.admission import Deadline
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.metrics import Metrics
 from tuneserve.service.http_protocol import ADMITTED_FROM_HEADERS, ORIGINAL_PATH
+from tuneserve.service.oip_routes import OipRoutes, oip_paths
 from tuneserve.service.openapi import openapi_paths, security_schemes
 from tuneserve.service.inputs import (
     MULTIPART_OVERHEAD_PER_PART,
@@ -49,7 +51,7 @@ log = logging.getLogger("tuneserve.service")
 Handler = Callable[[Request], Awaitable[Response]]
 
 # The routes admission may refuse from the request line alone (service/http_protocol.py).
-_CLASSIFY_PATH = re.compile(r"^(/models/[^/]+)?/classify(_batch)?$")
+_CLASSIFY_PATH = re.compile(r"^((/models/[^/]+|/bentoml)?/classify(_batch)?|/v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 
 
 def is_classify_path(path: str) -> bool:
@@ -59,7 +61,9 @@ def is_classify_path(path: str) -> bool:
 # Every path the service answers (its routes, BentoML's, the Swagger UI's files), for http_protocol's metrics hygiene.
 _KNOWN_PATH = re.compile(
     r"^(/|/classify|/classify_batch|/model|/models|/models/[^/]+(/classify(_batch)?)?|/healthz|/livez|/readyz|/metrics"
-    r"|/docs\.json|/schema\.json|/v2/repository/index|/v2/repository/models/[^/]+/(load|unload|rollback)"
+    r"|/docs\.json|/schema\.json|/bentoml/classify(_batch)?|/v2/repository/index"
+    r"|/v2/repository/models/[^/]+/(load|unload|rollback)|/v2|/v2/health/(live|ready)"
+    r"|/v2/models/[^/]+(/versions/[^/]+)?(/ready|/config|/infer)?"
     r"|/(static_content|assets)/.*)$")
 
 
@@ -74,6 +78,7 @@ class ServedVersion(Protocol):
     version: str
     tag: str  # "name:version"
     labels: list[str]
+    input_size: int  # S of the (3, S, S) float32 arrays classify() takes
 
     def in_use(self) -> ContextManager[Any]: ...  # while a request uses it, a switch waits for it
 
@@ -132,6 +137,84 @@ def _check_image_size(image: ImageInput, limit: int) -> None:
         raise too_large(f"image {image.name!r}", len(image.data), limit, "TUNESERVE_MAX_IMAGE_BYTES")
 
 
+async def classify_one(b: Backend, model: ServedVersion, image: ImageInput, k: int, estimate: bool = True) -> dict:
+    """One image -> {"model", "predictions"}: admission, the decoding pool, the model's batcher, the deadline.
+    `estimate`: admission still has to judge the request (it was not judged from its headers)."""
+    _check_image_size(image, b.config.max_image_bytes)
+    deadline = b.deadline()  # the latency bound counts from the whole request's arrival
+    with b.admit(1, estimate=estimate):
+        array = await model.preprocess(image.data, deadline)
+        probs = await model.classify([array], deadline)
+        if deadline.expired():
+            raise b.late(deadline, "before the answer was ready")
+    return {"model": model.tag, "predictions": top_k(probs[0], model.labels, k)}
+
+
+async def classify_many(b: Backend, model: ServedVersion, images: list[ImageInput], k: int) -> dict:
+    """Several images -> {"model", "results"}: one result per image, in order; an image that cannot be decoded
+    gets its own error and status while the others are classified."""
+    deadline = b.deadline()
+
+    async def prepare(image: ImageInput) -> np.ndarray | HTTPError:
+        try:
+            _check_image_size(image, b.config.max_image_bytes)
+            return await model.preprocess(image.data, deadline)
+        except HTTPError as e:
+            return e
+
+    with b.admit(len(images)):
+        prepared = await asyncio.gather(*(prepare(f) for f in images))
+        late = next((p for p in prepared if isinstance(p, HTTPError) and p.status == 503), None)
+        if late is not None:
+            raise late  # the request as a whole is out of time
+        good = [p for p in prepared if isinstance(p, np.ndarray)]
+        probs = iter(await model.classify(good, deadline) if good else [])
+        if deadline.expired():
+            raise b.late(deadline, "before the answer was ready")
+    results: list[dict[str, Any]] = []
+    for image, p in zip(images, prepared):
+        if isinstance(p, HTTPError):
+            results.append({"filename": image.name, "error": p.message, "status": p.status})
+        else:
+            results.append({"filename": image.name, "predictions": top_k(next(probs), model.labels, k)})
+    return {"model": model.tag, "results": results}
+
+
+async def classify_uploads(b: Backend, images: list[ImageInput], k: int, batch: bool) -> dict:
+    """The default model's /classify (batch False) or /classify_batch answer for images that came in some other
+    way than these routes: the BentoML API functions (service/service.py) called in-process."""
+    b.check_capacity()
+    with b.get(None).in_use() as model:
+        k = parse_top_k(str(k), b.config.top_k, len(model.labels))
+        if not images:
+            raise HTTPError(400, "no image was given")
+        if batch:
+            if len(images) > b.config.max_batch_images:
+                raise HTTPError(413, f"too many images in one request: the limit is {b.config.max_batch_images} "
+                                     "(server setting TUNESERVE_MAX_BATCH_IMAGES)")
+            return await classify_many(b, model, images, k)
+        return await classify_one(b, model, images[0], k)
+
+
+# BentoML's clients call the routes of the service's @bentoml.api functions (service/service.py), which
+# BentoML's router would match before this app: over HTTP they are answered here, by /classify and
+# /classify_batch, whose multipart fields (`image`/`images` files, `top_k`) are the functions' parameters.
+CLIENT_ROUTES = {"/bentoml/classify": "/classify", "/bentoml/classify_batch": "/classify_batch"}
+
+
+class ClientRoutes:
+    """ASGI middleware: BentoML clients' API routes -> the routes here (CLIENT_ROUTES)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in CLIENT_ROUTES:
+            path = CLIENT_ROUTES[scope["path"]]
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
+
+
 class Routes:
     """The handlers, bound to the backend that `resolve()` returns."""
 
@@ -145,25 +228,28 @@ class Routes:
     def _model(self, request: Request) -> ServedVersion:
         return self.backend.get(request.path_params.get("name"))
 
-    def _admit_request(self, request: Request, model: ServedVersion) -> int:
-        """Common start of both classify routes: capacity (unless admission already judged the request from
-        its headers, service/http_protocol.py) and a bad query-string top_k are refused before a possibly large
-        body is read. Returns top_k."""
-        b = self.backend
+    def admit_early(self, request: Request) -> None:
+        """Capacity, before a possibly large body is read (unless admission already judged the request from its
+        headers, service/http_protocol.py)."""
         if not _admitted_from_headers(request):
-            b.check_capacity()
-        return parse_top_k(request.query_params.get("top_k"), b.config.top_k, len(model.labels))
+            self.backend.check_capacity()
+
+    def _admit_request(self, request: Request, model: ServedVersion) -> int:
+        """Common start of both classify routes: capacity and a bad query-string top_k are refused before the
+        body is read. Returns top_k."""
+        self.admit_early(request)
+        return parse_top_k(request.query_params.get("top_k"), self.backend.config.top_k, len(model.labels))
 
     async def classify(self, request: Request) -> Response:
-        with self._model(request).in_use() as model, self._measured(model):
+        with self._model(request).in_use() as model, self.measured(model):
             return await self._classify(request, model)
 
     async def classify_batch(self, request: Request) -> Response:
-        with self._model(request).in_use() as model, self._measured(model):
+        with self._model(request).in_use() as model, self.measured(model):
             return await self._classify_batch(request, model)
 
     @contextlib.contextmanager
-    def _measured(self, model: ServedVersion) -> Iterator[None]:
+    def measured(self, model: ServedVersion) -> Iterator[None]:
         """Count the request under its model and version, with its status and time."""
         started, status = time.monotonic(), 500
         try:
@@ -194,14 +280,7 @@ class Routes:
             # --data-binary sends application/x-www-form-urlencoded): the decoder recognises the format.
             image = ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES",
                                                        cfg.body_timeout_s))
-        _check_image_size(image, cfg.max_image_bytes)
-        deadline = b.deadline()  # the latency bound counts from the whole request's arrival
-        with b.admit(1, estimate=not _admitted_from_headers(request)):
-            array = await model.preprocess(image.data, deadline)
-            probs = await model.classify([array], deadline)
-            if deadline.expired():
-                raise b.late(deadline, "before the answer was ready")
-        return JSONResponse({"model": model.tag, "predictions": top_k(probs[0], model.labels, k)})
+        return JSONResponse(await classify_one(b, model, image, k, estimate=not _admitted_from_headers(request)))
 
     async def _classify_batch(self, request: Request, model: ServedVersion) -> Response:
         b, cfg = self.backend, self.backend.config
@@ -218,31 +297,7 @@ class Routes:
                                  f"curl -F images=@a.jpg -F images=@b.jpg; text fields received: {sorted(fields) or 'none'}")
         if "top_k" in fields:
             k = parse_top_k(fields["top_k"], cfg.top_k, len(model.labels))
-        deadline = b.deadline()
-
-        async def prepare(image: ImageInput) -> np.ndarray | HTTPError:
-            try:
-                _check_image_size(image, cfg.max_image_bytes)
-                return await model.preprocess(image.data, deadline)
-            except HTTPError as e:
-                return e  # one bad image gets its own error; the others are still classified
-
-        with b.admit(len(files)):
-            prepared = await asyncio.gather(*(prepare(f) for f in files))
-            late = next((p for p in prepared if isinstance(p, HTTPError) and p.status == 503), None)
-            if late is not None:
-                raise late  # the request as a whole is out of time
-            good = [p for p in prepared if isinstance(p, np.ndarray)]
-            probs = iter(await model.classify(good, deadline) if good else [])
-            if deadline.expired():
-                raise b.late(deadline, "before the answer was ready")
-        results: list[dict[str, Any]] = []
-        for image, p in zip(files, prepared):
-            if isinstance(p, HTTPError):
-                results.append({"filename": image.name, "error": p.message, "status": p.status})
-            else:
-                results.append({"filename": image.name, "predictions": top_k(next(probs), model.labels, k)})
-        return JSONResponse({"model": model.tag, "results": results})
+        return JSONResponse(await classify_many(b, model, files, k))
 
     async def model_info(self, request: Request) -> Response:
         return JSONResponse(self.backend.get(None).describe())
@@ -324,9 +379,11 @@ def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[s
         # Matched before BentoML's own /docs.json (mounted apps come first in its router), so the Swagger UI
         # at / shows these endpoints too.
         spec = openapi_base()  # type: ignore[misc]
+        spec.setdefault("info", {})["version"] = tuneserve.__version__
         cfg = routes.backend.config
-        served = [m["name"] for m in routes.backend.models.describe() if m["version"]]
-        spec.setdefault("paths", {}).update(openapi_paths(cfg, served, management))
+        models = [m for m in routes.backend.models.describe() if m["version"]]
+        served, versions = [m["name"] for m in models], sorted({m["version"] for m in models})
+        spec.setdefault("paths", {}).update(openapi_paths(cfg, served, versions, management))
         schemes = security_schemes(cfg, management)
         if schemes:
             spec.setdefault("components", {}).setdefault("securitySchemes", {}).update(schemes)
@@ -341,6 +398,8 @@ def create_app(backend: Callable[[], Backend], openapi_base: Callable[[], dict[s
         Route("/models/{name}/classify", json_errors(routes.classify), methods=["POST"]),
         Route("/models/{name}/classify_batch", json_errors(routes.classify_batch), methods=["POST"]),
     ]
+    v2 = OipRoutes(routes)
+    endpoints += [Route(path, json_errors(getattr(v2, handler)), methods=[method]) for path, method, handler in oip_paths()]
     if management:
         endpoints += [
             Route("/v2/repository/index", json_errors(routes.repository_index), methods=["POST"]),
@@ -361,6 +420,10 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
                         status_code=exc.status_code, headers=exc.headers)
 
 
+# Liveness and readiness, under our names and the Open Inference Protocol's.
+_PROBES = {"/livez": "live", "/readyz": "ready", "/v2/health/live": "live", "/v2/health/ready": "ready"}
+
+
 class Probes:
     """ASGI middleware answering GET /livez and /readyz from `health()` (service/health.py) before BentoML's
     own probes, which say nothing about the other workers. /readyz is reached only once this worker's model
@@ -370,11 +433,11 @@ class Probes:
         self.app, self.health, self.model = app, health, model
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] not in ("/livez", "/readyz"):
+        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] not in _PROBES:
             await self.app(scope, receive, send)
             return
         report = self.health()
-        if scope["path"] == "/readyz":
+        if _PROBES[scope["path"]] == "ready":
             response = JSONResponse({"status": "ready", "model": self.model(), **report})
         elif report["live"]:
             response = JSONResponse({"status": "live", **report})

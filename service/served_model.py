@@ -71,6 +71,11 @@ class ServedModel:
         return self.model.version
 
     @property
+    def input_size(self) -> int:
+        """S of the (3, S, S) arrays the model takes."""
+        return self.model.card.preprocessing.input_size
+
+    @property
     def labels(self) -> list[str]:
         return self.model.card.labels
 

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from http import HTTPStatus
+from pathlib import Path
+from typing import Annotated, Any
 
 import bentoml
+from bentoml.exceptions import BentoMLException
+from bentoml.validators import ContentType
 
 from tuneserve.service import health, http_protocol, lifecycle
 from tuneserve.service.auth import ApiKeys, bearer, matches
@@ -23,7 +28,17 @@ from tuneserve.service.decode_budget import limit_malloc_arenas
 from tuneserve.service.health import Health
 from tuneserve.service.metrics import PrometheusMetrics
 from tuneserve.service.plan import ServingPlan
-from tuneserve.service.routes import JsonErrors, Probes, create_app, is_classify_path, is_known_path
+from tuneserve.service.inputs import HTTPError, ImageInput, too_large
+from tuneserve.service.routes import (
+    CLIENT_ROUTES,
+    ClientRoutes,
+    JsonErrors,
+    Probes,
+    classify_uploads,
+    create_app,
+    is_classify_path,
+    is_known_path,
+)
 from tuneserve.service.worker import Worker
 
 # bentoml's server logging config leaves the root logger at WARNING; the start-up lines must show.
@@ -83,6 +98,31 @@ class _Classifier:
             REFUSED.labels(path=path).inc()
         return body
 
+    # BentoML's clients (bentoml.SyncHTTPClient(url).classify(image=...)) find these in /schema.json. Over HTTP
+    # the service's own /classify and /classify_batch answer their routes (service/routes.py, ClientRoutes);
+    # called in-process, these bodies take the same admission, decoding pool and batcher.
+    @bentoml.api(route=next(k for k, v in CLIENT_ROUTES.items() if v == "/classify"))
+    async def classify(self, image: Annotated[Path, ContentType("image/*")], top_k: int = PLAN.config.top_k) -> dict[str, Any]:
+        """Classify one image with the default model: top-k predictions, best first."""
+        return await self._uploads([image], top_k, batch=False)
+
+    @bentoml.api(route=next(k for k, v in CLIENT_ROUTES.items() if v == "/classify_batch"))
+    async def classify_batch(self, images: list[Annotated[Path, ContentType("image/*")]],
+                             top_k: int = PLAN.config.top_k) -> dict[str, Any]:
+        """Classify several images with the default model: one result per image, in order."""
+        return await self._uploads(images, top_k, batch=True)
+
+    async def _uploads(self, paths: list[Path], top_k: int, batch: bool) -> dict[str, Any]:
+        try:
+            limit = PLAN.config.max_image_bytes
+            for p in paths:
+                if p.stat().st_size > limit:
+                    raise too_large(f"image {p.name!r}", p.stat().st_size, limit, "TUNESERVE_MAX_IMAGE_BYTES")
+            images = [ImageInput(p.name, p.read_bytes()) for p in paths]
+            return await classify_uploads(self.worker, images, top_k, batch)
+        except HTTPError as e:  # BentoML answers its own exception with the status
+            raise BentoMLException(e.message, error_code=HTTPStatus(e.status)) from None
+
     @bentoml.on_startup
     async def _start(self) -> None:
         await self.worker.start()
@@ -104,6 +144,7 @@ Classifier = bentoml.service(
     envs=[{"name": "TUNESERVE_MODELS", "value": ",".join(m.tag for m in PLAN.models)},
           {"name": "TUNESERVE_DEFAULT_MODEL", "value": PLAN.default}],
 )(bentoml.asgi_app(http_app, path="/")(_Classifier))
+Classifier.add_asgi_middleware(ClientRoutes)
 Classifier.add_asgi_middleware(JsonErrors)
 Classifier.add_asgi_middleware(ApiKeys, api_key=API_KEY, admin_key=ADMIN_KEY, metrics_auth=PLAN.config.metrics_auth)
 Classifier.add_asgi_middleware(Probes, health=Health(expected_workers=PLAN.workers).report,

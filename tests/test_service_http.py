@@ -5,6 +5,7 @@ dynamic batcher, the thread pool and the limits work as under `bentoml serve`; a
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -194,7 +195,8 @@ def test_bentoml_endpoints_and_openapi(bento_client):
     assert client.get("/readyz").status_code == 200
     assert client.get("/").status_code == 200  # Swagger UI
     spec = client.get("/docs.json").json()
-    assert {"/classify", "/classify_batch", "/model", "/readyz"} <= set(spec["paths"])
+    assert spec["info"]["version"] == __import__("tuneserve").__version__
+    assert {"/classify", "/classify_batch", "/model", "/readyz", "/v2/models/{name}/infer"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     # Every documented path keeps its own metrics label (the others share one: service/http_protocol.py).
     from tuneserve.service.routes import is_known_path
@@ -222,13 +224,41 @@ def test_openapi_documents_exactly_the_apps_routes(worker, management):
     with TestClient(app) as client:
         spec = client.get("/docs.json").json()
     documented = {(path, method) for path, item in spec["paths"].items() for method in item}
-    assert documented == routes
+    from tuneserve.service.routes import CLIENT_ROUTES  # BentoML's API routes, which these answer
+
+    assert documented == routes | {(path, "post") for path in CLIENT_ROUTES}
     assert any(path.startswith("/v2/repository/") for path, _ in routes) == management
     for path, item in spec["paths"].items():
         for op in item.values():
             declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
             assert declared == set(re.findall(r"\{(\w+)\}", path)), path
             assert all(code.isdigit() for code in op["responses"]), path
+
+
+def test_bentoml_api_functions_called_in_process(bento_client, model):
+    """What BentoML's clients find in /schema.json also works called directly (the HTTP path is in
+    tests/test_protocol_clients.py): same answer as /classify, errors as BentoML's own exceptions."""
+    import asyncio
+
+    from bentoml.exceptions import BentoMLException
+
+    from support import photo_path
+
+    schema = bento_client.get("/schema.json").json()
+    assert {"classify", "classify_batch"} <= {route["name"] for route in schema["routes"]}
+    service = importlib.import_module("tuneserve.service.service")
+    instance = service.Classifier.inner()
+    try:
+        answer = asyncio.run(instance.classify(image=photo_path("coffee.png"), top_k=2))
+        over_http = bento_client.post("/classify", content=photo("coffee.png"), params={"top_k": 2}).json()
+        assert answer == over_http and top1(answer) == "espresso"
+        batch = asyncio.run(instance.classify_batch(images=[photo_path("coffee.png"), photo_path("rocket.jpg")], top_k=1))
+        assert [r["filename"] for r in batch["results"]] == ["coffee.png", "rocket.jpg"]
+        with pytest.raises(BentoMLException) as bad:
+            asyncio.run(instance.classify(image=photo_path("coffee.png"), top_k=0))
+        assert bad.value.error_code == 400 and "top_k" in bad.value.message
+    finally:
+        instance.worker.close()
 
 
 # -- bad input: a 4xx JSON answer each, and the server keeps serving ------------------------------------------
