@@ -64,4 +64,11 @@ $py benchmarks/serve_load.py --start --model resnet50-speed --images "$data/val"
 $py benchmarks/serve_load.py --start --model resnet50-speed --images "$data/val" --rate $rates \
   --processes $procs $serve --out "$out/serve-open-loop.json" 2>&1 | tee "$out/serve-open-loop.log"
 
+# 6. The Open Inference Protocol's infer route (binary tensors, as tritonclient sends them) against /classify,
+#    and what each costs the host's CPUs per image.
+$py benchmarks/protocols.py --env TUNESERVE_MODELS=resnet50-speed --clients $conc \
+  $([ "${QUICK:-0}" = 1 ] && echo "--seconds 2 --rounds 1") --out "$out/protocols.json" 2>&1 | tee "$out/protocols.log"
+$py benchmarks/request_cpu.py --env TUNESERVE_MODELS=resnet50-speed $([ "${QUICK:-0}" = 1 ] && echo "--requests 100 --rounds 1") \
+  --out "$out/request-cpu.json" 2>&1 | tee "$out/request-cpu.log"
+
 echo "results in $out"

@@ -76,11 +76,28 @@ def server_env(pairs: list[str]) -> dict[str, str]:
 
 
 def build_requests(url: str, path: str, bodies: list[bytes], content_type: str = "application/octet-stream",
-                   headers: dict[str, str] | None = None) -> list[bytes]:
+                   headers=None) -> list[bytes]:
+    """Raw HTTP/1.1 requests. `headers`: extra headers, a dict or a function of the body (for headers that
+    depend on it, such as the Open Inference Protocol's Inference-Header-Content-Length)."""
     host = urlsplit(url).netloc
-    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    return [(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {len(b)}\r\n"
-             f"{extra}\r\n").encode() + b for b in bodies]
+    out = []
+    for b in bodies:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in ((headers(b) if callable(headers) else headers) or {}).items())
+        out.append((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(b)}\r\n{extra}\r\n").encode() + b)
+    return out
+
+
+def v2_binary_body(image: bytes) -> tuple[bytes, dict[str, str]]:
+    """An Open Inference Protocol request for one encoded image in the binary tensor extension, as tritonclient
+    sends it (output binary too): (body, headers)."""
+    import json
+    import struct
+
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(image) + 4}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + struct.pack("<I", len(image)) + image, {"Inference-Header-Content-Length": str(len(header))}
 
 
 class _Connection:

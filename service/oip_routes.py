@@ -70,7 +70,8 @@ class OipRoutes:
                  cfg.max_batch_images, cfg.max_image_bytes)
         parsed = await asyncio.to_thread(*parse) if len(body) > 256 * 1024 else parse[0](*parse[1:])
         deadline = b.deadline()
-        with b.admit(parsed.count):
+        # Admission judged one image from the headers (service/http_protocol.py); more need a fresh estimate.
+        with b.admit(parsed.count, estimate=parsed.count > 1 or not self.routes.admitted_from_headers(request)):
             if parsed.pixels is not None:
                 arrays = list(parsed.pixels)  # already preprocessed: straight to the batcher
             else:

@@ -228,6 +228,10 @@ class Routes:
     def _model(self, request: Request) -> ServedVersion:
         return self.backend.get(request.path_params.get("name"))
 
+    @staticmethod
+    def admitted_from_headers(request: Request) -> bool:
+        return _admitted_from_headers(request)
+
     def admit_early(self, request: Request) -> None:
         """Capacity, before a possibly large body is read (unless admission already judged the request from its
         headers, service/http_protocol.py)."""

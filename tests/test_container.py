@@ -109,6 +109,18 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
         assert [p["label"] for p in served["predictions"]] == [stored.card.labels[i] for i in order]
         np.testing.assert_allclose([p["score"] for p in served["predictions"]], probs[order], atol=1e-4)
 
+        # Through the Open Inference Protocol with NVIDIA's client, as KServe's users reach it (deploy/kserve):
+        # the same answer, and the v2 probes the InferenceService uses.
+        import tritonclient.http as triton
+
+        v2 = triton.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
+        assert v2.is_server_ready() and v2.is_model_ready(model.name, headers={"Authorization": f"Bearer {key}"})
+        tensor = triton.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([photo.read_bytes()], dtype=np.object_))
+        v2_probs = v2.infer(model.name, [tensor], headers={"Authorization": f"Bearer {key}"}).as_numpy("probabilities")[0]
+        np.testing.assert_allclose(v2_probs[order], probs[order], atol=1e-4)
+        v2.close()
+
         # The Deployment's probe and scrape paths answer on the running image, without the key.
         manifest = cs.deployment_manifest()
         (container,) = manifest["spec"]["template"]["spec"]["containers"]

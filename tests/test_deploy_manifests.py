@@ -97,3 +97,22 @@ def test_podman_flags_resolve_the_secret_like_kubernetes(manifests):
     assert "--env=TUNESERVE_API_KEY=k1" in flags and not any("TUNESERVE_ADMIN_KEY" in f for f in flags)
     with pytest.raises(KeyError, match="api-key"):
         cs.podman_flags_like_kubernetes(dep, {})
+
+
+def test_kserve_inference_service_runs_the_same_image_with_v2_probes(manifests):
+    (isvc,) = yaml.safe_load_all((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    (c,) = predictor["containers"]
+    deployment = _container(manifests)
+    assert c["image"] == deployment["image"] and c["name"] == "kserve-container"
+    (port,) = c["ports"]
+    assert port["containerPort"] == 3000
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # The same settings, keys and hardening as the plain Deployment: the two must not drift apart.
+    assert c["env"] == deployment["env"]
+    assert c["resources"] == deployment["resources"] and c["securityContext"] == deployment["securityContext"]
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    assert predictor["securityContext"] == pod["securityContext"]
+    assert predictor["volumes"] == pod["volumes"] and c["volumeMounts"] == deployment["volumeMounts"]
