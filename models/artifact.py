@@ -15,6 +15,9 @@ from tuneserve.models.preprocessing import Preprocessing
 CARD_FILE = "tuneserve.json"
 ONNX_FILE = "model.onnx"
 FP16_ONNX_FILE = "model.fp16.onnx"  # optional half-precision variant (fp32 inputs and outputs), for GPUs
+# The trained PyTorch weights (safetensors: no pickle), so that training can continue from a registered model
+# (`tuneserve train --init-from TAG`). Absent in models registered before it existed.
+WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -32,6 +35,10 @@ class ModelCard:
     # Every other file of the version: {name: {"bytes", "sha256"}}, written at registration (models/store.py),
     # so damage is found before serving. Empty in cards written before it existed.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Lineage: the tag this model was fine-tuned from (`--init-from`), and a fingerprint of the data it was
+    # trained and validated on (training/data.py, `fingerprint`). None in cards written before.
+    parent: str | None = None
+    data_fingerprint: str | None = None
     input_name: str = "input"  # float32 (N, 3, input_size, input_size), normalised
     output_name: str = "logits"  # float32 (N, num_classes)
     format_version: int = FORMAT_VERSION

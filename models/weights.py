@@ -52,6 +52,32 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> "nn.M
     return model
 
 
+def continue_from(arch: str, state: dict[str, "torch.Tensor"], old_labels: list[str],
+                  new_labels: list[str]) -> tuple["nn.Module", int]:
+    """Network `arch` with a tuneserve model's trained weights (`state`, its classes `old_labels`) and a head
+    for `new_labels`: every class the old model knew keeps its head row (matched by label, in any order), a
+    new class gets a fresh one. Returns (model, classes kept)."""
+    import torch
+
+    spec = get_architecture(arch)
+    head_w, head_b = f"{spec.head}.weight", f"{spec.head}.bias"
+    if head_w not in state or state[head_w].shape[0] != len(old_labels):
+        raise WeightsUnavailableError(f"the weights do not hold a {len(old_labels)}-class {arch} head ({head_w})")
+    model = spec.build(len(old_labels))
+    model.load_state_dict(state)
+    replace_head(model, spec, len(new_labels))
+    head = model.get_submodule(spec.head)
+    old_index = {label: i for i, label in enumerate(old_labels)}
+    kept = 0
+    with torch.no_grad():
+        for i, label in enumerate(new_labels):
+            if label in old_index:
+                head.weight[i] = state[head_w][old_index[label]]
+                head.bias[i] = state[head_b][old_index[label]]
+                kept += 1
+    return model, kept
+
+
 def replace_head(model: "nn.Module", spec: Architecture, num_classes: int) -> None:
     """Swap the final Linear for a freshly initialised `num_classes`-way one (same input features)."""
     import torch.nn as nn

@@ -4,6 +4,8 @@ torch.multiprocessing.spawn (they must live in an importable module). Each rank 
 through the project's own `setup`, runs real training code, and leaves what it saw in a file for the test."""
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import io
 import os
@@ -250,3 +252,19 @@ def make_worker(metrics=None, **settings):
     from tuneserve.service.worker import Worker
 
     return Worker(ServingPlan.resolve(ServiceConfig(**settings)), metrics)
+
+
+@contextlib.contextmanager
+def routes_client(worker, **settings):
+    """A worker built from `settings` (make_worker) behind the real routes, in-process (Starlette's
+    TestClient, server errors answered rather than raised): (client, worker); the worker is closed after."""
+    from starlette.testclient import TestClient
+
+    from tuneserve.service.routes import create_app
+
+    worker = worker if worker is not None else make_worker(**settings)
+    try:
+        with TestClient(create_app(lambda: worker), raise_server_exceptions=False) as client:
+            yield client, worker
+    finally:
+        worker.close()

@@ -83,6 +83,13 @@ def test_train_loader_workers_and_serve_workers_are_told_apart():
         parser.parse_args(["train", "--workers", "3"])
 
 
+def test_timm_names_of_train_settings_are_aliases():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--smoothing", "0.2", "--clip-grad", "2.5", "--init-from", "hym:v1"])
+    assert (args.label_smoothing, args.grad_clip, args.init_from) == (0.2, 2.5, "hym:v1")
+    assert parser.parse_args(["train", "--label-smoothing", "0.05"]).label_smoothing == 0.05
+
+
 def test_cli_runs_from_a_folder_with_its_own_models_and_service_packages(tmp_path, model):
     folder = shadowing_packages(tmp_path / "project")
     r = subprocess.run([sys.executable, "-m", "tuneserve", "models", "--json"], cwd=folder, capture_output=True,

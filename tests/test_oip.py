@@ -9,28 +9,19 @@ import struct
 
 import numpy as np
 import pytest
-from starlette.testclient import TestClient
 
 from tuneserve.models.preprocessing import preprocess
 from tuneserve.service import oip
-from tuneserve.service.routes import create_app
-from support import make_worker, photo
+from support import photo, routes_client
 
 PHOTOS = ["coffee.png", "chelsea.png", "rocket.jpg"]
 MAX_BATCH_IMAGES = 4
 
 
 @pytest.fixture(scope="module")
-def worker(model):
-    worker = make_worker(models=model.tag, max_batch_images=MAX_BATCH_IMAGES, max_image_bytes=1_000_000,
-                         max_latency_ms=10_000)
-    yield worker
-    worker.close()
-
-
-@pytest.fixture(scope="module")
-def client(worker):
-    with TestClient(create_app(lambda: worker), raise_server_exceptions=False) as c:
+def client(model):
+    with routes_client(None, models=model.tag, max_batch_images=MAX_BATCH_IMAGES, max_image_bytes=1_000_000,
+                       max_latency_ms=10_000) as (c, _):
         yield c
 
 

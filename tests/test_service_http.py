@@ -16,7 +16,7 @@ from PIL import Image
 from tuneserve.models.preprocessing import preprocess
 from tuneserve.models.runtime import OnnxClassifier, softmax
 from tuneserve.service.routes import create_app
-from support import RecordingMetrics, builtin_model, encode, make_worker, photo
+from support import RecordingMetrics, builtin_model, encode, make_worker, photo, routes_client
 
 MAX_IMAGE_BYTES = 2_000_000  # small limits, so that the tests stay small
 MAX_PIXELS = 4_000_000
@@ -29,21 +29,22 @@ def metrics() -> RecordingMetrics:
 
 
 @pytest.fixture(scope="module")
-def worker(model, metrics):
+def served(model, metrics):
     # A generous latency bound: 24 requests at once on 2 cores wait ~0.35 s, which admission would refuse under
     # the CPU default of 1 s (30% of it); the overload test below sets its own limit.
-    worker = make_worker(metrics, models=model.tag, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS,
-                         max_batch_images=MAX_BATCH_IMAGES, max_latency_ms=10_000)
-    yield worker
-    worker.close()
+    with routes_client(make_worker(metrics, models=model.tag, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS,
+                                   max_batch_images=MAX_BATCH_IMAGES, max_latency_ms=10_000)) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
-def client(worker):
-    from starlette.testclient import TestClient
+def client(served):
+    return served[0]
 
-    with TestClient(create_app(lambda: worker), raise_server_exceptions=False) as c:
-        yield c
+
+@pytest.fixture(scope="module")
+def worker(served):
+    return served[1]
 
 
 @pytest.fixture(scope="module")

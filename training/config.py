@@ -30,6 +30,8 @@ class TrainConfig:
     # model
     arch: str = _opt(DEFAULT_ARCH, "network to fine-tune", choices=tuple(ARCHITECTURES))
     weights: str = _opt("imagenet", "'imagenet' (official weights), 'none', or a local state-dict .pth path")
+    init_from: str | None = _opt(None, "continue from a registered tuneserve model (TAG: name or name:version): "
+                                 "its architecture and trained weights; classes it knew keep their head rows")
     # schedule: a short frozen-backbone phase trains the new head before its random gradients reach the
     # pretrained features, then everything trains with the backbone at a lower learning rate.
     epochs: int = _opt(8, "total epochs, head-only epochs included")
@@ -42,8 +44,9 @@ class TrainConfig:
     backbone_lr_mult: float = _opt(0.1, "backbone learning rate = lr * this, once unfrozen (keeps ImageNet features)")
     weight_decay: float = _opt(0.05, "AdamW decoupled weight decay (not applied to biases and norm weights)")
     warmup_epochs: float = _opt(0.5, "linear warm-up at the start of each phase, then cosine decay to zero")
-    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing: better calibrated, less over-confident heads")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing: better calibrated, less over-confident heads",
+                                  aliases=("--smoothing",))
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)", aliases=("--clip-grad",))
     class_weighting: bool = _opt(False, "weight the loss by inverse class frequency, for imbalanced data")
     augment: str = _opt("trivialaugment", "training augmentation", choices=("none", "flip", "trivialaugment"))
     patience: int = _opt(4, "stop when validation top-1 has not improved for this many epochs (0 disables)")

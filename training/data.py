@@ -8,6 +8,8 @@ training) stop with a DataError before any training starts.
 """
 from __future__ import annotations
 
+import json
+
 import csv
 import logging
 import random
@@ -43,6 +45,19 @@ class Dataset:
         for s in getattr(self, split):
             counts[s.label] += 1
         return counts
+
+
+def fingerprint(ds: Dataset) -> str:
+    """A short hash of what a model learnt from: the classes, and every train and val image's file name, size
+    and label (not the folder it lives in, so the same photos elsewhere give the same fingerprint)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(ds.classes).encode())
+    for split in ("train", "val"):
+        for s in sorted(getattr(ds, split), key=lambda s: (Path(s.path).name, s.label)):
+            p = Path(s.path)
+            h.update(f"{split}\t{p.name}\t{p.stat().st_size if p.exists() else -1}\t{s.label}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def discover(data: str, manifest: str | None, val_fraction: float, seed: int, min_images_per_class: int) -> Dataset:

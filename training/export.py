@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tuneserve.models.artifact import FP16_ONNX_FILE, ModelCard
+from tuneserve.models.artifact import FP16_ONNX_FILE, WEIGHTS_FILE, ModelCard
 from tuneserve.models.precision import agreement_report, convert_fp16
 from tuneserve.models.preprocessing import Preprocessing, preprocess
 from tuneserve.models.runtime import OnnxClassifier
@@ -23,7 +23,7 @@ from tuneserve.models.store import StoredModel, save_model, staging_dir, validat
 from tuneserve.models.weights import build_model
 from tuneserve.training import checkpoint as ckpt_io
 from tuneserve.training.config import TrainConfig
-from tuneserve.training.data import Dataset, discover
+from tuneserve.training.data import Dataset, discover, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,11 @@ def export_and_register(
     train_config: dict[str, Any],
     exporter: str = "dynamo",
     extra_files: dict[str, Path] | None = None,
+    parent: str | None = None,
+    data_fingerprint: str | None = None,
 ) -> StoredModel:
-    """Export, gate, and register as `name:<new version>` (with an fp16 variant where it agrees with fp32).
-    Nothing is registered when any step fails."""
+    """Export, gate, and register as `name:<new version>` (with an fp16 variant where it agrees with fp32, and
+    the PyTorch weights for training to continue from). Nothing is registered when any step fails."""
     validate_name(name)
     # Scratch files in the store's staging area: a killed export leaves them where `tuneserve models prune`
     # (and the next save) removes them, not in /tmp.
@@ -129,12 +131,33 @@ def export_and_register(
         )
         check_parity(report)
         extra = dict(extra_files or {})
+        extra[WEIGHTS_FILE] = save_weights(model, Path(tmp) / WEIGHTS_FILE)
         fp16 = fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images)
         if fp16["kept"]:
             extra[FP16_ONNX_FILE] = Path(tmp) / FP16_ONNX_FILE
         card = ModelCard(arch=arch, labels=list(labels), preprocessing=pp, metrics=metrics,
-                         train_config=train_config, parity=report, variants={"fp16": fp16})
+                         train_config=train_config, parity=report, variants={"fp16": fp16}, parent=parent,
+                         data_fingerprint=data_fingerprint)
         return save_model(name, card, onnx_path, extra)
+
+
+def save_weights(model: nn.Module, path: Path) -> Path:
+    """The model's state dict as safetensors (tensors only: loading it runs no code)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def load_weights(stored: StoredModel) -> dict[str, torch.Tensor]:
+    """The PyTorch weights registered with `stored`; ValueError naming the way out when it has none."""
+    from safetensors.torch import load_file
+
+    path = stored.path / WEIGHTS_FILE
+    if not path.is_file():
+        raise ValueError(f"model {stored.tag} was registered without its PyTorch weights (before tuneserve kept them): "
+                         f"export it again from its run folder (tuneserve export RUN_DIR) to continue from it")
+    return load_file(str(path))
 
 
 def fp16_variant(fp32_path: Path, out_path: Path, images: np.ndarray) -> dict[str, Any]:
@@ -170,7 +193,7 @@ def export_checkpoint(path: Path, name: str, ds: Dataset, cfg: TrainConfig) -> S
     return export_and_register(
         model, name=name, arch=best["arch"], labels=best["classes"], pp=Preprocessing.from_dict(best["preprocessing"]),
         parity_paths=[s.path for s in ds.val[: cfg.parity_images]], metrics=metrics, train_config=best["config"],
-        exporter=cfg.exporter, extra_files=extras,
+        exporter=cfg.exporter, extra_files=extras, parent=best["config"].get("init_from"), data_fingerprint=fingerprint(ds),
     )
 
 

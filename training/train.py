@@ -9,6 +9,7 @@ once more at every epoch's end, so evaluation and checkpoints always see the one
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -25,13 +26,13 @@ from tqdm import tqdm
 
 from tuneserve.models.architectures import get_architecture
 from tuneserve.models.store import StoredModel, validate_name
-from tuneserve.models.weights import build_model, head_parameters
+from tuneserve.models.weights import build_model, continue_from, head_parameters
 from tuneserve.training import checkpoint as ckpt_io
 from tuneserve.training.config import TrainConfig, rename_legacy_keys
 from tuneserve.training.data import Dataset, discover
 from tuneserve.training.loaders import make_loaders
 from tuneserve.training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
-from tuneserve.training.export import export_checkpoint
+from tuneserve.training.export import export_checkpoint, load_weights
 from tuneserve.training.loop import evaluate, lr_factor, train_one_epoch
 from tuneserve.training.metrics import write_history, write_report
 from tuneserve.training.progress import Progress
@@ -64,10 +65,13 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     resume = ckpt_io.load(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = _resumed_config(cfg, resume)
+    parent = None
+    if cfg.init_from and resume is None:
+        cfg, parent = _with_parent(cfg)
     _check_distributed(cfg, env)
     name = validate_name(cfg.model_name())
     arch = get_architecture(cfg.arch)
-    pp = arch.preprocessing
+    pp = parent.card.preprocessing if parent is not None else arch.preprocessing  # as the weights were trained
 
     ds = discover(cfg.data, cfg.manifest, cfg.val_fraction, cfg.seed, cfg.min_images_per_class)
     if resume is not None and resume["classes"] != ds.classes:
@@ -77,7 +81,14 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
                  ds.layout, len(ds.classes), len(ds.train), len(ds.val), len(ds.skipped))
 
     _seed_everything(cfg.seed, 0, env.rank)  # the new head's initialisation depends on the seed only
-    model = build_model(cfg.arch, len(ds.classes), cfg.weights).to(env.device)
+    if parent is not None:
+        model, kept = continue_from(cfg.arch, load_weights(parent), parent.card.labels, ds.classes)
+        if env.is_main:
+            log.info("continuing from %s: %d of its %d classes kept, %d new", parent.tag, kept,
+                     len(parent.card.labels), len(ds.classes) - kept)
+    else:
+        model = build_model(cfg.arch, len(ds.classes), cfg.weights)
+    model = model.to(env.device)
     run_dir = Path(resume["run_dir"]) if resume is not None else _new_run_dir(cfg, name, env)
     channels_last = cfg.channels_last and env.device.type == "cuda"
     if channels_last:
@@ -166,6 +177,20 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
             result.model = export_checkpoint(run_dir / "best.pt", name, ds, cfg)
     barrier(env)
     return result
+
+
+def _with_parent(cfg: TrainConfig) -> tuple[TrainConfig, StoredModel]:
+    """The config continuing from the registered model `cfg.init_from`: its exact tag (recorded in the new
+    model's card), its architecture (an explicit different --arch is an error) and, unless --name says
+    otherwise, its name."""
+    from tuneserve.models.store import load_model
+
+    parent = load_model(cfg.init_from)
+    if cfg.arch not in (parent.card.arch, TrainConfig.arch):
+        raise ValueError(f"--init-from {parent.tag} is a {parent.card.arch} model; --arch {cfg.arch} cannot continue "
+                         f"from it (leave --arch out)")
+    # Same name by default: the result is the parent's next version (which poll mode serves once registered).
+    return dataclasses.replace(cfg, init_from=parent.tag, arch=parent.card.arch, name=cfg.name or parent.name), parent
 
 
 def _resumed_config(cfg: TrainConfig, resume: dict[str, Any]) -> TrainConfig:

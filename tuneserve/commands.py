@@ -109,13 +109,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"tag": s.tag, "arch": s.card.arch, "labels": s.card.labels, "metrics": {
             k: v for k, v in s.card.metrics.items() if not isinstance(v, (dict, list))}, "created": s.creation_time,
-            "path": str(s.path)} for s in found], indent=1))
+            "parent": s.card.parent, "data_fingerprint": s.card.data_fingerprint, "path": str(s.path)}
+            for s in found], indent=1))
         return EXIT_OK
     if not found:
         print("no tuneserve models yet: run `tuneserve train --data DIR` or `tuneserve models add-builtin`")
         return EXIT_OK
-    rows = [(s.tag, s.card.arch, s.card.num_classes, _top1(s.card.metrics), s.creation_time[:19]) for s in found]
-    print(format_table(("TAG", "ARCH", "CLASSES", "VAL TOP-1", "CREATED"), rows, right=(2, 3)))
+    rows = [(s.tag, s.card.arch, s.card.num_classes, _top1(s.card.metrics), s.creation_time[:19], s.card.parent or "-")
+            for s in found]
+    print(format_table(("TAG", "ARCH", "CLASSES", "VAL TOP-1", "CREATED", "CONTINUED FROM"), rows, right=(2, 3)))
     return EXIT_OK
 
 

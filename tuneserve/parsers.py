@@ -22,16 +22,17 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, describe_default)
         if f.metadata.get("secret"):
             continue  # keys belong in the environment or a file, not on a command line `ps` shows
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        flags = [flag, *f.metadata.get("aliases", ())]  # e.g. timm's names for the same setting
         base = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
         choices = f.metadata.get("choices")
         help_text = f"{f.metadata['help']}{describe_default(f)}".replace("%", "%%")
         if f.metadata.get("repeat"):
-            p.add_argument(flag, dest=f.name, action="append", default=None, metavar="TAG",
+            p.add_argument(*flags, dest=f.name, action="append", default=None, metavar="TAG",
                            help=help_text + "; repeat the flag for several")
         elif base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(flag, type=base, default=None, choices=choices, help=help_text,
+            p.add_argument(*flags, dest=f.name, type=base, default=None, choices=choices, help=help_text,
                            metavar=None if choices else f.name.upper())
 
 
