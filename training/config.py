@@ -50,6 +50,11 @@ class TrainConfig:
     class_weighting: bool = _opt(False, "weight the loss by inverse class frequency, for imbalanced data")
     augment: str = _opt("trivialaugment", "training augmentation", choices=("none", "flip", "trivialaugment"))
     patience: int = _opt(4, "stop when validation top-1 has not improved for this many epochs (0 disables)")
+    # tracking
+    report_to: str = _opt("none", "experiment tracking: tensorboard, mlflow, both comma-separated, or none "
+                          "(pip install 'tuneserve[tracking]')")
+    tracking_uri: str | None = _opt(None, "MLflow tracking URI (a server's http://..., or a store); default: "
+                                    "the file store OUTPUT_DIR/mlruns")
     # hardware
     device: str = _opt("auto", "where to train", choices=("auto", "cuda", "cpu"))
     amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32")

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tuneserve.training.tracking import LOG_EVERY
 from tuneserve.training.distributed import DistEnv, all_reduce_sum
 from tuneserve.training.metrics import summarize
 
@@ -43,11 +44,13 @@ def train_one_epoch(
     grad_clip: float,
     desc: str,
     after_step: Callable[[], None] | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
 ) -> dict[str, Any]:
     """model is already in the right train/eval mode for its phase; returns train loss/top-1 over all ranks.
 
     `after_step()` runs after every optimizer step, while the gradients are still there (local SGD averages
-    the parameters that have one). The loss is a mean over the local batch, so DDP's gradient *average* over
+    the parameters that have one). `on_step(step, loss, lr)` is told every LOG_EVERY optimizer steps (the
+    scheduler's step count, this micro-batch's loss, the head's learning rate), for experiment tracking. The loss is a mean over the local batch, so DDP's gradient *average* over
     ranks equals the gradient of the mean over all ranks' images: W ranks x batch B step like 1 x batch W*B."""
     device = env.device
     n_batches = len(loader)  # type: ignore[arg-type]
@@ -77,6 +80,8 @@ def train_one_epoch(
                 after_step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if on_step is not None and scheduler.last_epoch % LOG_EVERY == 0:
+                on_step(scheduler.last_epoch, loss.item(), optimizer.param_groups[-1]["lr"])
         loss_sum += loss.detach().double() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.numel()

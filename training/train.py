@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -36,6 +37,7 @@ from tuneserve.training.export import export_checkpoint, load_weights
 from tuneserve.training.loop import evaluate, lr_factor, train_one_epoch
 from tuneserve.training.metrics import write_history, write_report
 from tuneserve.training.progress import Progress
+from tuneserve.training.tracking import Trackers, check_installed, open_trackers, parse_report_to
 from tuneserve.training.plots import plot_confusion, plot_curves
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     if cfg.init_from and resume is None:
         cfg, parent = _with_parent(cfg)
     _check_distributed(cfg, env)
+    reporters = parse_report_to(cfg.report_to)  # before anything slow: a bad value or a missing library
+    check_installed(reporters)
     name = validate_name(cfg.model_name())
     arch = get_architecture(cfg.arch)
     pp = parent.card.preprocessing if parent is not None else arch.preprocessing  # as the weights were trained
@@ -90,6 +94,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         model = build_model(cfg.arch, len(ds.classes), cfg.weights)
     model = model.to(env.device)
     run_dir = Path(resume["run_dir"]) if resume is not None else _new_run_dir(cfg, name, env)
+    if env.is_main:
+        # The effective configuration, as a file `tuneserve train --config` takes.
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trackers = open_trackers(reporters, run_dir, name, cfg.to_dict(), cfg.tracking_uri) if env.is_main else Trackers([])
     channels_last = cfg.channels_last and env.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -144,6 +152,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         stats = train_one_epoch(
             ddp_model, train_loader, optimizer, scheduler, scaler, criterion, env, amp_dtype, channels_last,
             cfg.grad_accum_steps, cfg.grad_clip, desc=f"epoch {epoch + 1}/{cfg.epochs} ({phase})", after_step=after_step,
+            on_step=trackers.step if trackers else None,
         )
         if local_sgd is not None:
             local_sgd.average_now(p for p in model.parameters() if p.requires_grad)
@@ -160,6 +169,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
                      f" top-5 {val['top5']:.3f}" if "top5" in val else "", stats["images_per_s"],
                      " *best*" if improved else "")
             _save_epoch(run_dir, run_meta, trainables, progress, improved)
+            if trackers:
+                plot_confusion(val["confusion"], ds.classes, run_dir / "confusion_epoch.png")
+                trackers.epoch(epoch + 1, row, run_dir / "confusion_epoch.png")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
         if cfg.patience and progress.since_best >= cfg.patience and epoch + 1 >= cfg.head_epochs:
@@ -175,6 +187,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         plot_confusion(best_row["val"]["confusion"], ds.classes, run_dir / "confusion_matrix.png")
         if cfg.export:
             result.model = export_checkpoint(run_dir / "best.pt", name, ds, cfg)
+        trackers.finish(best_row["val"], run_dir, result.model.path if result.model else None)
     barrier(env)
     return result
 
