@@ -71,4 +71,7 @@ $py benchmarks/protocols.py --env TUNESERVE_MODELS=resnet50-speed --clients $con
 $py benchmarks/request_cpu.py --env TUNESERVE_MODELS=resnet50-speed $([ "${QUICK:-0}" = 1 ] && echo "--requests 100 --rounds 1") \
   --out "$out/request-cpu.json" 2>&1 | tee "$out/request-cpu.log"
 
+# 7. Host CPU per image with the model taken out (stand-in graphs), on this machine's cores.
+$py benchmarks/host_cost.py $([ "${QUICK:-0}" = 1 ] && echo "--images 32") --out "$out/host-cost.json" 2>&1 | tee "$out/host-cost.log"
+
 echo "results in $out"
