@@ -59,7 +59,7 @@ def openapi_paths(cfg: ServiceConfig, served: list[str], versions: list[str], ma
         "/models": {"get": {
             "tags": ["Models"], "operationId": "tuneserve__models",
             "description": "Every served model: name, version, state (ready, loading, failed with its error, "
-                           "unloaded), whether it is the default, number of labels, versions served so far.",
+                           "unloaded), whether it is the default, number of labels, validation metrics.",
             "responses": {"200": _json("the served models", {"type": "object", "required": ["default", "models"],
                                                              "properties": {"default": {"type": "string"},
                                                                             "models": {"type": "array",
