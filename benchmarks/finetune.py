@@ -1,6 +1,6 @@
 """Fine-tune the default model on hymenoptera (train -> val) and report accuracy, wall time and images/s.
 
-    python benchmarks/finetune.py [--data ../shared/datasets/hymenoptera] [--epochs 8] [--out benchmarks/results]
+    python benchmarks/finetune.py [--data ../shared/datasets/hymenoptera] [--epochs 8] [--set mixup=0.8] [--out benchmarks/results]
 
 Prints a per-epoch table and a summary (best validation top-1, wall time to reach 93% and 96%, total wall time,
 training images/s) and writes them as JSON. Wall time counts from the call to train(): data checks, model
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--arch", default="efficientnet_lite0")
     ap.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other TrainConfig setting, e.g. --set mixup=0.8 (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="tuneserve-bench-bentoml-"))
@@ -40,8 +42,9 @@ def main() -> None:
     from tuneserve.training.config import make_config
     from tuneserve.training.train import train
 
+    extra = dict(kv.split("=", 1) for kv in args.set)
     cfg = make_config(None, data=args.data, arch=args.arch, epochs=args.epochs, loader_workers=args.workers,
-                      output_dir=tempfile.mkdtemp(prefix="tuneserve-bench-runs-"), name="bench-hymenoptera")
+                      output_dir=tempfile.mkdtemp(prefix="tuneserve-bench-runs-"), name="bench-hymenoptera", **extra)
     marks: list[float] = []
     start = time.perf_counter()
     result = train(cfg, on_epoch_end=lambda epoch, row: marks.append(time.perf_counter() - start))

@@ -48,6 +48,28 @@ def test_tiny_run_writes_everything_and_registers(tiny_folder, tmp_path):
     assert again.card.metrics["val_top1"] == card.metrics["val_top1"]
 
 
+def test_mixup_and_cutmix_mix_batches_into_soft_targets():
+    from tuneserve.training.loop import batch_mixer
+
+    assert batch_mixer(3, 0.0, 0.0) is None
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+        mixed, target = batch_mixer(3, mixup, cutmix)(x, y)
+        assert mixed.shape == x.shape and target.shape == (8, 3)
+        torch.testing.assert_close(target.sum(1), torch.ones(8))
+        assert ((target > 0).sum(1) == 2).any() and not torch.equal(mixed, x)  # pairs of images, mixed
+
+
+def test_a_run_with_mixup_and_cutmix_trains_and_registers(tiny_folder, tmp_path):
+    result = train(TrainConfig(data=str(tiny_folder), epochs=2, output_dir=str(tmp_path / "runs"), name="mixed",
+                               mixup=0.8, cutmix=1.0, **FAST))
+    assert result.model is not None and result.model.card.train_config["cutmix"] == 1.0
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    with pytest.raises(ValueError, match="mixup and cutmix must be >= 0"):
+        TrainConfig(data=str(tiny_folder), mixup=-1.0)
+
+
 def test_resumed_run_equals_uninterrupted_run(tiny_folder, tmp_path):
     """Same seed on CPU: stop after epoch 2 of 3 (Ctrl-C), resume, and end with identical weights."""
     common = dict(data=str(tiny_folder), epochs=3, head_epochs=1, batch_size=4, loader_workers=1, export=False, seed=7)

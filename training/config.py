@@ -50,6 +50,10 @@ class TrainConfig:
     class_weighting: bool = _opt(False, "weight the loss by inverse class frequency, for imbalanced data")
     augment: str = _opt("trivialaugment", "training augmentation", choices=("none", "flip", "trivialaugment"))
     patience: int = _opt(4, "stop when validation top-1 has not improved for this many epochs (0 disables)")
+    # Batch mixing (torchvision.transforms.v2): off by default until the accuracy benchmark says otherwise.
+    mixup: float = _opt(0.0, "MixUp Beta(alpha, alpha) on each training batch (0 disables; timm uses 0.8)")
+    cutmix: float = _opt(0.0, "CutMix Beta(alpha, alpha) on each training batch (0 disables; timm uses 1.0); with "
+                         "--mixup too, each batch gets one of the two at random")
     # tracking
     report_to: str = _opt("none", "experiment tracking: tensorboard, mlflow, both comma-separated, or none "
                           "(pip install 'tuneserve[tracking]')")
@@ -104,6 +108,8 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.backbone_lr_mult >= 0, f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
         need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.mixup >= 0 and self.cutmix >= 0, f"mixup and cutmix must be >= 0 (0 disables), got {self.mixup}, "
+             f"{self.cutmix}")
         need(self.min_images_per_class >= 1, f"min_images_per_class must be >= 1, got {self.min_images_per_class}")
         need(self.parity_images >= 1, f"parity_images must be >= 1, got {self.parity_images}")
         need(self.local_sgd_period == 0 or self.local_sgd_period >= 2,

@@ -30,6 +30,18 @@ def lr_factor(step: int, steps_per_epoch: int, head_epochs: int, epochs: int, wa
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def batch_mixer(num_classes: int, mixup: float, cutmix: float) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+    """MixUp and/or CutMix for a training batch (torchvision.transforms.v2): (x (B,3,H,W) float, y (B,) int64)
+    -> (mixed x, soft targets (B, classes) float); None when both are off. With both, one of the two per batch."""
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    chosen = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + (
+        [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
+    return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -45,6 +57,7 @@ def train_one_epoch(
     desc: str,
     after_step: Callable[[], None] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
+    mixer: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
 ) -> dict[str, Any]:
     """model is already in the right train/eval mode for its phase; returns train loss/top-1 over all ranks.
 
@@ -66,9 +79,11 @@ def train_one_epoch(
         step_now = (i + 1) % grad_accum_steps == 0 or i + 1 == n_batches
         # Skip DDP's gradient all-reduce on accumulation micro-steps: it only needs to happen once per step.
         sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
+        # MixUp/CutMix: the loss sees soft targets (B, C); training top-1 still counts the batch's own labels.
+        x, target = mixer(x, y) if mixer is not None else (x, y)
         with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x)  # (B, C)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         scaler.scale(loss / grad_accum_steps).backward()
         if step_now:
             if grad_clip > 0:

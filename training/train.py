@@ -34,7 +34,7 @@ from tuneserve.training.data import Dataset, discover
 from tuneserve.training.loaders import make_loaders
 from tuneserve.training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
 from tuneserve.training.export import export_checkpoint, load_weights
-from tuneserve.training.loop import evaluate, lr_factor, train_one_epoch
+from tuneserve.training.loop import batch_mixer, evaluate, lr_factor, train_one_epoch
 from tuneserve.training.metrics import write_history, write_report
 from tuneserve.training.progress import Progress
 from tuneserve.training.tracking import Trackers, check_installed, open_trackers, parse_report_to
@@ -114,6 +114,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         warmup_epochs=cfg.warmup_epochs))
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(weight=_class_weights(ds, cfg, env), label_smoothing=cfg.label_smoothing)
+    mixer = batch_mixer(len(ds.classes), cfg.mixup, cfg.cutmix)
 
     trainables = ckpt_io.Trainables(model, optimizer, scheduler, scaler)
     progress = Progress()
@@ -152,7 +153,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         stats = train_one_epoch(
             ddp_model, train_loader, optimizer, scheduler, scaler, criterion, env, amp_dtype, channels_last,
             cfg.grad_accum_steps, cfg.grad_clip, desc=f"epoch {epoch + 1}/{cfg.epochs} ({phase})", after_step=after_step,
-            on_step=trackers.step if trackers else None,
+            on_step=trackers.step if trackers else None, mixer=mixer,
         )
         if local_sgd is not None:
             local_sgd.average_now(p for p in model.parameters() if p.requires_grad)
