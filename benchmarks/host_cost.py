@@ -32,7 +32,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from request_cpu import tree_cpu_s
+from request_cpu import fire, tree_cpu_s
 from results_io import write_result
 from shared_data import HYMENOPTERA
 
@@ -63,23 +63,6 @@ def photo_bytes(size: str) -> bytes:
     out = io.BytesIO()
     Image.open(photo).convert("RGB").resize(SIZES[size], Image.BICUBIC).save(out, "JPEG", quality=90)
     return out.getvalue()
-
-
-async def fire(url: str, path: str, n: int, concurrency: int, content: bytes | None = None,
-               files: list | None = None) -> int:
-    import httpx
-
-    async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency), timeout=120) as c:
-        gate, failed = asyncio.Semaphore(concurrency), 0
-
-        async def one() -> None:
-            nonlocal failed
-            async with gate:
-                r = await c.post(path, content=content, files=files)
-                failed += r.status_code != 200
-
-        await asyncio.gather(*(one() for _ in range(n)))
-        return failed
 
 
 def main() -> None:
@@ -125,11 +108,11 @@ def main() -> None:
                     for kind in ("single", "batch16"):
                         path = f"/models/{name}/classify" + ("_batch" if kind == "batch16" else "")
                         n = args.images if kind == "single" else args.images // 16
-                        call = ({"content": data} if kind == "single"
-                                else {"files": [("images", (f"{i}.jpg", data, "image/jpeg")) for i in range(16)]})
-                        asyncio.run(fire(url, path, max(1, n // 10), args.concurrency, **call))  # warm-up
+                        body, files = ((data, None) if kind == "single"
+                                       else (None, [("images", (f"{i}.jpg", data, "image/jpeg")) for i in range(16)]))
+                        asyncio.run(fire(url, path, body, max(1, n // 10), args.concurrency, files=files))  # warm-up
                         cpu0, t0 = tree_cpu_s(server), time.perf_counter()
-                        failed = asyncio.run(fire(url, path, n, args.concurrency, **call))
+                        failed = asyncio.run(fire(url, path, body, n, args.concurrency, files=files))
                         cpu1, t1 = tree_cpu_s(server), time.perf_counter()
                         images = n * (16 if kind == "batch16" else 1)
                         rows.append({"preprocessing": arch, "photo": size, "request": kind, "images": images,

@@ -10,8 +10,10 @@ Every request is recorded as (due, latency, status), seconds from the phase's st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -35,19 +37,24 @@ def add_server_arguments(ap) -> None:
                     help="serve this checkout instead of the installed code (an older commit in a git worktree)")
 
 
-def server_command(server_dir, port: int, env: dict[str, str]) -> tuple[list[str] | None, dict[str, str]]:
-    """(command, env) for running_server: None and `env` for the code installed here; for `server_dir`,
-    `bentoml serve` with that checkout as its working directory and first on the path."""
+@contextlib.contextmanager
+def serve(server_dir, env: dict[str, str]) -> Iterator[tuple[str, int]]:
+    """A fresh server on a free port, with `env` added to this environment: (url, port). `server_dir`: serve
+    that checkout (as `bentoml serve`'s working directory and first on the path) instead of the code
+    installed here; None: the installed code."""
     import sys
 
-    from tuneserve.service.process import SERVICE
+    from tuneserve.service.process import SERVICE, free_port, running_server
 
-    if server_dir is None:
-        return None, dict(env)
-    root = server_dir.resolve()
-    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port),
-               "--working-dir", str(root)]
-    return command, {**env, "PYTHONPATH": str(root)}
+    port = free_port()
+    command = None
+    if server_dir is not None:
+        root = server_dir.resolve()
+        command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port),
+                   "--working-dir", str(root)]
+        env = {**env, "PYTHONPATH": str(root)}
+    with running_server(env=env, port=port, command=command) as url:
+        yield url, port
 
 
 def server_process(port: int):
@@ -59,6 +66,11 @@ def server_process(port: int):
         if "bentoml" in cmd and f"--port {port}" in cmd and "_bentoml_impl.worker" not in cmd:
             return p
     raise RuntimeError(f"no bentoml serve process on port {port}")
+
+
+def worker_processes(port: int) -> list:
+    """The worker processes of the `bentoml serve` listening on `port`."""
+    return [c for c in server_process(port).children(recursive=True) if "_bentoml_impl.worker" in " ".join(c.cmdline())]
 
 
 def photo_bodies(folder) -> list[bytes]:

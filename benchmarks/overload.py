@@ -24,7 +24,6 @@ from pathlib import Path
 
 import loadgen
 from results_io import write_result
-from tuneserve.service.process import free_port, running_server
 
 BIN_S = 0.25
 
@@ -42,9 +41,7 @@ def main() -> None:
 
     bodies = loadgen.photo_bodies(args.images)
     env = loadgen.server_env(args.env)
-    port = free_port()
-    command, server_env = loadgen.server_command(args.server_dir, port, env)
-    with running_server(env=server_env, port=port, command=command) as url:
+    with loadgen.serve(args.server_dir, env) as (url, _):
         requests = loadgen.build_requests(url, "/classify", bodies)
         loadgen.run(loadgen.closed_loop(url, requests, 16, 5))  # warm-up
         cap_records = loadgen.run(loadgen.closed_loop(url, requests, 16, args.capacity_seconds))

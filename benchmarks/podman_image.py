@@ -11,7 +11,8 @@ What a machine with no Docker engine and no reachable registry needs:
   requirements) and given to uv at build time through a volume at /etc/uv holding uv.toml
   (no-index + find-links), the system-wide config file uv reads.
 - `bentoml containerize` with a dockerfile_template rejects its own temporary build context unless that lies
-  under the working directory (BentoML issue #5566), so it runs with TMPDIR inside its cwd.
+  under the working directory (a BentoML bug in 1.4.36 to at least 1.4.40, bentoml/BentoML#5566), so it runs
+  with TMPDIR inside its cwd.
 """
 from __future__ import annotations
 

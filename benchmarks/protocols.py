@@ -17,7 +17,6 @@ import httpx
 
 import loadgen
 from results_io import write_result
-from tuneserve.service.process import free_port, running_server
 
 
 def main() -> None:
@@ -30,10 +29,9 @@ def main() -> None:
     args = ap.parse_args()
 
     bodies = loadgen.photo_bodies(args.images)
-    port = free_port()
-    command, env = loadgen.server_command(args.server_dir, port, loadgen.server_env(args.env))
+    env = loadgen.server_env(args.env)
     runs: list[dict] = []
-    with running_server(env=env, port=port, command=command) as url:
+    with loadgen.serve(args.server_dir, env) as (url, _):
         name = httpx.get(f"{url}/model", timeout=30).json()["name"]
         v2 = dict(loadgen.v2_binary_body(b) for b in bodies)  # request body -> its headers
         routes = {

@@ -43,15 +43,17 @@ def tree_cpu_s(root: psutil.Process) -> float:
 
 
 async def fire(url: str, path: str, body: bytes | None, n: int, concurrency: int,
-               headers: dict[str, str] | None = None) -> int:
-    """n requests, at most `concurrency` at a time -> how many did not answer 200."""
-    async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency), timeout=60) as c:
+               headers: dict[str, str] | None = None, files: list | None = None) -> int:
+    """n requests, at most `concurrency` at a time -> how many did not answer 200. A POST of `body` (or of the
+    multipart `files`), a GET when there is neither."""
+    async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency), timeout=120) as c:
         gate, failed = asyncio.Semaphore(concurrency), 0
 
         async def one() -> None:
             nonlocal failed
             async with gate:
-                r = await (c.post(path, content=body, headers=headers) if body is not None else c.get(path))
+                post = body is not None or files
+                r = await (c.post(path, content=body, files=files, headers=headers) if post else c.get(path))
                 failed += r.status_code != 200
 
         await asyncio.gather(*(one() for _ in range(n)))

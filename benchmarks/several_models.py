@@ -30,7 +30,7 @@ from pathlib import Path
 import loadgen
 import numpy as np
 from results_io import write_result
-from tuneserve.service.process import free_port, running_server
+from tuneserve.service.process import running_server
 
 
 def main() -> None:
@@ -70,14 +70,12 @@ def main() -> None:
 
 
 def memory_row(names: list[str], bodies: list[bytes], args) -> dict:
-    port = free_port()
     env = {**loadgen.server_env(args.env), "TUNESERVE_WORKERS": "1", "TUNESERVE_MODELS": ",".join(names)}
-    with running_server(env=env, port=port) as url:
+    with loadgen.serve(None, env) as (url, port):
         requests = [r for name in names for r in loadgen.build_requests(url, f"/models/{name}/classify", bodies)]
         loadgen.run(loadgen.closed_loop(url, requests, 16, 5))  # every model warmed up and answered
         records = loadgen.run(loadgen.closed_loop(url, requests, 16, args.seconds))
-        (worker,) = [p for p in loadgen.server_process(port).children(recursive=True)
-                     if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+        (worker,) = loadgen.worker_processes(port)
         rss = worker.memory_info().rss
     ok = [r.latency for r in records if r.status == 200]
     return {"models": len(names), "worker_rss_mb": round(rss / 2**20, 1),
@@ -175,9 +173,7 @@ def one_model(bodies: list[bytes], args) -> dict:
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for _ in range(args.rounds):
         for label, server_dir in (("before", args.baseline_dir), ("after", None)):
-            port = free_port()
-            command, env = loadgen.server_command(server_dir, port, loadgen.server_env(args.env))
-            with running_server(env=env, port=port, command=command) as url:
+            with loadgen.serve(server_dir, loadgen.server_env(args.env)) as (url, _):
                 requests = loadgen.build_requests(url, "/classify", bodies)
                 loadgen.run(loadgen.closed_loop(url, requests, 16, 5))
                 records = loadgen.run(loadgen.closed_loop(url, requests, 16, args.seconds))

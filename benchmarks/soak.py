@@ -18,7 +18,6 @@ from pathlib import Path
 import loadgen
 import psutil
 from results_io import write_result
-from tuneserve.service.process import free_port, running_server
 
 SAMPLE_S = 10.0
 
@@ -34,9 +33,7 @@ def main() -> None:
 
     bodies = loadgen.photo_bodies(args.images)
     env = loadgen.server_env(args.env)
-    port = free_port()
-    command, server_env = loadgen.server_command(args.server_dir, port, env)
-    with running_server(env=server_env, port=port, command=command) as url:
+    with loadgen.serve(args.server_dir, env) as (url, port):
         requests = loadgen.build_requests(url, "/classify", bodies)
         capacity = None
         if args.rate is None:

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import httpx
 import loadgen
-import psutil
 from results_io import write_result
-from tuneserve.service.process import free_port, running_server
 
 
 def main() -> None:
@@ -42,10 +40,8 @@ def main() -> None:
 
 
 def run(workers: int, bodies: list[bytes], args) -> dict:
-    port = free_port()
-    command, env = loadgen.server_command(args.server_dir, port,
-                                          {**loadgen.server_env(args.env), "TUNESERVE_WORKERS": str(workers)})
-    with running_server(env=env, port=port, command=command) as url:
+    env = {**loadgen.server_env(args.env), "TUNESERVE_WORKERS": str(workers)}
+    with loadgen.serve(args.server_dir, env) as (url, port):
         requests = loadgen.build_requests(url, "/classify", bodies)
         loadgen.run(loadgen.closed_loop(url, requests, 16, 3))
         probes: list[str] = []
@@ -61,10 +57,7 @@ def run(workers: int, bodies: list[bytes], args) -> dict:
 async def _load_and_kill(url: str, port: int, requests: list[bytes], args, probes: list[str]) -> list[loadgen.Record]:
     load = asyncio.create_task(loadgen.closed_loop(url, requests, 16, args.seconds))
     await asyncio.sleep(args.kill_at)
-    arbiter = next(p for p in psutil.process_iter(["cmdline"]) if f"--port {port}" in " ".join(p.info["cmdline"] or [])
-                   and "_bentoml_impl.worker" not in " ".join(p.info["cmdline"] or []))
-    victim = next(c for c in arbiter.children() if "_bentoml_impl.worker" in " ".join(c.cmdline()))
-    os.kill(victim.pid, signal.SIGKILL)
+    os.kill(loadgen.worker_processes(port)[0].pid, signal.SIGKILL)
     async with httpx.AsyncClient(base_url=url, timeout=2, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         end = time.monotonic() + args.seconds - args.kill_at - 1
         while time.monotonic() < end:

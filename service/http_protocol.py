@@ -30,6 +30,11 @@ MAX_HEADERS = 100
 # ASGI scope extension set on requests that admission let through from their headers.
 ADMITTED_FROM_HEADERS = "tuneserve.admitted"
 
+
+def admitted_from_headers(scope) -> bool:
+    """Whether admission already judged this request (one image) from its request line and headers."""
+    return bool(scope.get("extensions", {}).get(ADMITTED_FROM_HEADERS))
+
 # (method, path, headers) -> the JSON body of a 503 when the request would be refused, else None. Set by the
 # service once its models are loaded; None until then.
 Refuser = Callable[[str, str, "list[tuple[bytes, bytes]]"], "bytes | None"]

@@ -6,14 +6,14 @@ report as /livez and /readyz (service/routes.py, Probes).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import functools
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import tuneserve
 from tuneserve.service import oip
+from tuneserve.service.http_protocol import admitted_from_headers
 from tuneserve.service.inputs import HTTPError, read_body
 
 
@@ -66,12 +66,12 @@ class OipRoutes:
         body = await read_body(request, cfg.max_request_bytes, "TUNESERVE_MAX_REQUEST_BYTES", cfg.body_timeout_s)
         # The JSON form of a batch of images is base64 text (4/3 of the bytes) inside JSON: parsing it is
         # the request's own CPU, so it runs off the event loop when it is large.
-        parse = (oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH), model.input_size,
-                 cfg.max_batch_images, cfg.max_image_bytes)
-        parsed = await asyncio.to_thread(*parse) if len(body) > 256 * 1024 else parse[0](*parse[1:])
+        parse = functools.partial(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH),
+                                  model.input_size, cfg.max_batch_images, cfg.max_image_bytes)
+        parsed = await asyncio.to_thread(parse) if len(body) > 256 * 1024 else parse()
         deadline = b.deadline()
         # Admission judged one image from the headers (service/http_protocol.py); more need a fresh estimate.
-        with b.admit(parsed.count, estimate=parsed.count > 1 or not self.routes.admitted_from_headers(request)):
+        with b.admit(parsed.count, estimate=parsed.count > 1 or not admitted_from_headers(request.scope)):
             if parsed.pixels is not None:
                 arrays = list(parsed.pixels)  # already preprocessed: straight to the batcher
             else:
@@ -79,8 +79,7 @@ class OipRoutes:
             probs = await model.classify(arrays, deadline)
             if deadline.expired():
                 raise b.late(deadline, "before the answer was ready")
-        content, headers = oip.encode_infer_response(model.name, model.version, parsed, np.asarray(probs),
-                                                     model.labels)
+        content, headers = oip.encode_infer_response(model.name, model.version, parsed, probs, model.labels)
         return Response(content, headers=headers)
 
 

@@ -32,7 +32,7 @@ from tuneserve.models.runtime import top_k
 from tuneserve.service.admission import Deadline
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.metrics import Metrics
-from tuneserve.service.http_protocol import ADMITTED_FROM_HEADERS, ORIGINAL_PATH
+from tuneserve.service.http_protocol import ORIGINAL_PATH, admitted_from_headers
 from tuneserve.service.oip_routes import OipRoutes, oip_paths
 from tuneserve.service.openapi import openapi_paths, security_schemes
 from tuneserve.service.inputs import (
@@ -126,10 +126,6 @@ def json_errors(handler: Handler) -> Handler:
             return JSONResponse({"error": "internal server error; the server log has the details"}, status_code=500)
 
     return wrapper
-
-
-def _admitted_from_headers(request: Request) -> bool:
-    return bool(request.scope.get("extensions", {}).get(ADMITTED_FROM_HEADERS))
 
 
 def _check_image_size(image: ImageInput, limit: int) -> None:
@@ -228,14 +224,10 @@ class Routes:
     def _model(self, request: Request) -> ServedVersion:
         return self.backend.get(request.path_params.get("name"))
 
-    @staticmethod
-    def admitted_from_headers(request: Request) -> bool:
-        return _admitted_from_headers(request)
-
     def admit_early(self, request: Request) -> None:
         """Capacity, before a possibly large body is read (unless admission already judged the request from its
         headers, service/http_protocol.py)."""
-        if not _admitted_from_headers(request):
+        if not admitted_from_headers(request.scope):
             self.backend.check_capacity()
 
     def _admit_request(self, request: Request, model: ServedVersion) -> int:
@@ -284,7 +276,7 @@ class Routes:
             # --data-binary sends application/x-www-form-urlencoded): the decoder recognises the format.
             image = ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES",
                                                        cfg.body_timeout_s))
-        return JSONResponse(await classify_one(b, model, image, k, estimate=not _admitted_from_headers(request)))
+        return JSONResponse(await classify_one(b, model, image, k, estimate=not admitted_from_headers(request.scope)))
 
     async def _classify_batch(self, request: Request, model: ServedVersion) -> Response:
         b, cfg = self.backend, self.backend.config

@@ -116,8 +116,9 @@ class _Classifier:
         try:
             limit = PLAN.config.max_image_bytes
             for p in paths:
-                if p.stat().st_size > limit:
-                    raise too_large(f"image {p.name!r}", p.stat().st_size, limit, "TUNESERVE_MAX_IMAGE_BYTES")
+                size = p.stat().st_size
+                if size > limit:
+                    raise too_large(f"image {p.name!r}", size, limit, "TUNESERVE_MAX_IMAGE_BYTES")
             images = [ImageInput(p.name, p.read_bytes()) for p in paths]
             return await classify_uploads(self.worker, images, top_k, batch)
         except HTTPError as e:  # BentoML answers its own exception with the status
