@@ -31,7 +31,7 @@ from PIL import Image
 from results_io import write_result
 from shared_data import HYMENOPTERA
 from tuneserve.models.architectures import get_architecture
-from tuneserve.models.preprocessing import Preprocessing, preprocess
+from tuneserve.models.preprocessing import Preprocessing, preprocess, preprocess_pixels
 
 DEFAULT_IMAGES = HYMENOPTERA / "val"
 
@@ -61,7 +61,7 @@ def probabilities(datas: list[bytes], pp: Preprocessing, session) -> np.ndarray:
     """The model's probabilities (N, classes) for every photo, preprocessed with `pp`, 32 at a time."""
     from tuneserve.models.runtime import softmax
 
-    return np.concatenate([softmax(session(np.stack([preprocess(d, pp) for d in datas[i:i + 32]])))
+    return np.concatenate([softmax(session(session.inputs(np.stack([preprocess_pixels(d, pp) for d in datas[i:i + 32]]), pp)))
                            for i in range(0, len(datas), 32)])
 
 

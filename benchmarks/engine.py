@@ -55,6 +55,15 @@ def measure(session: OnnxClassifier, x: np.ndarray, seconds: float) -> float:
     return n * len(x) / (time.perf_counter() - t0)
 
 
+def random_input(session: OnnxClassifier, n: int, size: int) -> np.ndarray:
+    """n random images as `session`'s graph takes them: uint8 pixels (n, S, S, 3), or float32 (n, 3, S, S) for
+    graphs that take normalised input."""
+    rng = np.random.default_rng(0)
+    if session.takes_pixels:
+        return rng.integers(0, 256, session.input_shape(n, size), dtype=np.uint8)
+    return rng.standard_normal(session.input_shape(n, size), dtype=np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -73,13 +82,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tuneserve-engine-") as tmp:
         fp32, fp16, size, name = model_files(args, Path(tmp))
-        x_all = np.random.default_rng(0).standard_normal((max(sizes), 3, size, size), dtype=np.float32)
         variants = [(p, io, nhwc) for p in ("fp32", "fp16") for io in (False, True)
                     for nhwc in ((False, True) if on_cuda else (None,))]
         for precision, io_binding, nhwc in variants:
             options = None if nhwc is None else {"prefer_nhwc": "1" if nhwc else "0"}
             session = OnnxClassifier(fp16 if precision == "fp16" else fp32, args.device, io_binding=io_binding,
                                      buckets=False, cuda_options=options)
+            x_all = random_input(session, max(sizes), size)
             for b in sizes:
                 ips = measure(session, x_all[:b], args.seconds)
                 row = {"precision": precision, "io_binding": io_binding, "nhwc": nhwc, "batch": b,

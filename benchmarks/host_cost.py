@@ -3,9 +3,10 @@
     python benchmarks/host_cost.py --out benchmarks/results/host-cost.json
 
 How the model is taken out: the service serves stand-in models whose ONNX graph takes the same input as the
-real one (float32 [N, 3, S, S]) and answers 1,000 logits, but computes almost nothing (a mean per channel and
-a 3 x 1000 matrix product: the engine-alone cost of that graph is measured and printed, and is a few
-microseconds per image). Everything else a request costs is the real thing: HTTP, body handling, decoding
+real one (uint8 pixels [N, S, S, 3], as models are exported; `--input float32`: normalised float32
+[N, 3, S, S], as models exported before pixel input take it, which the host normalises) and answers 1,000
+logits, but computes almost nothing (a mean per channel and a 3 x 1000 matrix product: the engine-alone cost
+of that graph is measured and printed, and is a few microseconds per image). Everything else a request costs is the real thing: HTTP, body handling, decoding
 and preprocessing as the model card says (Lite0's and ResNet-50's preprocessing), admission, the hand-offs
 to the decoding pool and the batcher, softmax and top-k over 1,000 classes, JSON. So the server's CPU time
 per image with a stand-in is the host cost a GPU host pays with the real model on the GPU. (Subtracting an
@@ -39,18 +40,27 @@ from shared_data import HYMENOPTERA
 SIZES = {"500x375": None, "4032x3024": (4032, 3024)}
 
 
-def stand_in_graph(path: Path, input_size: int, classes: int = 1000) -> Path:
-    """float32 (N, 3, S, S) -> logits (N, classes) at almost no cost: ReduceMean over H, W then MatMul."""
+def stand_in_graph(path: Path, input_size: int, pixels: bool, classes: int = 1000) -> Path:
+    """uint8 (N, S, S, 3) (`pixels`) or float32 (N, 3, S, S) -> logits (N, classes) at almost no cost: a mean
+    per channel (the uint8 graph casts to float first), then MatMul."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weights = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, classes)).astype(np.float32), "w")
-    nodes = [helper.make_node("ReduceMean", ["input", "axes"], ["pooled"], keepdims=0),
-             helper.make_node("MatMul", ["pooled", "w"], ["logits"])]
+    s = input_size
+    if pixels:
+        graph_input = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", s, s, 3])
+        nodes = [helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT)]
+        axes = [1, 2]
+    else:
+        graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, s, s])
+        nodes = [helper.make_node("Identity", ["input"], ["x"])]
+        axes = [2, 3]
+    nodes += [helper.make_node("ReduceMean", ["x", "axes"], ["pooled"], keepdims=0),
+              helper.make_node("MatMul", ["pooled", "w"], ["logits"])]
     graph = helper.make_graph(
-        nodes, "stand_in", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, input_size, input_size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-        initializer=[weights, numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes")])
+        nodes, "stand_in", [graph_input], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        initializer=[weights, numpy_helper.from_array(np.array(axes, dtype=np.int64), "axes")])
     # IR version 10: what onnxruntime 1.2x reads (onnx writes its newest by default).
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
     return path
@@ -70,6 +80,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=600, help="images per measurement")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="server setting (repeatable)")
+    ap.add_argument("--input", choices=("pixels", "float32"), default="pixels",
+                    help="the stand-in graphs' input: uint8 pixels (as models are exported) or normalised float32")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -87,11 +99,11 @@ def main() -> None:
         engine_us = {}
         names = {}
         for arch, prep in (("lite0", builtin.card.preprocessing), ("resnet50", _preprocessing("resnet50"))):
-            graph = stand_in_graph(Path(home) / f"{arch}.onnx", prep.input_size)
+            graph = stand_in_graph(Path(home) / f"{arch}.onnx", prep.input_size, args.input == "pixels")
             card = dataclasses.replace(builtin.card, preprocessing=prep, files={}, variants={}, arch=f"stand-in ({arch})")
             names[arch] = save_model(f"stand-in-{arch}", card, graph).name
             session = OnnxClassifier(graph, "cpu", intra_op_threads=1)
-            x = np.zeros((16, 3, prep.input_size, prep.input_size), np.float32)
+            x = np.zeros(session.input_shape(16, prep.input_size), session.input_dtype)
             session(x)
             t0 = time.perf_counter()
             for _ in range(50):
@@ -125,7 +137,7 @@ def main() -> None:
         print(f"{r['preprocessing']:>13} {r['photo']:>10} {r['request']:>8} {r['core_ms_per_image']:>11} {r['images_per_s']:>7}")
     print(f"stand-in graph alone, us per image at batch 16, 1 thread: {engine_us}")
     if args.out:
-        write_result(args.out, label=args.label, env=env, concurrency=args.concurrency, rows=rows,
+        write_result(args.out, label=args.label, env=env, concurrency=args.concurrency, input=args.input, rows=rows,
                      stand_in_engine_us_per_image=engine_us)
 
 

@@ -287,13 +287,13 @@ def pct(sorted_values: list[float], q: float) -> float | None:
 def engine_alone(tag: str, provider: str, images: list[tuple[str, bytes]], batches: dict[str, Any],
                  batching: dict[str, Any], images_per_request: int, seconds: float,
                  server_threads: int) -> dict[str, Any]:
-    from tuneserve.models.preprocessing import preprocess
+    from tuneserve.models.preprocessing import preprocess_pixels
     from tuneserve.models.runtime import OnnxClassifier
     from tuneserve.models.store import load_model
 
     model = load_model(tag)
     device = "cuda" if provider.startswith("CUDA") else "cpu"
-    pool = np.stack([preprocess(data, model.card.preprocessing) for _, data in images[:64]])
+    pixels = np.stack([preprocess_pixels(data, model.card.preprocessing) for _, data in images[:64]])
     sizes = {1, batching["max_batch_size"], images_per_request}
     # With batching off every call is one request (of images_per_request images).
     mean_images = batches["mean_images_per_call"] or float(images_per_request)
@@ -301,6 +301,7 @@ def engine_alone(tag: str, provider: str, images: list[tuple[str, bytes]], batch
 
     def measure(threads: int) -> tuple[str, dict[int, float]]:
         session = OnnxClassifier(model.onnx_path, device=device, intra_op_threads=threads)
+        pool = session.inputs(pixels, model.card.preprocessing)
         by_batch = {}
         for b in sorted(sizes):
             x = np.concatenate([pool] * (b // len(pool) + 1))[:b]
@@ -324,14 +325,15 @@ def engine_alone(tag: str, provider: str, images: list[tuple[str, bytes]], batch
 
 
 def preprocess_cost(tag: str, images: list[tuple[str, bytes]]) -> float:
-    from tuneserve.models.preprocessing import preprocess
+    """ms of one core per image to decode, resize and crop (what a worker's decoding threads do)."""
+    from tuneserve.models.preprocessing import preprocess_pixels
     from tuneserve.models.store import load_model
 
     pp = load_model(tag).card.preprocessing
     sample = images[:64]
     t0 = time.perf_counter()
     for _, data in sample:
-        preprocess(data, pp)
+        preprocess_pixels(data, pp)
     return (time.perf_counter() - t0) * 1000 / len(sample)
 
 

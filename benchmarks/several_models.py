@@ -86,10 +86,11 @@ def memory_row(names: list[str], bodies: list[bytes], args) -> dict:
 def engine_sharing(onnx_path: Path, seconds: float, batch: int = 8) -> dict:
     """Two sessions, two feeding threads: batches through one shared engine thread, or each session run from
     its own thread at the same time. Sessions as a CPU worker makes them (all cores, idle threads sleep)."""
+    from engine import random_input
     from tuneserve.models.runtime import OnnxClassifier
 
     sessions = [OnnxClassifier(onnx_path, "cpu", intra_op_threads=os.cpu_count() or 1, spin=False) for _ in range(2)]
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    x = random_input(sessions[0], batch, 224)
     for s in sessions:
         s(x)
     rows = {}

@@ -2,8 +2,9 @@
 
 Half precision roughly doubles a GPU's convolution throughput (tensor cores) and halves weight memory; on a
 CPU it is slower (onnxruntime inserts casts around ops without fp16 kernels), so serving picks it only on
-CUDA. The graph keeps float32 inputs and outputs (`keep_io_types`): callers and preprocessing do not change,
-and the casts run on the device. A variant is kept only where its top-1 agrees with fp32 on real images.
+CUDA. The graph keeps its input and output types (`keep_io_types`: uint8 pixels or float32 in, float32
+logits out): callers and preprocessing do not change, and the casts run on the device. A variant is kept only
+where its top-1 agrees with fp32 on real images.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tuneserve.models.preprocessing import Preprocessing
 from tuneserve.models.runtime import OnnxClassifier, softmax
 
 MIN_TOP1_AGREEMENT = 0.995  # fp16 may flip near-ties; more disagreement than this means a numerically fragile graph
@@ -19,7 +21,7 @@ PRECISIONS = ("auto", "fp32", "fp16")
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> Path:
-    """Write the fp16 version of `fp32_path` (weights and activations fp16; float32 input and logits)."""
+    """Write the fp16 version of `fp32_path` (weights and activations fp16; the same input, float32 logits)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -28,14 +30,16 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-def agreement_report(fp32_path: Path, variant_path: Path, images: np.ndarray, device: str = "cpu") -> dict[str, Any]:
-    """images: float32 (N,3,S,S), preprocessed real images. Top-1 agreement and probability differences."""
-    reference = OnnxClassifier(fp32_path, device=device)(images)  # (N, C) logits
-    variant = OnnxClassifier(variant_path, device=device)(images)
+def agreement_report(fp32_path: Path, variant_path: Path, pixels: np.ndarray, pp: Preprocessing,
+                     device: str = "cpu") -> dict[str, Any]:
+    """pixels: uint8 (N,S,S,3), real images resized and cropped. Top-1 agreement and probability differences."""
+    fp32, variant = OnnxClassifier(fp32_path, device=device), OnnxClassifier(variant_path, device=device)
+    reference = fp32(fp32.inputs(pixels, pp))  # (N, C) logits
+    variant = variant(variant.inputs(pixels, pp))
     p_ref, p_var = softmax(reference), softmax(variant)
     agreement = float((reference.argmax(1) == variant.argmax(1)).mean())
     return {
-        "images": int(images.shape[0]),
+        "images": int(pixels.shape[0]),
         "top1_agreement": agreement,
         "max_abs_prob_diff": float(np.abs(p_ref - p_var).max()),
         "max_abs_logit_diff": float(np.abs(reference - variant).max()),

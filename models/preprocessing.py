@@ -1,8 +1,9 @@
-"""The one evaluation transform: image bytes -> normalised float32 CHW array.
+"""The one evaluation transform: image bytes -> uint8 HWC pixels -> normalised float32 CHW array.
 
-Training's validation, the ONNX parity gate, `tuneserve evaluate` and the HTTP service all call
-`decode` + `eval_transform` from here (training's augmenting pipelines call the same `decode`), so a model sees the same pixels everywhere. It needs only
-PIL and numpy (no torch), which keeps the serving image lean. `tests/test_preprocessing.py` checks it
+Training's validation, the ONNX parity gate, `tuneserve evaluate` and the HTTP service all call `decode` +
+`eval_pixels` from here, then `normalise` (on the host, or inside graphs exported with pixel input, with the
+same constants); training's augmenting pipelines call the same `decode`. So a model sees the same pixels
+everywhere. It needs only PIL and numpy (no torch), which keeps the serving image lean. `tests/test_preprocessing.py` checks it
 against torchvision's `Resize -> CenterCrop -> ToTensor -> Normalize` within 1/255.
 """
 from __future__ import annotations
@@ -236,17 +237,29 @@ def resize_and_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
     return columns.crop((0, top, s, top + s))
 
 
-def eval_transform(img: Image.Image, pp: Preprocessing) -> np.ndarray:
-    """RGB PIL image -> float32 array (3, input_size, input_size), normalised with pp.mean/pp.std.
+def eval_pixels(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+    """RGB PIL image -> uint8 array (input_size, input_size, 3): resized, centre-cropped, not normalised.
 
-    Resize the shorter side to resize_size, centre-crop input_size (resize_and_crop), then normalise with one
-    multiply-add per value on the uint8 pixels (docs/benchmarks.md: "Resample only the crop, normalise in one pass")."""
-    pixels = np.asarray(resize_and_crop(img, pp), dtype=np.uint8).transpose(2, 0, 1)  # (3, S, S) uint8 view
+    What a model exported with its normalisation inside the graph takes per image (training/export.py):
+    a quarter of the bytes of the float32 input to build, stack and copy to a GPU."""
+    return np.asarray(resize_and_crop(img, pp), dtype=np.uint8)  # (S, S, 3) uint8
+
+
+def normalise(pixels: np.ndarray, pp: Preprocessing) -> np.ndarray:
+    """uint8 (..., S, S, 3) -> float32 (..., 3, S, S), (p / 255 - mean) / std as one multiply-add per value
+    on a transposed view (docs/benchmarks.md: "Resample only the crop, normalise in one pass")."""
+    chw = np.moveaxis(pixels, -1, -3)  # (..., 3, S, S) uint8 view
     scale, offset = _normaliser(pp.mean, pp.std)
-    x = np.empty(pixels.shape, dtype=np.float32)
-    np.multiply(pixels, scale, out=x)  # (p / 255 - mean) / std  ==  p * scale + offset
+    x = np.empty(chw.shape, dtype=np.float32)
+    np.multiply(chw, scale, out=x)  # (p / 255 - mean) / std  ==  p * scale + offset
     x += offset
-    return x  # (3, S, S) float32, C-contiguous
+    return x  # (..., 3, S, S) float32, C-contiguous
+
+
+def eval_transform(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+    """RGB PIL image -> float32 array (3, input_size, input_size), normalised with pp.mean/pp.std: resize the
+    shorter side to resize_size, centre-crop input_size (resize_and_crop), normalise."""
+    return normalise(eval_pixels(img, pp), pp)
 
 
 @functools.lru_cache(maxsize=16)
@@ -255,6 +268,12 @@ def _normaliser(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.nda
     m, sd = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
     scale, offset = (1.0 / (255.0 * sd)).astype(np.float32), (-m / sd).astype(np.float32)
     return scale.reshape(3, 1, 1), offset.reshape(3, 1, 1)
+
+
+def normaliser(pp: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) float32 (3, 1, 1): the exact constants `normalise` uses, for graphs that normalise
+    themselves (the same float32 multiply-add, so host and graph agree to the last bit)."""
+    return _normaliser(pp.mean, pp.std)
 
 
 def decode(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -278,5 +297,13 @@ def decode_estimate(data: bytes, pp: Preprocessing) -> int:
 
 def preprocess(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_decode_bytes: int | None = None) -> np.ndarray:
-    """Bytes or path -> float32 (3, input_size, input_size): what the exported model takes per image."""
+    """Bytes or path -> float32 (3, input_size, input_size): what the network (PyTorch, and graphs exported
+    with float32 input) takes per image."""
     return eval_transform(decode(source, pp, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes), pp)
+
+
+def preprocess_pixels(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      max_decode_bytes: int | None = None) -> np.ndarray:
+    """Bytes or path -> uint8 (input_size, input_size, 3): resized and cropped, normalised later (in the graph
+    of models exported with pixel input, or by `normalise`)."""
+    return eval_pixels(decode(source, pp, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes), pp)

@@ -9,9 +9,12 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tuneserve.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,15 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+PIXELS_TYPE = "tensor(uint8)"  # the input type of graphs that normalise themselves (training/export.py)
+
+
 class OnnxClassifier:
-    """An onnxruntime session over an exported classifier: float32 (N,3,H,W) -> logits float32 (N, classes).
+    """An onnxruntime session over an exported classifier: images -> logits float32 (N, classes).
+
+    The images are what the graph's input says: uint8 pixels (N, S, S, 3) for graphs exported with their
+    normalisation inside (`takes_pixels`), float32 normalised (N, 3, S, S) for graphs exported before that;
+    `inputs(pixels, pp)` makes either from pixels.
 
     `buckets`: pad every batch up to the next of bucket_sizes(max_batch) (larger batches run in chunks of
     max_batch), so the session sees a handful of shapes: cuDNN searches algorithms once per shape, and each
@@ -96,7 +106,10 @@ class OnnxClassifier:
                                    f"runs on {self.providers[0]}; its log above says why: CUDA 13 and cuDNN 9 "
                                    "libraries and a driver are needed)")
             log.warning("asked for %s but onnxruntime runs on %s", wanted, self.providers[0])
-        self.input_name = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        self.takes_pixels = graph_input.type == PIXELS_TYPE
+        self.input_dtype = np.dtype(np.uint8 if self.takes_pixels else np.float32)
         self.output_name = self.session.get_outputs()[0].name
         on_cuda = self.device == "cuda"
         self.buckets = bucket_sizes(max_batch) if (on_cuda if buckets is None else buckets) else None
@@ -108,9 +121,26 @@ class OnnxClassifier:
     def device(self) -> str:
         return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
+    def input_shape(self, n: int, size: int) -> tuple[int, ...]:
+        """The shape of a batch of `n` images of side `size` as this graph takes it."""
+        return (n, size, size, 3) if self.takes_pixels else (n, 3, size, size)
+
+    def inputs(self, pixels: np.ndarray, pp: "Preprocessing") -> np.ndarray:
+        """uint8 pixels (N, S, S, 3) -> this graph's input: the pixels themselves, or normalised float32
+        (N, 3, S, S) by `pp` for graphs that take that."""
+        if self.takes_pixels:
+            return pixels
+        from tuneserve.models.preprocessing import normalise
+
+        return normalise(pixels, pp)
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """batch: float32 (N, 3, H, W) -> logits float32 (N, num_classes)."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        """batch: this graph's input (uint8 (N, S, S, 3) or float32 (N, 3, S, S)) -> logits float32 (N, classes)."""
+        if self.takes_pixels != (batch.dtype == np.uint8):
+            wanted = "uint8 pixels (N, S, S, 3)" if self.takes_pixels else "normalised float32 (N, 3, S, S)"
+            raise ValueError(f"this model takes {wanted}, got a {batch.dtype} array of shape {batch.shape} "
+                             "(OnnxClassifier.inputs makes the model's input from pixels)")
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         if self.buckets is None:
             return self._run(batch)
         n, largest = batch.shape[0], self.buckets[-1]
@@ -118,7 +148,7 @@ class OnnxClassifier:
             return np.concatenate([self(batch[i:i + largest]) for i in range(0, n, largest)])
         size = next(b for b in self.buckets if b >= n)
         if size > n:  # zero rows: every row is computed independently (eval-mode BatchNorm), then dropped
-            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), np.float32)])
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
         return self._run(batch)[:n]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -137,7 +167,7 @@ class OnnxClassifier:
             return self._bound[shape]
         import onnxruntime as ort
 
-        buffer = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device, 0)
+        buffer = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.input_dtype, self.device, 0)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.input_name, buffer)
         binding.bind_output(self.output_name, self.device)  # onnxruntime allocates the logits on the device

@@ -9,8 +9,10 @@ What a tuneserve model takes and gives, in protocol terms (GET /v2/models/{name}
 - input `image`, BYTES, shape [N] (or [N, 1]): encoded images (JPEG, PNG, ...). In the binary extension each
   element is its 4-byte little-endian length followed by the bytes, so clients send raw JPEG bytes; in JSON
   each element is the image's base64 text (JSON strings cannot carry raw bytes).
-- input `pixels`, FP32, shape [N, 3, S, S]: images already preprocessed as the model card says (RGB,
-  resized, normalised), for clients that preprocess themselves.
+- input `pixels`: images already resized and cropped as the model card says, for clients that preprocess
+  themselves, in the form the model's graph takes (`PixelsSpec`): UINT8 [N, S, S, 3] RGB for models that
+  normalise inside their graph (every model exported by this tuneserve), FP32 [N, 3, S, S] normalised for
+  models exported before.
 - output `probabilities`, FP32, shape [N, classes]: softmax probabilities, the labels' order.
   With `"parameters": {"classification": k}` on the output (the classification extension), the output is
   instead BYTES [N, k] of "score:index:label", best first, as Triton answers.
@@ -34,16 +36,35 @@ PIXELS_INPUT = "pixels"
 OUTPUT = "probabilities"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
-_DTYPE_SIZE = {"FP32": 4}
+_NUMPY_DTYPE = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
+
+
+@dataclass(frozen=True)
+class PixelsSpec:
+    """The `pixels` input of one model: its graph's input per image."""
+
+    datatype: str  # "UINT8" or "FP32"
+    dims: tuple[int, int, int]  # (S, S, 3) or (3, S, S)
+
+    @classmethod
+    def of(cls, input_size: int, takes_pixels: bool) -> "PixelsSpec":
+        s = input_size
+        return cls("UINT8", (s, s, 3)) if takes_pixels else cls("FP32", (3, s, s))
+
+    @property
+    def describe(self) -> str:
+        shape = ",".join(str(d) for d in self.dims)
+        return f"{self.datatype} [N,{shape}], " + ("RGB, resized and cropped" if self.datatype == "UINT8" else
+                                                  "resized, cropped and normalised")
 
 
 @dataclass
 class InferRequest:
-    """A parsed v2 inference request: exactly one of `images` (encoded bytes) or `pixels` (float32 arrays)."""
+    """A parsed v2 inference request: exactly one of `images` (encoded bytes) or `pixels` (arrays)."""
 
     id: str | None
     images: list[bytes] = field(default_factory=list)
-    pixels: np.ndarray | None = None  # float32 (N, 3, S, S)
+    pixels: np.ndarray | None = None  # (N, *PixelsSpec.dims), the model's input
     classification: int = 0  # k of the classification extension; 0: probabilities
     binary_output: bool = False
 
@@ -52,7 +73,7 @@ class InferRequest:
         return len(self.pixels) if self.pixels is not None else len(self.images)
 
 
-def parse_infer_request(body: bytes, header_length: str | None, input_size: int, max_images: int,
+def parse_infer_request(body: bytes, header_length: str | None, pixels: PixelsSpec, max_images: int,
                         max_image_bytes: int) -> InferRequest:
     """`body` and its Inference-Header-Content-Length header (None: all JSON) -> InferRequest; HTTPError 400
     for anything malformed, 413 for more than `max_images` images or an image over `max_image_bytes`."""
@@ -67,7 +88,7 @@ def parse_infer_request(body: bytes, header_length: str | None, input_size: int,
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise HTTPError(400, f"'inputs' must be a list of one tensor: {IMAGE_INPUT!r} (BYTES, encoded images) or "
-                             f"{PIXELS_INPUT!r} (FP32 [N,3,{input_size},{input_size}], preprocessed)")
+                             f"{PIXELS_INPUT!r} ({pixels.describe})")
     tensor = inputs[0]
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -85,16 +106,16 @@ def parse_infer_request(body: bytes, header_length: str | None, input_size: int,
             if len(image) > max_image_bytes:
                 raise HTTPError(413, f"input {IMAGE_INPUT!r}: element {i} is {len(image)} bytes; the limit is "
                                      f"{max_image_bytes} (server setting TUNESERVE_MAX_IMAGE_BYTES)")
-    elif (name, datatype) == (PIXELS_INPUT, "FP32"):
-        want = [shape[0] if shape else -1, 3, input_size, input_size]
+    elif (name, datatype) == (PIXELS_INPUT, pixels.datatype):
+        want = [shape[0] if shape else -1, *pixels.dims]
         if len(shape) != 4 or shape[1:] != want[1:]:
             raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape must be {want} (N images, RGB, the model's input "
                                  f"size), got {shape}")
         _check_count(shape[0], max_images)
-        out.pixels = _fp32_elements(tensor, data, shape)
+        out.pixels = _numeric_elements(tensor, data, shape, datatype)
     else:
-        raise HTTPError(400, f"input {name!r} of datatype {datatype!r} is not accepted: send {IMAGE_INPUT!r} "
-                             f"(BYTES, encoded images) or {PIXELS_INPUT!r} (FP32 [N,3,{input_size},{input_size}])")
+        raise HTTPError(400, f"input {name!r} of datatype {datatype!r} is not accepted by this model: send "
+                             f"{IMAGE_INPUT!r} (BYTES, encoded images) or {PIXELS_INPUT!r} ({pixels.describe})")
     return out
 
 
@@ -123,22 +144,22 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest, 
     return header + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
-def model_metadata(name: str, versions: list[str], input_size: int, num_classes: int) -> dict[str, Any]:
+def model_metadata(name: str, versions: list[str], pixels: PixelsSpec, num_classes: int) -> dict[str, Any]:
     """GET /v2/models/{name}: what the model takes and gives."""
     return {"name": name, "versions": versions, "platform": PLATFORM,
             "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-                       {"name": PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, input_size, input_size]}],
+                       {"name": PIXELS_INPUT, "datatype": pixels.datatype, "shape": [-1, *pixels.dims]}],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, num_classes]}]}
 
 
-def model_config(name: str, version: str, input_size: int, num_classes: int, max_batch_size: int) -> dict[str, Any]:
+def model_config(name: str, version: str, pixels: PixelsSpec, num_classes: int, max_batch_size: int) -> dict[str, Any]:
     """GET /v2/models/{name}/config, Triton's model configuration extension (its JSON form of model_config.proto):
     the inputs without their batch dimension, which max_batch_size stands for."""
     return {"name": name, "platform": PLATFORM, "backend": "onnxruntime", "version_policy": {"specific": {"versions": [version]}},
             "max_batch_size": max_batch_size,
             "input": [{"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1],
                        "optional": True},
-                      {"name": PIXELS_INPUT, "data_type": "TYPE_FP32", "dims": [3, input_size, input_size],
+                      {"name": PIXELS_INPUT, "data_type": f"TYPE_{pixels.datatype}", "dims": list(pixels.dims),
                        "optional": True}],
             "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [num_classes]}],
             "dynamic_batching": {}}
@@ -248,21 +269,29 @@ def _bytes_elements(tensor: dict[str, Any], data: bytes | None, n: int) -> list[
     return out
 
 
-def _fp32_elements(tensor: dict[str, Any], data: bytes | None, shape: list[int]) -> np.ndarray:
+def _numeric_elements(tensor: dict[str, Any], data: bytes | None, shape: list[int], datatype: str) -> np.ndarray:
+    """The `pixels` tensor as a native-order array (uint8 or float32) of `shape`, from binary data or JSON."""
+    wire = _NUMPY_DTYPE[datatype]
     count = int(np.prod(shape))
     if data is not None:
-        if len(data) != count * _DTYPE_SIZE["FP32"]:
-            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count * 4} bytes of FP32, got "
-                                 f"{len(data)}")
-        array = np.frombuffer(data, dtype="<f4").astype(np.float32, copy=False)
+        if len(data) != count * wire.itemsize:
+            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count * wire.itemsize} bytes of "
+                                 f"{datatype}, got {len(data)}")
+        array = np.frombuffer(data, dtype=wire).astype(wire.newbyteorder("="), copy=False)
     else:
         values = _flatten(tensor["data"])
-        if len(values) != count or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count} numbers, got {len(values)} "
-                                 "values")
-        array = np.asarray(values, dtype=np.float32)
+        if datatype == "UINT8":
+            ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values)
+            wanted = "integers 0..255"
+        else:
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            wanted = "numbers"
+        if len(values) != count or not ok:
+            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count} {wanted}, got "
+                                 f"{len(values)} values")
+        array = np.asarray(values, dtype=wire.newbyteorder("="))
     array = array.reshape(shape)
-    if not np.isfinite(array).all():
+    if datatype == "FP32" and not np.isfinite(array).all():
         raise HTTPError(400, f"input {PIXELS_INPUT!r}: every value must be finite (no NaN or infinity)")
     return array
 

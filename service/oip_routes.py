@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,6 +16,9 @@ import tuneserve
 from tuneserve.service import oip
 from tuneserve.service.http_protocol import admitted_from_headers
 from tuneserve.service.inputs import HTTPError, read_body
+
+if TYPE_CHECKING:
+    from tuneserve.service.routes import ServedVersion
 
 
 class OipRoutes:
@@ -41,7 +45,7 @@ class OipRoutes:
 
     async def model_metadata(self, request: Request) -> Response:
         model = self._served(request)
-        return JSONResponse(oip.model_metadata(model.name, [model.version], model.input_size, len(model.labels)))
+        return JSONResponse(oip.model_metadata(model.name, [model.version], _pixels(model), len(model.labels)))
 
     async def model_ready(self, request: Request) -> Response:
         model = self._served(request)  # a model that is not served is a 404, as the protocol asks
@@ -49,7 +53,7 @@ class OipRoutes:
 
     async def model_config(self, request: Request) -> Response:
         model = self._served(request)
-        return JSONResponse(oip.model_config(model.name, model.version, model.input_size, len(model.labels),
+        return JSONResponse(oip.model_config(model.name, model.version, _pixels(model), len(model.labels),
                                              self.backend.config.max_batch_images))
 
     async def infer(self, request: Request) -> Response:
@@ -67,7 +71,7 @@ class OipRoutes:
         # The JSON form of a batch of images is base64 text (4/3 of the bytes) inside JSON: parsing it is
         # the request's own CPU, so it runs off the event loop when it is large.
         parse = functools.partial(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH),
-                                  model.input_size, cfg.max_batch_images, cfg.max_image_bytes)
+                                  _pixels(model), cfg.max_batch_images, cfg.max_image_bytes)
         parsed = await asyncio.to_thread(parse) if len(body) > 256 * 1024 else parse()
         deadline = b.deadline()
         # Admission judged one image from the headers (service/http_protocol.py); more need a fresh estimate.
@@ -81,6 +85,11 @@ class OipRoutes:
                 raise b.late(deadline, "before the answer was ready")
         content, headers = oip.encode_infer_response(model.name, model.version, parsed, probs, model.labels)
         return Response(content, headers=headers)
+
+
+def _pixels(model: ServedVersion) -> oip.PixelsSpec:
+    """The `pixels` input `model` takes."""
+    return oip.PixelsSpec.of(model.input_size, model.takes_pixels)
 
 
 def oip_paths() -> list[tuple[str, str, str]]:

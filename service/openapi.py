@@ -98,7 +98,9 @@ def _oip(cfg: ServiceConfig, served: list[str], versions: list[str], api_key: bo
         "model_config": ("The model's configuration, as Triton's model configuration extension answers it.", None),
         "infer": ("Classify images with the Open Inference Protocol (KServe v2): input `image` (BYTES [N], encoded "
                   "images; base64 text in JSON, raw in the binary tensor data extension with an "
-                  "Inference-Header-Content-Length header) or `pixels` (FP32 [N,3,S,S], preprocessed); output "
+                  "Inference-Header-Content-Length header) or `pixels` (resized and cropped: UINT8 [N,S,S,3] RGB, or "
+                  "FP32 [N,3,S,S] normalised for models exported before pixel input; GET /v2/models/{name} says "
+                  "which); output "
                   "`probabilities` (FP32 [N,classes]), or with `parameters.classification: k` BYTES [N,k] of "
                   f"'score:index:label'. At most {cfg.max_batch_images} images, {cfg.max_image_bytes} bytes each, "
                   f"{cfg.max_request_bytes} bytes in all.", 
@@ -108,7 +110,7 @@ def _oip(cfg: ServiceConfig, served: list[str], versions: list[str], api_key: bo
                           "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
                               "type": "object", "required": ["name", "datatype", "shape"], "properties": {
                                   "name": {"type": "string", "enum": ["image", "pixels"]},
-                                  "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
+                                  "datatype": {"type": "string", "enum": ["BYTES", "UINT8", "FP32"]},
                                   "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
                                   "parameters": {"type": "object"}, "data": {"type": "array"}}}},
                           "outputs": {"type": "array", "maxItems": 1, "items": {"type": "object"}}}}},

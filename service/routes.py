@@ -78,11 +78,12 @@ class ServedVersion(Protocol):
     version: str
     tag: str  # "name:version"
     labels: list[str]
-    input_size: int  # S of the (3, S, S) float32 arrays classify() takes
+    input_size: int  # S of the S x S images classify() takes
+    takes_pixels: bool  # classify() takes uint8 (S, S, 3) pixels; False: float32 (3, S, S), normalised
 
     def in_use(self) -> ContextManager[Any]: ...  # while a request uses it, a switch waits for it
 
-    async def preprocess(self, data: bytes, deadline: Deadline) -> np.ndarray: ...  # -> float32 (3, S, S); HTTPError
+    async def preprocess(self, data: bytes, deadline: Deadline) -> np.ndarray: ...  # -> one image's input; HTTPError
 
     async def classify(self, arrays: list[np.ndarray], deadline: Deadline) -> np.ndarray: ...  # -> float32 (N, classes)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from tuneserve.models.preprocessing import ImageDecodeError, Preprocessing, decode_estimate, preprocess
+from tuneserve.models.preprocessing import ImageDecodeError, Preprocessing, decode_estimate, normalise, preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, softmax
 from tuneserve.service.admission import Deadline
 from tuneserve.service.batcher import DynamicBatcher, Overloaded
@@ -72,8 +72,14 @@ class ServedModel:
 
     @property
     def input_size(self) -> int:
-        """S of the (3, S, S) arrays the model takes."""
+        """S of the S x S images the model takes."""
         return self.model.card.preprocessing.input_size
+
+    @property
+    def takes_pixels(self) -> bool:
+        """True: the model takes uint8 (S, S, 3) pixels and normalises them itself; False (models exported
+        before that): float32 (3, S, S), normalised on the host."""
+        return self.session.takes_pixels
 
     @property
     def labels(self) -> list[str]:
@@ -85,7 +91,7 @@ class ServedModel:
         powers of two up to the largest batch cover the common ones."""
         size = self.model.card.preprocessing.input_size
         for n in self.session.buckets or bucket_sizes(self.worker.plan.max_batch_size):
-            self.session(np.zeros((n, 3, size, size), dtype=np.float32))
+            self.session(np.zeros(self.session.input_shape(n, size), dtype=self.session.input_dtype))
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator["ServedModel"]:
@@ -110,8 +116,9 @@ class ServedModel:
     # -- the work ----------------------------------------------------------------------------------------------
 
     async def preprocess(self, data: bytes, deadline: Deadline) -> np.ndarray:
-        """Decode and preprocess one image in the worker's thread pool -> float32 (3, S, S), within its decode
-        memory budget and before `deadline`; a bad image raises HTTPError (4xx), a late one 503."""
+        """Decode and preprocess one image in the worker's thread pool -> the model's input for it (uint8
+        (S, S, 3), or float32 (3, S, S) for models that take it normalised), within the worker's decode memory
+        budget and before `deadline`; a bad image raises HTTPError (4xx), a late one 503."""
         pp, cfg, worker = self.model.card.preprocessing, self.worker.config, self.worker
         nbytes = decode_estimate(data, pp)
         max_bytes = cfg.max_decode_mb * 2**20
@@ -121,15 +128,16 @@ class ServedModel:
         try:
             async with worker.decode_budget.reserve(nbytes, deadline.remaining()):
                 return await asyncio.get_running_loop().run_in_executor(
-                    worker.pool, _decode_in_time, data, pp, cfg.max_pixels, max_bytes, nbytes, deadline)
+                    worker.pool, _decode_in_time, data, pp, cfg.max_pixels, max_bytes, nbytes, deadline,
+                    not self.takes_pixels)
         except ImageDecodeError as e:
             raise HTTPError(decode_error_status(e), str(e)) from None
         except (DecodeBudgetExceeded, _Late):
             raise worker.late(deadline, "waiting to decode the image") from None
 
     async def classify(self, arrays: list[np.ndarray], deadline: Deadline) -> np.ndarray:
-        """Probabilities float32 (N, classes) for preprocessed float32 (3, S, S) images, run together with
-        whatever other requests are waiting for this version, unless `deadline` passes first (503)."""
+        """Probabilities float32 (N, classes) for images as `preprocess` makes them, run together with whatever
+        other requests are waiting for this version, unless `deadline` passes first (503)."""
         try:
             logits = await self._batcher.submit(np.stack(arrays), deadline.expires)
         except Overloaded:
@@ -146,6 +154,7 @@ class ServedModel:
             "num_classes": card.num_classes,
             "labels": card.labels,
             "input_size": card.preprocessing.input_size,
+            "input": "uint8 pixels (N, S, S, 3)" if self.takes_pixels else "float32 normalised (N, 3, S, S)",
             "preprocessing": card.preprocessing.to_dict(),
             "metrics": card.metrics,
             "parity": card.parity,
@@ -174,12 +183,14 @@ class _Late(Exception):
 
 
 def _decode_in_time(data: bytes, pp: Preprocessing, max_pixels: int, max_bytes: int, nbytes: int,
-                    deadline: Deadline) -> np.ndarray:
-    """In a pool thread: preprocess `data` unless its deadline has passed while it waited for the thread."""
+                    deadline: Deadline, normalised: bool) -> np.ndarray:
+    """In a pool thread: uint8 (S, S, 3) pixels of `data` (float32 (3, S, S) when `normalised`) unless its
+    deadline has passed while it waited for the thread."""
     if deadline.expired():
         raise _Late()
     try:
-        return preprocess(data, pp, max_pixels, max_bytes)
+        pixels = preprocess_pixels(data, pp, max_pixels, max_bytes)
+        return normalise(pixels, pp) if normalised else pixels
     finally:
         if nbytes > LARGE_BYTES:
             release_free_memory()  # a large decode's buffers: back to the system now, not at the next peak

@@ -19,7 +19,8 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tuneserve.models.preprocessing import Preprocessing
+from tuneserve.models.preprocessing import Preprocessing, preprocess_pixels
+from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.samples import sample_photos
 from tuneserve.models.store import StoredModel
 from tuneserve.models.weights import build_model, head_parameters
@@ -39,6 +40,12 @@ def builtin_model() -> StoredModel:
     from tuneserve.training.builtin import ensure_builtin_model
 
     return ensure_builtin_model()
+
+
+def model_inputs(session: OnnxClassifier, sources, pp: Preprocessing) -> np.ndarray:
+    """What `session`'s graph takes for real images (paths or bytes): uint8 pixels (N, S, S, 3), or normalised
+    float32 (N, 3, S, S) for graphs exported before pixel input."""
+    return session.inputs(np.stack([preprocess_pixels(s, pp) for s in sources]), pp)
 
 
 def photo_path(name: str) -> Path:

@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 
 import podman_image as cs
-from tuneserve.models.preprocessing import preprocess
 from tuneserve.models.runtime import OnnxClassifier, softmax
 from tuneserve.models.store import load_model
 from tuneserve.service.process import free_port
-from support import builtin_model
+from support import builtin_model, model_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +103,8 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
 
         # The same model outside the container: same labels in the same order, same scores.
         stored = load_model(model.tag)
-        probs = softmax(OnnxClassifier(stored.onnx_path, "cpu")(preprocess(photo, stored.card.preprocessing)[None]))[0]
+        session = OnnxClassifier(stored.onnx_path, "cpu")
+        probs = softmax(session(model_inputs(session, [photo], stored.card.preprocessing)))[0]
         order = np.argsort(-probs)[:5]
         assert [p["label"] for p in served["predictions"]] == [stored.card.labels[i] for i in order]
         np.testing.assert_allclose([p["score"] for p in served["predictions"]], probs[order], atol=1e-4)

@@ -14,14 +14,13 @@ import torch
 
 from tuneserve.cli import main
 from tuneserve.models.artifact import WEIGHTS_FILE
-from tuneserve.models.preprocessing import preprocess
 from tuneserve.models.runtime import OnnxClassifier, softmax
 from tuneserve.models.store import StoredModel, save_model
 from tuneserve.models.weights import continue_from
 from tuneserve.training.config import TrainConfig
 from tuneserve.training.export import load_weights
 from tuneserve.training.train import train
-from support import hymenoptera_subset, write_image
+from support import hymenoptera_subset, model_inputs, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +44,7 @@ def val_photos(root) -> list[tuple[str, str]]:
 
 def top1(model, photos) -> list[str]:
     session = OnnxClassifier(model.onnx_path, "cpu")
-    x = np.stack([preprocess(path, model.card.preprocessing) for path, _ in photos])
+    x = model_inputs(session, [path for path, _ in photos], model.card.preprocessing)
     return [model.card.labels[i] for i in softmax(session(x)).argmax(1)]
 
 

@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe v2) routes, in-process with the real built-in model: JSON and binary
-tensors, BYTES images and FP32 pixels, the classification extension, versions, and a 4xx JSON error for every
+tensors, BYTES images and UINT8 pixels, the classification extension, versions, and a 4xx JSON error for every
 malformed request. (tests/test_protocol_clients.py drives a real server with tritonclient and BentoML's client.)"""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.preprocessing import preprocess_pixels
 from tuneserve.service import oip
 from support import photo, routes_client
 
@@ -58,13 +58,14 @@ def test_server_and_model_metadata(client, model):
     meta = client.get(f"/v2/models/{model.name}").json()
     assert meta["name"] == model.name and meta["versions"] == [model.version] and meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]},
-                              {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 224, 224]}]
+                              {"name": "pixels", "datatype": "UINT8", "shape": [-1, 224, 224, 3]}]
     assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
     assert client.get(f"/v2/models/{model.name}/versions/{model.version}").json() == meta
     assert client.get(f"/v2/models/{model.name}/ready").status_code == 200
     assert client.get(f"/v2/models/{model.name}/versions/{model.version}/ready").status_code == 200
     config = client.get(f"/v2/models/{model.name}/config").json()
     assert config["max_batch_size"] == MAX_BATCH_IMAGES and config["output"][0]["dims"] == [1000]
+    assert config["input"][1] == {"name": "pixels", "data_type": "TYPE_UINT8", "dims": [224, 224, 3], "optional": True}
     for missing in ("/v2/models/nope", "/v2/models/nope/ready", f"/v2/models/{model.name}/versions/v0/ready"):
         r = client.get(missing)
         assert r.status_code == 404 and "error" in r.json(), missing
@@ -104,11 +105,11 @@ def test_json_base64_input_and_classification_extension(client, model, classify)
         np.testing.assert_allclose([float(score) for score, _, _ in parsed], [s for _, s in want], atol=1e-6)
 
 
-def test_fp32_pixels_input_skips_preprocessing(client, model, classify):
-    pixels = np.stack([preprocess(photo(n), model.card.preprocessing) for n in PHOTOS[:2]])  # float32 (2,3,224,224)
-    assert pixels.dtype == np.float32 and pixels.shape == (2, 3, 224, 224)
-    body, headers = binary_request([({"name": "pixels", "datatype": "FP32", "shape": list(pixels.shape)},
-                                     pixels.astype("<f4").tobytes())], parameters={"binary_data_output": True})
+def test_uint8_pixels_input_skips_preprocessing(client, model, classify):
+    pixels = np.stack([preprocess_pixels(photo(n), model.card.preprocessing) for n in PHOTOS[:2]])  # (2,224,224,3)
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, 224, 224, 3)
+    body, headers = binary_request([({"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape)},
+                                     pixels.tobytes())], parameters={"binary_data_output": True})
     r = client.post(f"/v2/models/{model.name}/infer", content=body, headers=headers)
     assert r.status_code == 200, r.text
     header, raw = read_binary_response(r)  # no outputs named: every output binary, as tritonclient asks
@@ -117,7 +118,7 @@ def test_fp32_pixels_input_skips_preprocessing(client, model, classify):
         want = classify(name)
         np.testing.assert_allclose(row, [want[label] for label in model.card.labels], atol=1e-6)
     # The same in JSON, one image.
-    request = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 224, 224],
+    request = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 224, 224, 3],
                            "data": pixels[0].ravel().tolist()}]}
     r = client.post(f"/v2/models/{model.name}/infer", json=request)
     np.testing.assert_allclose(r.json()["outputs"][0]["data"], probs[0], atol=1e-6)
@@ -142,16 +143,26 @@ def test_fp32_pixels_input_skips_preprocessing(client, model, classify):
     (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}],
                  "outputs": [{"name": "probabilities", "parameters": {"classification": -1}}]}).encode(), {}, 400,
      "'classification' must be an integer"),
-    (json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [0.0] * 192}]}).encode(),
-     {}, 400, "shape must be [1, 3, 224, 224]"),
-    (*binary_request([({"name": "pixels", "datatype": "FP32", "shape": [1, 3, 224, 224]}, b"\0" * 8)]), 400,
-     "needs 602112 bytes of FP32"),
+    (json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 8, 8, 3], "data": [0] * 192}]}).encode(),
+     {}, 400, "shape must be [1, 224, 224, 3]"),
+    (*binary_request([({"name": "pixels", "datatype": "UINT8", "shape": [1, 224, 224, 3]}, b"\0" * 8)]), 400,
+     "needs 150528 bytes of UINT8"),
+    (json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": [0.0]}]}).encode(),
+     {}, 400, "'pixels' of datatype 'FP32' is not accepted by this model: send 'image' (BYTES, encoded images) or "
+              "'pixels' (UINT8 [N,224,224,3]"),
     (b'{"inputs": []}', {oip.HEADER_LENGTH: "999"}, 400, "must be the length of the JSON header"),
 ])
 def test_bad_requests_are_4xx_json(client, model, body, headers, status, fragment):
     r = client.post(f"/v2/models/{model.name}/infer", content=body, headers=headers)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json" and fragment in r.json()["error"], r.json()
+
+
+def test_uint8_pixels_in_json_must_be_bytes(client, model):
+    values = [0] * (224 * 224 * 3 - 1) + [256]
+    r = client.post(f"/v2/models/{model.name}/infer",
+                    json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 224, 224, 3], "data": values}]})
+    assert r.status_code == 400 and "needs 150528 integers 0..255" in r.json()["error"]
 
 
 def test_binary_bytes_length_prefix_must_fit(client, model):

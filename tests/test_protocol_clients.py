@@ -1,5 +1,5 @@
 """Clients nobody here wrote, against a real server: NVIDIA's tritonclient over the Open Inference Protocol
-(binary and JSON BYTES inputs, a FP32 input, the classification extension) and BentoML's own HTTP clients.
+(binary and JSON BYTES inputs, a UINT8 pixels input, the classification extension) and BentoML's own HTTP clients.
 Their answers must equal /classify's on real photos: same top-1, scores within 1e-6."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.preprocessing import preprocess_pixels
 from tuneserve.service.process import running_server
 from support import photo_path
 
@@ -82,9 +82,9 @@ def test_tritonclient(server, model, reference):
         assert int(index) == want.argmax() and label == model.card.labels[want.argmax()]
         assert abs(float(score) - want.max()) <= 1e-6
 
-    # Clients that preprocess themselves send FP32 pixels.
-    pixels = np.stack([preprocess(photo_path(n), model.card.preprocessing) for n in PHOTOS])
-    tensor = triton.InferInput("pixels", list(pixels.shape), "FP32")
+    # Clients that preprocess themselves send the resized and cropped pixels, UINT8 [N, S, S, 3].
+    pixels = np.stack([preprocess_pixels(photo_path(n), model.card.preprocessing) for n in PHOTOS])
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
     tensor.set_data_from_numpy(pixels)
     probs = client.infer(model.name, [tensor], headers=auth()).as_numpy("probabilities")
     np.testing.assert_allclose(probs, expected, atol=1e-6)

@@ -8,15 +8,15 @@ import pytest
 
 from tuneserve.models.artifact import FP16_ONNX_FILE
 from tuneserve.models.precision import MIN_TOP1_AGREEMENT, choose_precision
-from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.preprocessing import preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, choose_providers
 from tuneserve.models.samples import sample_photos
 
 
 @pytest.fixture(scope="module")
 def photos(model) -> np.ndarray:
-    """The real sample photos, preprocessed: float32 (5, 3, 224, 224)."""
-    return np.stack([preprocess(p, model.card.preprocessing) for p in sample_photos()])
+    """The real sample photos, resized and cropped: uint8 (5, 224, 224, 3), what the built-in model's graph takes."""
+    return np.stack([preprocess_pixels(p, model.card.preprocessing) for p in sample_photos()])
 
 
 @pytest.mark.parametrize("max_batch, expected", [(1, [1]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8]),
@@ -56,9 +56,10 @@ def test_fp16_variant_is_made_at_export_and_agrees_with_fp32(model, photos):
     assert report["top1_agreement"] >= MIN_TOP1_AGREEMENT and report["images"] == len(sample_photos())
     fp16_path = model.path / FP16_ONNX_FILE
     graph = onnx.load(str(fp16_path)).graph
-    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # callers still send float32
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8  # callers send the same pixels
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    weights = [t for t in graph.initializer if len(t.dims) == 4]  # convolution kernels
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    weights = [t for t in graph.initializer if len(t.dims) == 4 and t.data_type in floats]  # convolution kernels
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
 
     fp32 = OnnxClassifier(model.onnx_path, "cpu")(photos)

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuneserve.models.preprocessing import preprocess
 from tuneserve.models.runtime import OnnxClassifier, softmax
 from tuneserve.service.routes import create_app
-from support import RecordingMetrics, builtin_model, encode, make_worker, photo, routes_client
+from support import RecordingMetrics, builtin_model, encode, make_worker, model_inputs, photo, routes_client
 
 MAX_IMAGE_BYTES = 2_000_000  # small limits, so that the tests stay small
 MAX_PIXELS = 4_000_000
@@ -66,7 +65,7 @@ def reference(model):
     session = OnnxClassifier(model.onnx_path, device="cpu")
 
     def probs(data: bytes) -> np.ndarray:
-        return softmax(session(preprocess(data, model.card.preprocessing)[None]))[0]
+        return softmax(session(model_inputs(session, [data], model.card.preprocessing)))[0]
 
     return probs
 

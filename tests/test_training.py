@@ -102,10 +102,10 @@ def test_parity_gate_rejects_a_wrong_graph(tmp_path, tiny_folder):
     pp = get_architecture("resnet18").preprocessing
     images = load_parity_images([str(p) for p in sorted(tiny_folder.rglob("*.png"))[:4]], pp)
     good = export_onnx(model, pp, tmp_path / "good.onnx")
-    check_parity(parity_report(model, good, images))  # passes
+    check_parity(parity_report(model, good, images, pp))  # passes
     bad = export_onnx(other, pp, tmp_path / "bad.onnx")
     with pytest.raises(ExportParityError, match=r"max \|logit diff\| = .* \(limit 1e-03\)"):
-        check_parity(parity_report(model, bad, images))
+        check_parity(parity_report(model, bad, images, pp))
 
 
 def test_torchscript_exporter_also_passes_the_gate(tmp_path, tiny_folder):
@@ -115,7 +115,7 @@ def test_torchscript_exporter_also_passes_the_gate(tmp_path, tiny_folder):
     model = build_model("mobilenet_v3_large", 3, "none")
     pp = get_architecture("mobilenet_v3_large").preprocessing
     images = load_parity_images([str(p) for p in sorted(tiny_folder.rglob("*.png"))[:3]], pp)
-    report = parity_report(model, export_onnx(model, pp, tmp_path / "ts.onnx", "torchscript"), images)
+    report = parity_report(model, export_onnx(model, pp, tmp_path / "ts.onnx", "torchscript"), images, pp)
     check_parity(report)
     assert report["images"] == 3
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tuneserve.models.preprocessing import preprocess
+from tuneserve.models.preprocessing import preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.store import StoredModel
 from tuneserve.training.data import DataError, scan_class_folders, probe_image
@@ -38,7 +38,7 @@ def evaluate_stored(model: StoredModel, data: str, batch_size: int = 32, device:
     loss_sum, top5 = 0.0, 0
     for start in range(0, len(usable), batch_size):
         chunk = usable[start : start + batch_size]
-        x = np.stack([preprocess(p, pp) for p, _ in chunk])  # (B, 3, S, S)
+        x = session.inputs(np.stack([preprocess_pixels(p, pp) for p, _ in chunk]), pp)  # pixels (B, S, S, 3)
         y = np.array([index[c] for _, c in chunk])
         logits = session(x).astype(np.float64)  # (B, C)
         z = logits - logits.max(1, keepdims=True)

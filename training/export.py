@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from tuneserve.models.artifact import FP16_ONNX_FILE, WEIGHTS_FILE, ModelCard
 from tuneserve.models.precision import agreement_report, convert_fp16
-from tuneserve.models.preprocessing import Preprocessing, preprocess
+from tuneserve.models.preprocessing import Preprocessing, normalise, normaliser, preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.store import StoredModel, save_model, staging_dir, validate_name
 from tuneserve.models.weights import build_model
@@ -41,40 +41,66 @@ class ExportParityError(RuntimeError):
         )
 
 
+INPUT_NAME = "pixels"  # uint8 (N, S, S, 3) RGB, resized and cropped as the card says; normalised in the graph
+
+
+class PixelInput(nn.Module):
+    """`model` behind its own normalisation: uint8 (N, S, S, 3) pixels -> logits (N, C).
+
+    Serving then hands the engine the uint8 pixels PIL decodes to, without a float32 copy on the host: a
+    quarter of the bytes to build, batch and copy to a GPU, and the layout change and multiply-add run on
+    the device. The constants are `models.preprocessing.normaliser`'s, so the graph computes exactly what
+    `normalise` computes on the host (the parity gate checks the two paths against each other)."""
+
+    def __init__(self, model: nn.Module, pp: Preprocessing):
+        super().__init__()
+        self.model = model
+        scale, offset = normaliser(pp)  # float32 (3, 1, 1) each
+        self.register_buffer("scale", torch.from_numpy(scale.copy()))
+        self.register_buffer("offset", torch.from_numpy(offset.copy()))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float()  # (N, 3, S, S) float32, values 0..255
+        return self.model(x * self.scale + self.offset)
+
+
 def export_onnx(model: nn.Module, pp: Preprocessing, path: Path, exporter: str = "dynamo") -> Path:
-    """Write `model` (float32, CPU, eval) to `path`: input 'input' (N,3,S,S) float32 -> 'logits' (N,C)."""
-    model = model.float().cpu().eval()
-    example = torch.zeros(2, 3, pp.input_size, pp.input_size)
+    """Write `model` (float32, CPU, eval) with its normalisation to `path`: input 'pixels' uint8 (N,S,S,3) ->
+    'logits' float32 (N,C)."""
+    model = PixelInput(model.float().cpu().eval(), pp).eval()
+    example = torch.zeros(2, pp.input_size, pp.input_size, 3, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter; the parity gate is the real check
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
             torch.onnx.export(
                 model, (example,), str(path), dynamo=True, external_data=False, opset_version=OPSET,
-                input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+                input_names=[INPUT_NAME], output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
             )
         elif exporter == "torchscript":
             torch.onnx.export(
                 model, (example,), str(path), dynamo=False, opset_version=OPSET,
-                input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                input_names=[INPUT_NAME], output_names=["logits"],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
             )
         else:
             raise ValueError(f"exporter {exporter!r} is not one of: dynamo, torchscript")
     return path
 
 
-def parity_report(model: nn.Module, onnx_path: Path, images: np.ndarray) -> dict[str, Any]:
-    """images: float32 (N,3,S,S), already preprocessed. Compares PyTorch fp32 and onnxruntime (CPU) logits."""
+def parity_report(model: nn.Module, onnx_path: Path, pixels: np.ndarray, pp: Preprocessing) -> dict[str, Any]:
+    """pixels: uint8 (N,S,S,3), resized and cropped. Compares PyTorch fp32 on the host-normalised images (as
+    training validated them) with onnxruntime (CPU) on the graph's own input."""
     model = model.float().cpu().eval()
-    with torch.no_grad():
-        reference = model(torch.from_numpy(images)).numpy()  # (N, C)
     session = OnnxClassifier(onnx_path, device="cpu")
-    batched = session(images)
-    single = session(images[:1])
+    with torch.no_grad():
+        reference = model(torch.from_numpy(normalise(pixels, pp))).numpy()  # (N, C)
+    inputs = session.inputs(pixels, pp)
+    batched = session(inputs)
+    single = session(inputs[:1])
     diff = np.abs(batched - reference)
     return {
-        "images": int(images.shape[0]),
+        "images": int(pixels.shape[0]),
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
         "batch1_max_abs_logit_diff": float(np.abs(single - reference[:1]).max()),
@@ -95,10 +121,10 @@ def check_parity(report: dict[str, Any]) -> None:
 
 
 def load_parity_images(paths: list[str], pp: Preprocessing) -> np.ndarray:
-    """Real images through the one eval transform -> float32 (N,3,S,S)."""
+    """Real images through the one eval transform, before normalisation -> uint8 (N,S,S,3)."""
     if not paths:
         raise ValueError("the parity gate needs at least one real image")
-    return np.stack([preprocess(p, pp) for p in paths])
+    return np.stack([preprocess_pixels(p, pp) for p in paths])
 
 
 def export_and_register(
@@ -124,7 +150,7 @@ def export_and_register(
     with staging_dir(f"export-{name}") as tmp:
         onnx_path = export_onnx(model, pp, Path(tmp) / "model.onnx", exporter)
         images = load_parity_images(parity_paths, pp)
-        report = parity_report(model, onnx_path, images)
+        report = parity_report(model, onnx_path, images, pp)
         log.info(
             "ONNX parity on %d real images: max |logit diff| %.2e, top-1 agreement %.1f%%",
             report["images"], report["max_abs_logit_diff"], 100 * report["top1_agreement"],
@@ -132,7 +158,7 @@ def export_and_register(
         check_parity(report)
         extra = dict(extra_files or {})
         extra[WEIGHTS_FILE] = save_weights(model, Path(tmp) / WEIGHTS_FILE)
-        fp16 = fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images)
+        fp16 = fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images, pp)
         if fp16["kept"]:
             extra[FP16_ONNX_FILE] = Path(tmp) / FP16_ONNX_FILE
         card = ModelCard(arch=arch, labels=list(labels), preprocessing=pp, metrics=metrics,
@@ -160,10 +186,10 @@ def load_weights(stored: StoredModel) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def fp16_variant(fp32_path: Path, out_path: Path, images: np.ndarray) -> dict[str, Any]:
+def fp16_variant(fp32_path: Path, out_path: Path, images: np.ndarray, pp: Preprocessing) -> dict[str, Any]:
     """Convert to fp16 and measure top-1 agreement with fp32 on the parity images (CPU; the same graph on a
     GPU computes in the same precision). The report goes into the card whether or not the file is kept."""
-    report = agreement_report(fp32_path, convert_fp16(fp32_path, out_path), images)
+    report = agreement_report(fp32_path, convert_fp16(fp32_path, out_path), images, pp)
     report["file"] = FP16_ONNX_FILE
     log.log(
         logging.INFO if report["kept"] else logging.WARNING,
@@ -180,7 +206,7 @@ def export_checkpoint(path: Path, name: str, ds: Dataset, cfg: TrainConfig) -> S
     best = ckpt_io.load(path)
     run_dir = Path(path).parent
     model = build_model(best["arch"], len(best["classes"]), "none")
-    model.load_state_dict(best["model"])
+    model.load_state_dict(ckpt_io.deployed_weights(best))
     val = best["metrics"] if "metrics" in best else best["history"][-1]["val"]  # last.pt: its own epoch
     metrics = {"val_top1": val["top1"], "val_loss": val["loss"], "val_macro_f1": val["macro_f1"],
                "best_epoch": best["epoch"], "val_images": val["images"]}
