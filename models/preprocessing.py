@@ -142,7 +142,7 @@ def load_image(
                     f"image is {width}x{height} {img.mode} pixels: decoding it needs about "
                     f"{decode_bytes(img.mode, img.size) // 2**20} MiB, over the limit of {max_decode_bytes // 2**20} MiB")
             img.load()  # decode now, so truncation is reported here and not later
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # upright photos (most) are not copied
             return _to_rgb(img)
     except ImageDecodeError:
         raise
