@@ -1,8 +1,9 @@
 """Self-describing checkpoints, written atomically: a crash mid-write never corrupts the previous one.
 
 Every checkpoint carries what it is (architecture, class names, preprocessing, the config that trained it,
-its run folder and epoch) beside the weights; last.pt adds what resuming needs (optimizer, scheduler,
-scaler, RNG state and the run's Progress), best.pt the validation metrics of its epoch.
+its run folder and epoch) beside the weights, and with --ema the AveragedModel's state under "ema" (the weights
+that get exported); last.pt adds what resuming needs (optimizer, scheduler, scaler, RNG state and the run's
+Progress), best.pt the validation metrics of its epoch.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
+
+from tuneserve.training.ema import ema_weights
 
 if TYPE_CHECKING:
     from tuneserve.training.progress import Progress
@@ -39,6 +43,14 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ema: AveragedModel | None = None  # --ema: the average of `model`
+
+    def weights(self) -> dict[str, Any]:
+        """What every checkpoint holds: the model's state dict, and the EMA's (n_averaged included) with --ema."""
+        out = {"model": _cpu(self.model.state_dict())}
+        if self.ema is not None:
+            out["ema"] = _cpu(self.ema.state_dict())
+        return out
 
     def state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -49,15 +61,28 @@ class Trainables:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if "ema" not in ckpt:
+                raise ValueError(f"cannot resume with --ema from {ckpt.get('path', 'this checkpoint')}: it holds no "
+                                 "EMA state (its run was trained without --ema)")
+            self.ema.load_state_dict(ckpt["ema"])
 
 
 def save_epoch(run_dir: Path, meta: RunMeta, trainables: Trainables, progress: "Progress", improved: bool) -> None:
     """last.pt after every epoch; best.pt too when this epoch is the best so far."""
-    common = {**dataclasses.asdict(meta), "epoch": progress.epoch,
-              "model": {k: v.detach().cpu() for k, v in trainables.model.state_dict().items()}}
+    common = {**dataclasses.asdict(meta), "epoch": progress.epoch, **trainables.weights()}
     save_atomic({**common, **trainables.state(), "rng": rng_state(), **progress.to_dict()}, Path(run_dir) / "last.pt")
     if improved:
         save_atomic({**common, "metrics": progress.history[-1]["val"]}, Path(run_dir) / "best.pt")
+
+
+def deployed_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict a checkpoint exports: its EMA's when the run kept one (--ema), else its model's."""
+    return ema_weights(ckpt["ema"]) if "ema" in ckpt else ckpt["model"]
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:

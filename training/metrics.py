@@ -34,7 +34,9 @@ def summarize(confusion: np.ndarray, loss_sum: float, top5_correct: int | None, 
     return out
 
 
-SCALAR_COLUMNS = ["epoch", "phase", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_macro_f1", "seconds", "images_per_s"]
+# live_*: with --ema, the live (not averaged) model's, beside the EMA's val_*
+SCALAR_COLUMNS = ["epoch", "phase", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_macro_f1",
+                  "live_val_loss", "live_val_top1", "seconds", "images_per_s"]
 
 
 def write_history(history: list[dict[str, Any]], run_dir: Path) -> None:

@@ -6,6 +6,10 @@ plots, and exports; every rank trains and evaluates its shard. Each epoch starts
 scheduler, scaler, history and RNG state, so a resumed run continues exactly where the interrupted one was.
 With `local_sgd_period` K > 0 ranks step on their own and average parameters every K steps (see LocalSGD), and
 once more at every epoch's end, so evaluation and checkpoints always see the one averaged model.
+With `ema`, an AveragedModel of the unwrapped model is updated after every optimizer step on every rank, takes
+rank 0's state at each epoch's end, and is what is evaluated for the best epoch, checkpointed and exported.
+With `compile`, the steps run a torch.compile'd view of the model (wrapped in DDP after compiling, as torch
+advises); evaluation, checkpoints and export use the model itself.
 """
 from __future__ import annotations
 
@@ -16,13 +20,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import yaml
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from tuneserve.models.architectures import get_architecture
@@ -30,7 +35,9 @@ from tuneserve.models.store import StoredModel, validate_name
 from tuneserve.models.weights import build_model, continue_from, head_parameters
 from tuneserve.training import checkpoint as ckpt_io
 from tuneserve.training.config import TrainConfig, rename_legacy_keys
+from tuneserve.training.compilation import check_compile, compiled
 from tuneserve.training.data import Dataset, discover
+from tuneserve.training.ema import make_ema, resolve_decay
 from tuneserve.training.loaders import make_loaders
 from tuneserve.training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
 from tuneserve.training.export import export_checkpoint, load_weights
@@ -73,6 +80,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     _check_distributed(cfg, env)
     reporters = parse_report_to(cfg.report_to)  # before anything slow: a bad value or a missing library
     check_installed(reporters)
+    if cfg.compile:
+        check_compile(env.device)
     name = validate_name(cfg.model_name())
     arch = get_architecture(cfg.arch)
     pp = parent.card.preprocessing if parent is not None else arch.preprocessing  # as the weights were trained
@@ -116,7 +125,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     criterion = nn.CrossEntropyLoss(weight=_class_weights(ds, cfg, env), label_smoothing=cfg.label_smoothing)
     mixer = batch_mixer(len(ds.classes), cfg.mixup, cfg.cutmix)
 
-    trainables = ckpt_io.Trainables(model, optimizer, scheduler, scaler)
+    ema = _make_ema(model, cfg, steps_per_epoch * cfg.epochs, env) if cfg.ema else None
+    trainables = ckpt_io.Trainables(model, optimizer, scheduler, scaler, ema)
     progress = Progress()
     if resume is not None:
         trainables.load(resume)
@@ -133,7 +143,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     # scheduler.last_epoch counts optimizer steps taken so far (resumed runs included).
     local_sgd = make_local_sgd(cfg.local_sgd_period, cfg.local_sgd_warmup_steps, cfg.local_sgd_intra_node,
                                scheduler.last_epoch, env)
-    after_step = functools.partial(local_sgd.after_step, optimizer.param_groups) if local_sgd else None
+    after_step = _after_step(model, optimizer, local_sgd, ema)
+    step_module = compiled(model) if cfg.compile else model
 
     stopped_early = False
     ddp_model: nn.Module = model
@@ -144,7 +155,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         new_phase = "head" if epoch < cfg.head_epochs else "full"
         if new_phase != phase:
             phase = new_phase
-            ddp_model = _prepare_phase(model, head, phase, env, local_sgd)
+            ddp_model = _prepare_phase(model, head, phase, env, local_sgd, step_module)
         _seed_everything(cfg.seed, epoch + 1, env.rank)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
@@ -158,17 +169,20 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         if local_sgd is not None:
             local_sgd.average_now(p for p in model.parameters() if p.requires_grad)
         _sync_buffers(model, env)
-        val = evaluate(model, val_loader, env, amp_dtype, channels_last, ds.classes)
+        if ema is not None:
+            _broadcast_from_rank0(ema.state_dict().values(), env)
+        val, live = _validate(model, ema, val_loader, env, amp_dtype, channels_last, ds.classes)
         row = {"epoch": epoch + 1, "phase": phase, "lr": lr_now, **stats,
                **{f"val_{k}": v for k, v in val.items() if k in ("loss", "top1", "top5", "macro_f1")},
-               "val": val}
+               **live, "val": val}
         improved = progress.record(row)
         epochs_bar.set_postfix(val_top1=f"{val['top1']:.3f}", best=f"{progress.best_top1:.3f}")
         if env.is_main:
-            log.info("epoch %d/%d %s: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f%s | %.0f img/s%s",
+            log.info("epoch %d/%d %s: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f%s%s | %.0f img/s%s",
                      epoch + 1, cfg.epochs, phase, stats["train_loss"], stats["train_top1"], val["loss"], val["top1"],
-                     f" top-5 {val['top5']:.3f}" if "top5" in val else "", stats["images_per_s"],
-                     " *best*" if improved else "")
+                     f" top-5 {val['top5']:.3f}" if "top5" in val else "",
+                     f" (EMA; live model: loss {live['live_val_loss']:.4f} top-1 {live['live_val_top1']:.3f})"
+                     if live else "", stats["images_per_s"], " *best*" if improved else "")
             _save_epoch(run_dir, run_meta, trainables, progress, improved)
             if trackers:
                 plot_confusion(val["confusion"], ds.classes, run_dir / "confusion_epoch.png")
@@ -264,13 +278,16 @@ def _class_weights(ds: Dataset, cfg: TrainConfig, env: DistEnv) -> torch.Tensor 
     return (counts.sum() / (len(counts) * counts)).to(env.device)  # mean weight 1 over images
 
 
-def _prepare_phase(model: nn.Module, head: set[int], phase: str, env: DistEnv, local_sgd: LocalSGD | None = None) -> nn.Module:
-    """Freeze the backbone for the head phase; wrap in DDP anew, since DDP fixes its trainable set when built."""
+def _prepare_phase(model: nn.Module, head: set[int], phase: str, env: DistEnv, local_sgd: LocalSGD | None = None,
+                   step_module: nn.Module | None = None) -> nn.Module:
+    """Freeze the backbone for the head phase; wrap in DDP anew, since DDP fixes its trainable set when built.
+    `step_module` is what the training steps run: `model` itself, or a compiled view sharing its parameters."""
     for p in model.parameters():
         p.requires_grad_(phase == "full" or id(p) in head)
+    step_module = model if step_module is None else step_module
     if not env.distributed:
-        return model
-    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        return step_module
+    ddp = DDP(step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if local_sgd is not None:
         local_sgd.attach(ddp)
     return ddp
@@ -281,6 +298,43 @@ def _check_distributed(cfg: TrainConfig, env: DistEnv) -> None:
     if cfg.sync_bn and env.distributed and env.device.type != "cuda":
         raise ValueError("sync_bn needs CUDA ranks: torch's SyncBatchNorm does not run on CPU (gloo) ranks; "
                          "drop --sync-bn there")
+
+
+def _make_ema(model: nn.Module, cfg: TrainConfig, total_steps: int, env: DistEnv) -> AveragedModel:
+    decay = resolve_decay(cfg.ema_decay, total_steps)
+    if env.is_main:
+        log.info("weight EMA: decay %.6g per optimizer step (%d steps in the run)", decay, total_steps)
+    return make_ema(model, decay)
+
+
+def _after_step(model: nn.Module, optimizer: torch.optim.Optimizer, local_sgd: LocalSGD | None,
+                ema: AveragedModel | None) -> Callable[[], None] | None:
+    """What runs after every optimizer step: local SGD's averaging first, so that the EMA averages the weights
+    every rank continues from."""
+    hooks = []
+    if local_sgd is not None:
+        hooks.append(functools.partial(local_sgd.after_step, optimizer.param_groups))
+    if ema is not None:
+        hooks.append(functools.partial(ema.update_parameters, model))
+    if not hooks:
+        return None
+
+    def run() -> None:
+        for hook in hooks:
+            hook()
+
+    return run
+
+
+def _validate(model: nn.Module, ema: AveragedModel | None, loader: Any, env: DistEnv, amp_dtype: torch.dtype | None,
+              channels_last: bool, classes: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """(the metrics that pick the best epoch, extra row fields): the model's; with an EMA, the EMA's, and the
+    live model's loss and top-1 beside them, to show what averaging gained."""
+    val = evaluate(model, loader, env, amp_dtype, channels_last, classes)
+    if ema is None:
+        return val, {}
+    live = {"live_val_loss": val["loss"], "live_val_top1": val["top1"]}
+    return evaluate(ema.module, loader, env, amp_dtype, channels_last, classes, desc="val (EMA)"), live
 
 
 def _set_train_mode(model: nn.Module, head: set[int], phase: str) -> None:
@@ -296,9 +350,13 @@ def _set_train_mode(model: nn.Module, head: set[int], phase: str) -> None:
 
 def _sync_buffers(model: nn.Module, env: DistEnv) -> None:
     """Ranks' BatchNorm running statistics drift apart after their last local batch; take rank 0's."""
+    _broadcast_from_rank0(model.buffers(), env)
+
+
+def _broadcast_from_rank0(tensors: Iterable[torch.Tensor], env: DistEnv) -> None:
     if env.distributed:
-        for b in model.buffers():
-            torch.distributed.broadcast(b, src=0)
+        for t in tensors:
+            torch.distributed.broadcast(t, src=0)
 
 
 def _save_epoch(run_dir: Path, meta: ckpt_io.RunMeta, trainables: ckpt_io.Trainables, progress: Progress,
