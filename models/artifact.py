@@ -14,7 +14,9 @@ from tuneserve.models.preprocessing import Preprocessing
 
 CARD_FILE = "tuneserve.json"
 ONNX_FILE = "model.onnx"
-FP16_ONNX_FILE = "model.fp16.onnx"  # optional half-precision variant (fp32 inputs and outputs), for GPUs
+FP16_ONNX_FILE = "model.fp16.onnx"  # optional half-precision variant (same input, fp32 logits), for GPUs
+INT8_ONNX_FILE = "model.int8.onnx"  # optional INT8 variant (QDQ, static quantization), for CPUs
+VARIANT_FILES = {"fp16": FP16_ONNX_FILE, "int8": INT8_ONNX_FILE}  # precision -> its graph; fp32 is ONNX_FILE
 # The trained PyTorch weights (safetensors: no pickle), so that training can continue from a registered model
 # (`tuneserve train --init-from TAG`). Absent in models registered before it existed.
 WEIGHTS_FILE = "weights.safetensors"
@@ -29,7 +31,7 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)  # final validation metrics of the exported weights
     train_config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig that produced it
     parity: dict[str, Any] = field(default_factory=dict)  # ONNX-vs-PyTorch report from the export gate
-    # Other precisions of the same graph, by name ("fp16"): {"file", "kept", "top1_agreement", ...}. A variant
+    # Other precisions of the same graph, by name ("fp16", "int8"): {"file", "kept", "top1_agreement", ...}. A variant
     # is kept (its file stored) only when it agrees with fp32 on real images; see training/export.py.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Every other file of the version: {name: {"bytes", "sha256"}}, written at registration (models/store.py),
@@ -39,7 +41,9 @@ class ModelCard:
     # trained and validated on (training/data.py, `fingerprint`). None in cards written before.
     parent: str | None = None
     data_fingerprint: str | None = None
-    input_name: str = "input"  # float32 (N, 3, input_size, input_size), normalised
+    # The graph's input: "pixels", uint8 (N, input_size, input_size, 3), normalised inside the graph; or, in
+    # models exported before pixel input, "input", float32 (N, 3, input_size, input_size), normalised.
+    input_name: str = "input"
     output_name: str = "logits"  # float32 (N, num_classes)
     format_version: int = FORMAT_VERSION
 

@@ -80,7 +80,8 @@ class ServiceConfig:
     preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: the CPUs over the workers, 2 to 16)", 0)
     ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: one per CPU; idle ones sleep)", 0)
     precision: str = _setting("auto", "TUNESERVE_PRECISION", "model precision: auto (fp16 on CUDA where the model "
-                              "has a kept fp16 variant, else fp32), fp32 or fp16", choices=PRECISIONS)
+                              "has a kept fp16 variant, else fp32), fp32, fp16, or int8 (CPU, where the model has a "
+                              "kept INT8 variant)", choices=PRECISIONS)
     workers: int = _setting(0, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session and "
                             "batcher (0: 2 on CPU, for availability; on CUDA one per 2 CPUs, at most 8)", 0)
     timeout_s: int = _setting(60, "TUNESERVE_TIMEOUT_S", "per-request timeout in seconds", 1)

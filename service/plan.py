@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneserve.models.architectures import BUILTIN_NAME
-from tuneserve.models.artifact import FP16_ONNX_FILE, ONNX_FILE
+from tuneserve.models.artifact import ONNX_FILE, VARIANT_FILES
 from tuneserve.models.precision import choose_precision
 from tuneserve.models.runtime import gpu_present
 from tuneserve.models.store import (
@@ -35,7 +35,7 @@ class ModelChoice:
     """One registered version and the precision it runs in here."""
 
     stored: StoredModel
-    precision: str  # "fp32" or "fp16": which of the version's graphs runs
+    precision: str  # "fp32", "fp16" or "int8": which of the version's graphs runs
 
     @property
     def name(self) -> str:
@@ -47,7 +47,7 @@ class ModelChoice:
 
     @property
     def onnx_path(self) -> Path:
-        return self.stored.path / (FP16_ONNX_FILE if self.precision == "fp16" else ONNX_FILE)
+        return self.stored.path / VARIANT_FILES.get(self.precision, ONNX_FILE)
 
     def check(self) -> None:
         """What is served is whole and loads: the graphs' files against their registered sha256, then an
@@ -56,7 +56,7 @@ class ModelChoice:
         from tuneserve.models.runtime import OnnxClassifier
 
         try:
-            verify(self.stored, files=(ONNX_FILE, FP16_ONNX_FILE))
+            verify(self.stored, files=(ONNX_FILE, *VARIANT_FILES.values()))
         except ModelIntegrityError as e:
             raise ModelUnusable(f"cannot serve {e}") from None
         try:

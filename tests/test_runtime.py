@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from tuneserve.models.artifact import FP16_ONNX_FILE
-from tuneserve.models.precision import MIN_TOP1_AGREEMENT, choose_precision
+from tuneserve.models.artifact import FP16_ONNX_FILE, INT8_ONNX_FILE
+from tuneserve.models.precision import MIN_INT8_TOP1_AGREEMENT, MIN_TOP1_AGREEMENT, choose_precision
 from tuneserve.models.preprocessing import preprocess_pixels
-from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, choose_providers
+from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, choose_providers, softmax
 from tuneserve.models.samples import sample_photos
 
 
@@ -68,17 +68,42 @@ def test_fp16_variant_is_made_at_export_and_agrees_with_fp32(model, photos):
     assert np.abs(fp16 - fp32).max() < 0.5  # half precision: close, not equal (fp32 vs fp32 is ~1e-5)
 
 
+def test_int8_variant_is_quantized_and_agrees_with_fp32(model, photos):
+    report = model.card.variants["int8"]
+    assert report["kept"] is True and report["file"] == INT8_ONNX_FILE
+    assert report["min_top1_agreement"] == MIN_INT8_TOP1_AGREEMENT and report["calibration_images"] == len(photos)
+    graph = onnx.load(str(model.path / INT8_ONNX_FILE)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # QDQ: onnxruntime fuses them into integer convs
+    kernels = [t for t in graph.initializer if len(t.dims) == 4 and t.dims[0] > 1]
+    assert kernels and all(t.data_type == onnx.TensorProto.INT8 for t in kernels)
+    assert (model.path / INT8_ONNX_FILE).stat().st_size < 0.4 * model.onnx_path.stat().st_size
+
+    fp32 = OnnxClassifier(model.onnx_path, "cpu")(photos)
+    int8 = OnnxClassifier(model.path / INT8_ONNX_FILE, "cpu")(photos)
+    assert (int8.argmax(1) == fp32.argmax(1)).all()
+    np.testing.assert_allclose(softmax(int8), softmax(fp32), atol=report["max_abs_prob_diff"] + 1e-6)
+
+
 @pytest.mark.parametrize("requested, device, has_fp16, expected", [
     ("auto", "cuda", True, "fp16"), ("auto", "cuda", False, "fp32"), ("auto", "cpu", True, "fp32"),
-    ("fp32", "cuda", True, "fp32"), ("fp16", "cpu", True, "fp16"),
+    ("fp32", "cuda", True, "fp32"), ("fp16", "cpu", True, "fp16"), ("int8", "cpu", True, "int8"),
 ])
 def test_precision_choice(requested, device, has_fp16, expected):
-    variants = {"fp16": {"kept": has_fp16}}
+    variants = {"fp16": {"kept": has_fp16}, "int8": {"kept": True}}
     assert choose_precision(requested, device, variants) == expected
 
 
 def test_precision_errors_say_what_is_accepted():
     with pytest.raises(ValueError, match="no kept fp16 variant"):
-        choose_precision("fp16", "cuda", {"fp16": {"kept": False}})
-    with pytest.raises(ValueError, match="'bf16' is not one of: auto, fp32, fp16"):
+        choose_precision("fp16", "cuda", {"fp16": {"kept": False, "top1_agreement": 0.9, "min_top1_agreement": 0.995}})
+    with pytest.raises(ValueError, match=r"no kept int8 variant \(its top-1 agreed with fp32 on 97.0% of the validation "
+                                         r"images, under the 99% needed\); use fp32 or auto"):
+        choose_precision("int8", "cpu", {"int8": {"kept": False, "top1_agreement": 0.97, "min_top1_agreement": 0.99}})
+    with pytest.raises(ValueError, match="no kept int8 variant \\(it was exported without one\\)"):
+        choose_precision("int8", "cpu", {})
+    with pytest.raises(ValueError, match="'int8' runs on CPUs"):
+        choose_precision("int8", "cuda", {"int8": {"kept": True}})
+    with pytest.raises(ValueError, match="'bf16' is not one of: auto, fp32, fp16, int8"):
         choose_precision("bf16", "cuda", {})

@@ -370,9 +370,11 @@ def test_batching_can_be_switched_off(model):
     assert calls == [1] * 16  # every onnxruntime call ran one image
 
 
-def test_fp16_variant_serves_the_same_labels(model):
-    """precision fp16 serves the model's fp16 variant (what `auto` picks on a GPU); on these photos its top-1
-    equals fp32's and its scores are close."""
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_precision_variants_serve_the_same_labels(model, precision):
+    """precision fp16 serves the model's fp16 variant (what `auto` picks on a GPU), int8 its INT8 variant (CPU,
+    only when asked for); on these photos their top-1 equals fp32's and their scores are within the largest
+    difference the export measured."""
     import asyncio
 
     names = ("coffee.png", "chelsea.png", "rocket.jpg", "grace_hopper.jpg")
@@ -382,13 +384,15 @@ def test_fp16_variant_serves_the_same_labels(model):
         probs = await served.classify([await served.preprocess(photo(n), deadline) for n in names], deadline)
         return [(served.labels[int(p.argmax())], float(p.max())) for p in probs]
 
-    fp16, fp32 = (make_worker(models=model.tag, precision=p) for p in ("fp16", "auto"))
-    assert fp16.get(None).describe()["runtime"]["precision"] == "fp16"
+    variant, fp32 = (make_worker(models=model.tag, precision=p) for p in (precision, "auto"))
+    assert variant.get(None).describe()["runtime"]["precision"] == precision
     assert fp32.get(None).describe()["runtime"]["precision"] == "fp32"  # auto on a CPU
-    half, full = asyncio.run(best(fp16)), asyncio.run(best(fp32))
-    assert [label for label, _ in half] == [label for label, _ in full]
-    np.testing.assert_allclose([p for _, p in half], [p for _, p in full], atol=0.02)
-    fp16.close(), fp32.close()
+    assert variant.get(None).describe()["runtime"]["variants"][precision]["kept"] is True
+    lower, full = asyncio.run(best(variant)), asyncio.run(best(fp32))
+    assert [label for label, _ in lower] == [label for label, _ in full]
+    np.testing.assert_allclose([p for _, p in lower], [p for _, p in full],
+                               atol=max(0.02, model.card.variants[precision]["max_abs_prob_diff"]))
+    variant.close(), fp32.close()
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------

@@ -131,6 +131,10 @@ def test_real_photos_finetune_and_evaluate_agree(hymenoptera, tmp_path, capsys):
     served = evaluate_stored(load_model(result.model.tag), str(subset))
     assert served["confusion"] == result.best_metrics["confusion"]
     assert served["loss"] == pytest.approx(result.best_metrics["loss"], abs=1e-3)
+    # The INT8 variant for CPU serving: calibrated on training photos (all 32 of them), gated on the validation photos.
+    int8 = result.model.card.variants["int8"]
+    assert int8["calibration_images"] == 32 and int8["images"] == 20 and int8["kept"] == (int8["top1_agreement"] >= 0.99)
+    assert (result.model.path / "model.int8.onnx").is_file() == int8["kept"]
     assert cli_main(["evaluate", result.model.tag, "--data", str(subset)]) == 0
     out = capsys.readouterr().out
     assert f"top-1 {result.best_metrics['top1']:.2%}" in out and "ants" in out

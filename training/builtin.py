@@ -23,6 +23,7 @@ def ensure_builtin_model(name: str = BUILTIN_NAME) -> StoredModel:
     model = build_model(DEFAULT_ARCH, 1000, "imagenet")
     return export_and_register(
         model, name=name, arch=DEFAULT_ARCH, labels=list(imagenet_labels()), pp=get_architecture(DEFAULT_ARCH).preprocessing,
-        parity_paths=[str(p) for p in photos], metrics={"source": "ImageNet-1k pretrained weights, not fine-tuned"},
+        parity_paths=[str(p) for p in photos], calibration_paths=[str(p) for p in photos],
+        metrics={"source": "ImageNet-1k pretrained weights, not fine-tuned"},
         train_config={"arch": DEFAULT_ARCH, "weights": "imagenet"},
     )

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tuneserve.models.artifact import FP16_ONNX_FILE, WEIGHTS_FILE, ModelCard
-from tuneserve.models.precision import agreement_report, convert_fp16
+from tuneserve.models.artifact import FP16_ONNX_FILE, INT8_ONNX_FILE, WEIGHTS_FILE, ModelCard
+from tuneserve.models.precision import MIN_INT8_TOP1_AGREEMENT, agreement_report, convert_fp16, convert_int8
 from tuneserve.models.preprocessing import Preprocessing, normalise, normaliser, preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.store import StoredModel, save_model, staging_dir, validate_name
@@ -137,13 +137,15 @@ def export_and_register(
     parity_paths: list[str],
     metrics: dict[str, Any],
     train_config: dict[str, Any],
+    calibration_paths: list[str] | None = None,
     exporter: str = "dynamo",
     extra_files: dict[str, Path] | None = None,
     parent: str | None = None,
     data_fingerprint: str | None = None,
 ) -> StoredModel:
-    """Export, gate, and register as `name:<new version>` (with an fp16 variant where it agrees with fp32, and
-    the PyTorch weights for training to continue from). Nothing is registered when any step fails."""
+    """Export, gate, and register as `name:<new version>` (with fp16 and INT8 variants where they agree with
+    fp32, and the PyTorch weights for training to continue from). `calibration_paths`: training images that set
+    the INT8 variant's activation ranges (none: no INT8 variant). Nothing is registered when any step fails."""
     validate_name(name)
     # Scratch files in the store's staging area: a killed export leaves them where `tuneserve models prune`
     # (and the next save) removes them, not in /tmp.
@@ -158,12 +160,16 @@ def export_and_register(
         check_parity(report)
         extra = dict(extra_files or {})
         extra[WEIGHTS_FILE] = save_weights(model, Path(tmp) / WEIGHTS_FILE)
-        fp16 = fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images, pp)
-        if fp16["kept"]:
-            extra[FP16_ONNX_FILE] = Path(tmp) / FP16_ONNX_FILE
+        variants = {"fp16": fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images, pp)}
+        if calibration_paths:
+            calibration = load_parity_images(calibration_paths, pp)
+            variants["int8"] = int8_variant(onnx_path, Path(tmp) / INT8_ONNX_FILE, calibration, images, pp)
+        for variant in variants.values():
+            if variant["kept"]:
+                extra[variant["file"]] = Path(tmp) / variant["file"]
         card = ModelCard(arch=arch, labels=list(labels), preprocessing=pp, metrics=metrics,
-                         train_config=train_config, parity=report, variants={"fp16": fp16}, parent=parent,
-                         data_fingerprint=data_fingerprint)
+                         train_config=train_config, parity=report, variants=variants, parent=parent,
+                         data_fingerprint=data_fingerprint, input_name=INPUT_NAME)
         return save_model(name, card, onnx_path, extra)
 
 
@@ -191,13 +197,28 @@ def fp16_variant(fp32_path: Path, out_path: Path, images: np.ndarray, pp: Prepro
     GPU computes in the same precision). The report goes into the card whether or not the file is kept."""
     report = agreement_report(fp32_path, convert_fp16(fp32_path, out_path), images, pp)
     report["file"] = FP16_ONNX_FILE
+    _log_variant("fp16", report)
+    return report
+
+
+def int8_variant(fp32_path: Path, out_path: Path, calibration: np.ndarray, images: np.ndarray,
+                 pp: Preprocessing) -> dict[str, Any]:
+    """Quantize to INT8 (calibrated on `calibration`, uint8 pixels of training images) and measure top-1
+    agreement with fp32 on the parity images; the report goes into the card whether or not the file is kept."""
+    convert_int8(fp32_path, out_path, calibration, pp)
+    report = agreement_report(fp32_path, out_path, images, pp, min_agreement=MIN_INT8_TOP1_AGREEMENT)
+    report.update(file=INT8_ONNX_FILE, calibration_images=int(len(calibration)))
+    _log_variant("int8", report)
+    return report
+
+
+def _log_variant(precision: str, report: dict[str, Any]) -> None:
     log.log(
         logging.INFO if report["kept"] else logging.WARNING,
-        "fp16 variant: top-1 agreement with fp32 %.1f%% on %d real images, max |prob diff| %.2e: %s",
+        "%s variant: top-1 agreement with fp32 %.1f%% on %d real images, max |prob diff| %.2e: %s", precision,
         100 * report["top1_agreement"], report["images"], report["max_abs_prob_diff"],
         "kept" if report["kept"] else f"dropped (needs >= {100 * report['min_top1_agreement']:.1f}%)",
     )
-    return report
 
 
 def export_checkpoint(path: Path, name: str, ds: Dataset, cfg: TrainConfig) -> StoredModel:
@@ -219,8 +240,16 @@ def export_checkpoint(path: Path, name: str, ds: Dataset, cfg: TrainConfig) -> S
     return export_and_register(
         model, name=name, arch=best["arch"], labels=best["classes"], pp=Preprocessing.from_dict(best["preprocessing"]),
         parity_paths=[s.path for s in ds.val[: cfg.parity_images]], metrics=metrics, train_config=best["config"],
-        exporter=cfg.exporter, extra_files=extras, parent=best["config"].get("init_from"), data_fingerprint=fingerprint(ds),
+        calibration_paths=calibration_sample([s.path for s in ds.train], cfg.int8_calibration_images), exporter=cfg.exporter, extra_files=extras, parent=best["config"].get("init_from"), data_fingerprint=fingerprint(ds),
     )
+
+
+def calibration_sample(paths: list[str], n: int) -> list[str]:
+    """`n` of `paths` spread evenly over the list (training lists are ordered by class: every class is seen)."""
+    if n <= 0 or not paths:
+        return []
+    step = max(1, len(paths) // n)
+    return paths[::step][:n]
 
 
 def export_run(checkpoint: str | Path, name: str | None = None, data: str | None = None,
