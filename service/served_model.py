@@ -139,7 +139,7 @@ class ServedModel:
         """Probabilities float32 (N, classes) for images as `preprocess` makes them, run together with whatever
         other requests are waiting for this version, unless `deadline` passes first (503)."""
         try:
-            logits = await self._batcher.submit(np.stack(arrays), deadline.expires)
+            logits = await self._batcher.submit(arrays, deadline.expires)
         except Overloaded:
             raise self.worker.late(deadline, "waiting for the model") from None
         return softmax(logits)
