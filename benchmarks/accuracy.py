@@ -1,0 +1,203 @@
+"""Does the default fine-tuning recipe hold on data it was never tuned on? Default-recipe accuracy and wall time
+on several labelled photo sets, each beside a linear probe on the same frozen features and any published figure.
+
+    python benchmarks/accuracy.py --out benchmarks/results/accuracy.json              # every set
+    python benchmarks/accuracy.py --sets leeds-butterfly,rsscn7-imbalanced --set epochs=12
+
+Sets (the photos in ../shared/datasets, or $TUNESERVE_DATASETS; derived sets are written to a temporary folder,
+never into the project):
+- hymenoptera: ants vs bees, its own train/val split (the set the defaults were first chosen on).
+- leeds-butterfly: 10 fine-grained species, 832 photos (shorter side <= 320 px).
+- rsscn7: 7 aerial land-use scenes, 2,800 photos at 256 px.
+- <set>-64px: the same photos downscaled to a 64 px shorter side (low-resolution data, as thumbnails or crops
+  from a larger frame are).
+- <set>-imbalanced: one class (the first) cut to a tenth of its training photos; validation keeps them all, so
+  that class's recall is measured on as many photos as the others.
+Folder-per-class sets are split as `tuneserve train` splits them (20% per class, seed 0), and the derived ones
+are written with that split as train/ and val/ folders, so the probe and the recipe see the same photos.
+
+The linear probe: the pretrained network with its head removed, features of every photo through the one eval
+transform (no augmentation), a multinomial logistic regression (full-batch L-BFGS; the L2 strength chosen on a
+fifth of the training photos held out, then refit on all of them). A fine-tuning recipe that does not beat it
+has not used the data. Published figures (SOURCES.md of the datasets) are quoted where one exists, with its
+caveats.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from results_io import write_result
+from shared_data import DATASETS
+
+BASE_SETS = {"hymenoptera": "hymenoptera", "leeds-butterfly": "leeds-butterfly", "rsscn7": "rsscn7"}
+DEFAULT_SETS = ("hymenoptera", "leeds-butterfly", "rsscn7", "leeds-butterfly-64px", "rsscn7-imbalanced")
+PUBLISHED = {
+    "leeds-butterfly": "89.5% (VGG16 ImageNet features frozen, new head, 50 val photos; a weak lower bound)",
+    "rsscn7": "none verified for an ImageNet fine-tune; 83.75% for a small network trained from scratch (LRRN)",
+}
+LOW_RES = 64  # shorter side of the -64px sets
+IMBALANCE = 10  # the -imbalanced sets keep 1 in this many training photos of their first class
+
+
+def split_of(folder: Path, seed: int = 0, val_fraction: float = 0.2):
+    """tuneserve's own discovery and split of `folder` (training/data.py)."""
+    from tuneserve.training.data import discover
+
+    return discover(str(folder), None, val_fraction, seed, 2)
+
+
+VARIANTS = ("-64px", "-imbalanced")
+
+
+def parse_set(name: str) -> tuple[str, str]:
+    """'rsscn7-64px' -> ('rsscn7', '-64px'); SystemExit naming the accepted sets for an unknown one."""
+    variant = next((v for v in VARIANTS if name.endswith(v)), "")
+    base = name[: len(name) - len(variant)]
+    if base not in BASE_SETS:
+        known = [b + v for b in BASE_SETS for v in ("", *VARIANTS)]
+        raise SystemExit(f"error: unknown set {name!r}; sets: {', '.join(known)}")
+    return base, variant
+
+
+def derive(name: str, work: Path) -> Path:
+    """The folder of set `name`: a base set as it is, or a derived copy with train/ and val/ written under `work`."""
+    base, variant = parse_set(name)
+    if not variant:
+        return DATASETS / BASE_SETS[base]
+    from PIL import Image
+
+    ds = split_of(DATASETS / BASE_SETS[base])
+    out = work / name
+    rng = random.Random(0)
+    for split, samples in (("train", ds.train), ("val", ds.val)):
+        for s in samples:
+            if variant == "-imbalanced" and split == "train" and s.label == 0 and rng.randrange(IMBALANCE):
+                continue
+            dest = out / split / ds.classes[s.label] / (Path(s.path).stem + ".jpg")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            img = Image.open(s.path).convert("RGB")
+            if variant == "-64px":
+                w, h = img.size
+                scale = LOW_RES / min(w, h)
+                img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+            img.save(dest, "JPEG", quality=90)
+    return out
+
+
+def linear_probe(folder: Path, arch: str) -> dict[str, Any]:
+    """Top-1 of a logistic regression on the frozen pretrained features of `folder`'s photos."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    from tuneserve.models.architectures import get_architecture
+    from tuneserve.models.preprocessing import preprocess
+    from tuneserve.models.weights import build_model
+
+    started = time.perf_counter()
+    ds = split_of(folder)
+    spec = get_architecture(arch)
+    net = build_model(arch, 1000, "imagenet").eval()
+    net.set_submodule(spec.head, nn.Identity())  # the pooled features the new head sees
+
+    def features(samples) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = []
+        with torch.no_grad():
+            for i in range(0, len(samples), 32):
+                batch = np.stack([preprocess(s.path, spec.preprocessing) for s in samples[i:i + 32]])
+                xs.append(net(torch.from_numpy(batch)).flatten(1))
+        return torch.cat(xs).double(), torch.tensor([s.label for s in samples])
+
+    xtr, ytr = features(ds.train)
+    xva, yva = features(ds.val)
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = (xtr - mean) / std, (xva - mean) / std
+    classes = len(ds.classes)
+
+    def fit(x, y, l2: float) -> nn.Linear:
+        head = nn.Linear(x.shape[1], classes).double()
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(head(x), y) + l2 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return head
+
+    def top1(head, x, y) -> float:
+        with torch.no_grad():
+            return float((head(x).argmax(1) == y).double().mean())
+
+    order = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
+    hold, keep = order[: len(order) // 5], order[len(order) // 5:]
+    grid = (1e-4, 1e-3, 1e-2, 1e-1)
+    chosen = max(grid, key=lambda l2: top1(fit(xtr[keep], ytr[keep], l2), xtr[hold], ytr[hold]))
+    return {"top1": top1(fit(xtr, ytr, chosen), xva, yva), "l2": chosen, "train_images": len(ytr),
+            "val_images": len(yva), "classes": classes, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def fine_tune(folder: Path, arch: str, overrides: dict[str, str], runs: Path, name: str) -> dict[str, Any]:
+    """The default recipe (`tuneserve train` with only --data, plus `overrides`): best validation metrics, wall time."""
+    from tuneserve.training.config import make_config
+    from tuneserve.training.train import train
+
+    cfg = make_config(None, data=str(folder), arch=arch, output_dir=str(runs), name=name, **overrides)
+    started = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - started
+    best = result.best_metrics
+    return {"top1": best["top1"], "macro_f1": best["macro_f1"], "top5": best.get("top5"), "best_epoch": result.best_epoch,
+            "epochs": len(result.history), "last_train_top1": result.history[-1]["train_top1"],
+            "min_class_recall": min(c["recall"] for c in best["per_class"].values()), "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default=",".join(DEFAULT_SETS), help="comma-separated; see the module docstring")
+    ap.add_argument("--arch", default="efficientnet_lite0")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a TrainConfig setting for the recipe, e.g. --set epochs=12 (repeatable)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the linear probes")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="tuneserve-accuracy-bentoml-"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnx_ir", "onnxscript", "bentoml", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tuneserve-accuracy-") as tmp:
+        work = Path(tmp)
+        for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
+            folder = derive(name, work)
+            row: dict[str, Any] = {"set": name, "published": PUBLISHED.get(name)}  # derived sets have none
+            if not args.no_probe:
+                row["probe"] = linear_probe(folder, args.arch)
+            row["recipe"] = fine_tune(folder, args.arch, overrides, work / "runs", name.replace("_", "-"))
+            rows.append(row)
+            print(row, flush=True)
+
+    print(f"\n{'set':24} {'probe top-1':>11} {'recipe top-1':>12} {'macro-F1':>8} {'min recall':>10} {'epochs':>6} {'minutes':>7}")
+    for r in rows:
+        probe = f"{r['probe']['top1']:.1%}" if "probe" in r else "-"
+        f = r["recipe"]
+        print(f"{r['set']:24} {probe:>11} {f['top1']:>12.1%} {f['macro_f1']:>8.3f} {f['min_class_recall']:>10.3f} "
+              f"{f['epochs']:>6} {f['seconds'] / 60:>7.1f}")
+    if args.out:
+        write_result(args.out, label=args.label, arch=args.arch, overrides=overrides, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
