@@ -283,6 +283,23 @@ def decode(source: ImageSource, pp: Preprocessing, max_pixels: int = DEFAULT_MAX
     return load_image(source, max_pixels=max_pixels, draft_size=pp.draft_size, max_decode_bytes=max_decode_bytes)
 
 
+def full_scale_jpeg(data: bytes, pp: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """True for a JPEG that `decode` would accept and decode at full scale (RGB or grey, within `max_pixels`,
+    whole, not large enough for draft decoding), read from its header: what another JPEG decoder may decode in
+    `decode`'s place. False for everything else, which only `decode` handles (and explains)."""
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # no end-of-image marker: truncated (or trailing bytes)
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return False
+            w, h = img.size
+            drafted = pp.draft_size is not None and min(w, h) >= 2 * pp.draft_size  # PIL's draft would halve it
+            return w * h <= max_pixels and not drafted and not jpeg_shortfall(img, data)
+    except Exception:  # noqa: BLE001 - unreadable header: `decode` says why
+        return False
+
+
 def decode_estimate(data: bytes, pp: Preprocessing) -> int:
     """Peak bytes `decode(data, pp)` will need, read from the header alone (draft scaling included); 0 when
     the header cannot be read (decoding then says why)."""

@@ -82,6 +82,9 @@ class ServiceConfig:
     precision: str = _setting("auto", "TUNESERVE_PRECISION", "model precision: auto (fp16 on CUDA where the model "
                               "has a kept fp16 variant, else fp32), fp32, fp16, or int8 (CPU, where the model has a "
                               "kept INT8 variant)", choices=PRECISIONS)
+    gpu_decode: str = _setting("auto", "TUNESERVE_GPU_DECODE", "JPEG decoding on the GPU with nvImageCodec: auto (on "
+                               "CUDA, where it is installed and decodes as the CPU does), off",
+                               choices=("auto", "off"))
     workers: int = _setting(0, "TUNESERVE_WORKERS", "worker processes, each with its own onnxruntime session and "
                             "batcher (0: 2 on CPU, for availability; on CUDA one per 2 CPUs, at most 8)", 0)
     timeout_s: int = _setting(60, "TUNESERVE_TIMEOUT_S", "per-request timeout in seconds", 1)

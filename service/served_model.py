@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from tuneserve.models.preprocessing import ImageDecodeError, Preprocessing, decode_estimate, normalise, preprocess_pixels
+from tuneserve.models.preprocessing import (ImageDecodeError, Preprocessing, decode_estimate, full_scale_jpeg, normalise,
+                                            preprocess_pixels)
 from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, softmax
 from tuneserve.service.admission import Deadline
 from tuneserve.service.batcher import DynamicBatcher, Overloaded
 from tuneserve.service.decode_budget import LARGE_BYTES, DecodeBudgetExceeded, release_free_memory
+from tuneserve.service.gpu_decode import gpu_pixels
 from tuneserve.service.inputs import HTTPError, decode_error_status
 from tuneserve.service.metrics import Metrics
 from tuneserve.service.plan import ModelChoice
@@ -125,11 +127,15 @@ class ServedModel:
         if nbytes > max_bytes:  # known from the header: refused before it takes any memory or time
             raise HTTPError(413, f"the image needs about {nbytes // 2**20} MiB to decode, over the limit of "
                                  f"{cfg.max_decode_mb} MiB (server setting TUNESERVE_MAX_DECODE_MB)")
+        loop, normalised = asyncio.get_running_loop(), not self.takes_pixels
         try:
             async with worker.decode_budget.reserve(nbytes, deadline.remaining()):
-                return await asyncio.get_running_loop().run_in_executor(
-                    worker.pool, _decode_in_time, data, pp, cfg.max_pixels, max_bytes, nbytes, deadline,
-                    not self.takes_pixels)
+                if worker.gpu_decoder is not None and full_scale_jpeg(data, pp, cfg.max_pixels):
+                    decoded = await worker.gpu_decoder.decode(data)
+                    if decoded is not None:  # else the CPU decodes it, and explains any error
+                        return await loop.run_in_executor(worker.pool, _crop_in_time, decoded, pp, deadline, normalised)
+                return await loop.run_in_executor(
+                    worker.pool, _decode_in_time, data, pp, cfg.max_pixels, max_bytes, nbytes, deadline, normalised)
         except ImageDecodeError as e:
             raise HTTPError(decode_error_status(e), str(e)) from None
         except (DecodeBudgetExceeded, _Late):
@@ -162,6 +168,7 @@ class ServedModel:
             "runtime": {"provider": self.session.providers[0], "device": self.session.device,
                         "precision": self.precision, "variants": card.variants,
                         "batch_buckets": self.session.buckets, "io_binding": self.session.io_binding,
+                        "jpeg_decoder": "gpu (nvImageCodec)" if self.worker.gpu_decoder is not None else "cpu (Pillow)",
                         "intra_op_threads": plan.ort_threads, "preprocess_threads": plan.preprocess_threads},
             "batching": {"enabled": plan.batching, "max_batch_size": plan.max_batch_size,
                          "max_latency_ms": plan.max_latency_ms},
@@ -176,6 +183,14 @@ class ServedModel:
                 "default_top_k": cfg.top_k,
             },
         }
+
+
+def _crop_in_time(decoded: np.ndarray, pp: Preprocessing, deadline: Deadline, normalised: bool) -> np.ndarray:
+    """In a pool thread: the model's input from pixels the GPU decoded (see _decode_in_time)."""
+    if deadline.expired():
+        raise _Late()
+    pixels = gpu_pixels(decoded, pp)
+    return normalise(pixels, pp) if normalised else pixels
 
 
 class _Late(Exception):

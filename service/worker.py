@@ -17,6 +17,7 @@ from typing import Iterator
 from tuneserve.service.admission import QUEUE_SHARE_OF_BOUND, Deadline, WorkEstimate, lower_thread_priority
 from tuneserve.service.config import ServiceConfig
 from tuneserve.service.decode_budget import DecodeBudget
+from tuneserve.service.gpu_decode import GpuJpegDecoder
 from tuneserve.service.inputs import HTTPError
 from tuneserve.service.metrics import Metrics
 from tuneserve.service.plan import ServingPlan
@@ -37,6 +38,9 @@ class Worker:
                                        initializer=lower_thread_priority)
         self.decode_budget = DecodeBudget(plan.config.decode_memory_mb * 2**20, plan.preprocess_threads)
         self.engine = ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer")
+        # Ordinary JPEGs decode on the GPU where nvImageCodec can (service/gpu_decode.py); None: on the CPU.
+        self.gpu_decoder = (GpuJpegDecoder.load() if plan.device == "cuda" and plan.config.gpu_decode == "auto"
+                            else None)
         self.models = ModelRepository(self)
 
     @property
@@ -59,6 +63,8 @@ class Worker:
 
     def close(self) -> None:
         self.models.close()
+        if self.gpu_decoder is not None:
+            self.gpu_decoder.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown(wait=False, cancel_futures=True)
 

@@ -358,7 +358,8 @@ def test_batching_can_be_switched_off(model):
     from starlette.testclient import TestClient
 
     metrics = RecordingMetrics()
-    worker = make_worker(metrics, models=model.tag, max_batch_size=1)
+    # A generous bound: this test is about batching, not about admission refusing work on a busy machine.
+    worker = make_worker(metrics, models=model.tag, max_batch_size=1, max_latency_ms=30_000)
     calls = metrics.batches
     with TestClient(create_app(lambda: worker)) as client:
         batching = client.get("/model").json()["batching"]
@@ -366,7 +367,8 @@ def test_batching_can_be_switched_off(model):
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: client.post("/classify", content=photo("coffee.png")), range(16)))
     worker.close()
-    assert all(a.status_code == 200 and top1(a.json()) == "espresso" for a in answers)
+    assert all(a.status_code == 200 and top1(a.json()) == "espresso" for a in answers), [
+        (a.status_code, a.text[-300:]) for a in answers if a.status_code != 200 or top1(a.json()) != "espresso"]
     assert calls == [1] * 16  # every onnxruntime call ran one image
 
 
