@@ -156,9 +156,12 @@ def fine_tune(folder: Path, arch: str, overrides: dict[str, str], runs: Path, na
     result = train(cfg)
     seconds = time.perf_counter() - started
     best = result.best_metrics
+    int8 = result.model.card.variants.get("int8", {}) if result.model else {}
     return {"top1": best["top1"], "macro_f1": best["macro_f1"], "top5": best.get("top5"), "best_epoch": result.best_epoch,
             "epochs": len(result.history), "last_train_top1": result.history[-1]["train_top1"],
-            "min_class_recall": min(c["recall"] for c in best["per_class"].values()), "seconds": round(seconds, 1)}
+            "min_class_recall": min(c["recall"] for c in best["per_class"].values()), "seconds": round(seconds, 1),
+            # the INT8 variant made at export: its top-1 agreement with fp32 on the parity images, and whether kept
+            "int8_agreement": int8.get("top1_agreement"), "int8_kept": int8.get("kept")}
 
 
 def main() -> None:
@@ -189,12 +192,13 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
 
-    print(f"\n{'set':24} {'probe top-1':>11} {'recipe top-1':>12} {'macro-F1':>8} {'min recall':>10} {'epochs':>6} {'minutes':>7}")
+    print(f"\n{'set':24} {'probe top-1':>11} {'recipe top-1':>12} {'macro-F1':>8} {'min recall':>10} {'epochs':>6} "
+          f"{'minutes':>7} {'int8 agree':>10}")
     for r in rows:
         probe = f"{r['probe']['top1']:.1%}" if "probe" in r else "-"
         f = r["recipe"]
         print(f"{r['set']:24} {probe:>11} {f['top1']:>12.1%} {f['macro_f1']:>8.3f} {f['min_class_recall']:>10.3f} "
-              f"{f['epochs']:>6} {f['seconds'] / 60:>7.1f}")
+              f"{f['epochs']:>6} {f['seconds'] / 60:>7.1f} {f['int8_agreement'] or 0:>10.1%}")
     if args.out:
         write_result(args.out, label=args.label, arch=args.arch, overrides=overrides, rows=rows)
 

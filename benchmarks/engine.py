@@ -3,9 +3,11 @@
     python benchmarks/engine.py --model imagenet-efficientnet_lite0            # a registered model
     python benchmarks/engine.py --arch resnet50 --batch-sizes 1,32,128,256     # exported here, random weights
 
-Runs the same `models.runtime.OnnxClassifier` the service runs, on already-preprocessed float32 input held
-on the host (as the service hands it over), for each variant:
-- precision fp32 / fp16 (the model's fp16 variant, made as export makes it),
+Runs the same `models.runtime.OnnxClassifier` the service runs, on already-preprocessed input held on the
+host (as the service hands it over: uint8 pixels, or float32 for graphs exported before pixel input), for
+each variant:
+- precision fp32 / fp16 (the model's fp16 variant, made as export makes it) / int8 (a registered model's INT8
+  variant, on CPU),
 - IO binding off / on (pre-allocated device input per batch shape),
 - on CUDA also NHWC off / on (`prefer_nhwc`).
 Prints images/s and ms per batch, and writes JSON (--out). The service's defaults are the fastest row.
@@ -25,24 +27,28 @@ from tuneserve.models.precision import convert_fp16
 from tuneserve.models.runtime import OnnxClassifier, choose_providers
 
 
-def model_files(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, int, str]:
-    """(fp32 path, fp16 path, input size, name)."""
+def model_files(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], int, str]:
+    """({precision: graph path}, input size, name)."""
     if args.model:
-        from tuneserve.models.artifact import FP16_ONNX_FILE
+        from tuneserve.models.artifact import FP16_ONNX_FILE, INT8_ONNX_FILE
         from tuneserve.models.store import load_model
 
         stored = load_model(args.model)
         fp16 = stored.path / FP16_ONNX_FILE
         if not fp16.exists():
             fp16 = convert_fp16(stored.onnx_path, tmp / "model.fp16.onnx")
-        return stored.onnx_path, fp16, stored.card.preprocessing.input_size, stored.tag
+        graphs = {"fp32": stored.onnx_path, "fp16": fp16}
+        if (stored.path / INT8_ONNX_FILE).exists():
+            graphs["int8"] = stored.path / INT8_ONNX_FILE
+        return graphs, stored.card.preprocessing.input_size, stored.tag
     from tuneserve.models.architectures import get_architecture
     from tuneserve.models.weights import build_model
     from tuneserve.training.export import export_onnx
 
     pp = get_architecture(args.arch).preprocessing
     fp32 = export_onnx(build_model(args.arch, args.classes, "none"), pp, tmp / "model.onnx", args.exporter)
-    return fp32, convert_fp16(fp32, tmp / "model.fp16.onnx"), pp.input_size, f"{args.arch} (random weights)"
+    return ({"fp32": fp32, "fp16": convert_fp16(fp32, tmp / "model.fp16.onnx")}, pp.input_size,
+            f"{args.arch} (random weights)")
 
 
 def measure(session: OnnxClassifier, x: np.ndarray, seconds: float) -> float:
@@ -81,12 +87,14 @@ def main() -> None:
     on_cuda = choose_providers(args.device)[0] != "CPUExecutionProvider"
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tuneserve-engine-") as tmp:
-        fp32, fp16, size, name = model_files(args, Path(tmp))
-        variants = [(p, io, nhwc) for p in ("fp32", "fp16") for io in (False, True)
+        graphs, size, name = model_files(args, Path(tmp))
+        if on_cuda:
+            graphs.pop("int8", None)  # a CPU variant (models/precision.py)
+        variants = [(p, io, nhwc) for p in graphs for io in (False, True)
                     for nhwc in ((False, True) if on_cuda else (None,))]
         for precision, io_binding, nhwc in variants:
             options = None if nhwc is None else {"prefer_nhwc": "1" if nhwc else "0"}
-            session = OnnxClassifier(fp16 if precision == "fp16" else fp32, args.device, io_binding=io_binding,
+            session = OnnxClassifier(graphs[precision], args.device, io_binding=io_binding,
                                      buckets=False, cuda_options=options)
             x_all = random_input(session, max(sizes), size)
             for b in sizes:

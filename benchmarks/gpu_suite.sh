@@ -71,7 +71,12 @@ $py benchmarks/protocols.py --env TUNESERVE_MODELS=resnet50-speed --clients $con
 $py benchmarks/request_cpu.py --env TUNESERVE_MODELS=resnet50-speed $([ "${QUICK:-0}" = 1 ] && echo "--requests 100 --rounds 1") \
   --out "$out/request-cpu.json" 2>&1 | tee "$out/request-cpu.log"
 
-# 7. Host CPU per image with the model taken out (stand-in graphs), on this machine's cores.
-$py benchmarks/host_cost.py $([ "${QUICK:-0}" = 1 ] && echo "--images 32") --out "$out/host-cost.json" 2>&1 | tee "$out/host-cost.log"
+# 7. Host CPU per image with the model taken out (stand-in graphs), on this machine's cores: JPEG decoding on
+#    the GPU (nvImageCodec, where it is installed: pip install 'tuneserve[gpu-decode]') against the CPU path.
+#    The worker's log says which decoder it chose ("JPEG decoding on GPU ..." or why it stays on the CPU).
+for decode in auto off; do
+  $py benchmarks/host_cost.py $([ "${QUICK:-0}" = 1 ] && echo "--images 32") --env TUNESERVE_GPU_DECODE=$decode \
+    --label "gpu decode $decode" --out "$out/host-cost-gpu-decode-$decode.json" 2>&1 | tee "$out/host-cost-$decode.log"
+done
 
 echo "results in $out"
