@@ -79,4 +79,13 @@ for decode in auto off; do
     --label "gpu decode $decode" --out "$out/host-cost-gpu-decode-$decode.json" 2>&1 | tee "$out/host-cost-$decode.log"
 done
 
+# 8. Against other serving frameworks on this host, where the model leaves the CPU and host cost decides
+#    (benchmarks/peers/: BentoML's examples' style always; LitServe and Ray Serve where benchmarks/peers/setup.sh
+#    installed them into benchmarks/peers/.venv).
+peers=tuneserve,bentoml-gallery
+[ -x benchmarks/peers/.venv/bin/python ] && peers=$peers,litserve,litserve-same-pre,ray-serve
+$py benchmarks/peers/compare.py --servers $peers --bentoml-home "$BENTOML_HOME" \
+  $([ "${QUICK:-0}" = 1 ] && echo "--seconds 2 --warmup 1 --rounds 1 --clients 1,8" || echo "--clients 1,16,64,256") \
+  --out "$out/peers.json" 2>&1 | tee "$out/peers.log"
+
 echo "results in $out"

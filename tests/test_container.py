@@ -64,7 +64,11 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
         assert probe.returncode == 0, probe.stderr
         installed = set(json.loads(probe.stdout))
         assert not installed & {"torch", "torchvision", "timm", "triton"}, installed
-        assert {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "uvloop", "httptools"} <= installed
+        assert {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "uvloop", "httptools", "nvidia-nvimgcodec-cu13",
+                "nvidia-nvjpeg"} <= installed
+        # The GPU JPEG decoder loads in the image's Python (used only where a GPU is visible).
+        nvimgcodec = _in_image(image, "from nvidia import nvimgcodec; print(nvimgcodec.__version__)", podman)
+        assert nvimgcodec.returncode == 0 and nvimgcodec.stdout.strip(), nvimgcodec.stderr
 
         # Started the way deploy/kubernetes/deployment.yaml starts it: its env, user, read-only root, no caps.
         # The API key comes from the Secret the manifest reads; no admin key, so no management API.
