@@ -25,14 +25,13 @@ caveats.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from finetune import quiet_training_run
 from results_io import write_result
 from shared_data import DATASETS
 
@@ -174,10 +173,7 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="tuneserve-accuracy-bentoml-"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("onnx_ir", "onnxscript", "bentoml", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_training_run("tuneserve-accuracy")
     overrides = dict(kv.split("=", 1) for kv in args.set)
 
     rows = []

@@ -22,6 +22,15 @@ from shared_data import HYMENOPTERA, ROOT
 DEFAULT_DATA = HYMENOPTERA
 
 
+def quiet_training_run(prefix: str) -> None:
+    """A fresh BENTOML_HOME for the models a benchmark registers (unless one is set), and INFO logs without
+    the exporters' and BentoML's chatter."""
+    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix=f"{prefix}-bentoml-"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnx_ir", "onnxscript", "bentoml", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
@@ -32,10 +41,7 @@ def main() -> None:
                     help="any other TrainConfig setting, e.g. --set mixup=0.8 (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
-    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="tuneserve-bench-bentoml-"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("onnx_ir", "onnxscript", "bentoml", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_training_run("tuneserve-bench")
 
     import torch
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from tuneserve.models.preprocessing import Preprocessing, full_scale_jpeg, preprocess_pixels
 from tuneserve.service.gpu_decode import GpuJpegDecoder, reference_jpegs
-from support import encode, make_worker, photo, write_image
+from support import encode, make_worker, photo
 
 
 class _Decoded:
