@@ -26,7 +26,8 @@ def test_defaults_and_env_mapping():
     ({"TUNESERVE_MAX_BATCH_SIZE": "0"}, r"TUNESERVE_MAX_BATCH_SIZE=0 is out of range: it must be an integer >= 1"),
     ({"TUNESERVE_MAX_IMAGE_BYTES": "-5"}, r"TUNESERVE_MAX_IMAGE_BYTES=-5 is out of range"),
     ({"TUNESERVE_DEVICE": "tpu"}, r"TUNESERVE_DEVICE='tpu' is not one of: auto, cuda, cpu"),
-    ({"TUNESERVE_PRECISION": "int8"}, r"TUNESERVE_PRECISION='int8' is not one of: auto, fp32, fp16"),
+    ({"TUNESERVE_PRECISION": "bf16"}, r"TUNESERVE_PRECISION='bf16' is not one of: auto, fp32, fp16, int8"),
+    ({"TUNESERVE_GPU_DECODE": "yes"}, r"TUNESERVE_GPU_DECODE='yes' is not one of: auto, off"),
 ])
 def test_bad_settings_name_the_variable_and_what_is_accepted(env, message):
     with pytest.raises(ValueError, match=message):
