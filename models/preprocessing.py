@@ -3,8 +3,9 @@
 Training's validation, the ONNX parity gate, `tuneserve evaluate` and the HTTP service all call `decode` +
 `eval_pixels` from here, then `normalise` (on the host, or inside graphs exported with pixel input, with the
 same constants); training's augmenting pipelines call the same `decode`. So a model sees the same pixels
-everywhere. It needs only PIL and numpy (no torch), which keeps the serving image lean. `tests/test_preprocessing.py` checks it
-against torchvision's `Resize -> CenterCrop -> ToTensor -> Normalize` within 1/255.
+everywhere. It needs only PIL and numpy (no torch), which keeps the serving image lean.
+`tests/test_preprocessing.py` checks it against torchvision's `Resize -> CenterCrop -> ToTensor -> Normalize`
+within 1/255.
 """
 from __future__ import annotations
 

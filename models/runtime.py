@@ -9,12 +9,11 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from tuneserve.models.preprocessing import Preprocessing
+from tuneserve.models.preprocessing import Preprocessing, normalise
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +124,10 @@ class OnnxClassifier:
         """The shape of a batch of `n` images of side `size` as this graph takes it."""
         return (n, size, size, 3) if self.takes_pixels else (n, 3, size, size)
 
-    def inputs(self, pixels: np.ndarray, pp: "Preprocessing") -> np.ndarray:
+    def inputs(self, pixels: np.ndarray, pp: Preprocessing) -> np.ndarray:
         """uint8 pixels (N, S, S, 3) -> this graph's input: the pixels themselves, or normalised float32
         (N, 3, S, S) by `pp` for graphs that take that."""
-        if self.takes_pixels:
-            return pixels
-        from tuneserve.models.preprocessing import normalise
-
-        return normalise(pixels, pp)
+        return pixels if self.takes_pixels else normalise(pixels, pp)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """batch: this graph's input (uint8 (N, S, S, 3) or float32 (N, 3, S, S)) -> logits float32 (N, classes)."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tuneserve.models.preprocessing import Preprocessing, eval_pixels, load_image
+from tuneserve.models.preprocessing import Preprocessing, eval_pixels, preprocess_pixels
 
 log = logging.getLogger("tuneserve.service")
 
@@ -78,7 +78,7 @@ class GpuJpegDecoder:
             if gpu is None:
                 raise ValueError(f"reference photo {i} did not decode")
             ours = gpu_pixels(gpu, pp).astype(np.int16)
-            cpu = eval_pixels(load_image(data, draft_size=pp.draft_size), pp).astype(np.int16)
+            cpu = preprocess_pixels(data, pp).astype(np.int16)
             diff = float(np.abs(ours - cpu).mean()) if ours.shape == cpu.shape else float("inf")
             if diff > MAX_MEAN_LEVEL_DIFF:
                 raise ValueError(f"reference photo {i}: the model's input differs from the CPU decode's by {diff:.2f} "

@@ -240,7 +240,8 @@ def export_checkpoint(path: Path, name: str, ds: Dataset, cfg: TrainConfig) -> S
     return export_and_register(
         model, name=name, arch=best["arch"], labels=best["classes"], pp=Preprocessing.from_dict(best["preprocessing"]),
         parity_paths=[s.path for s in ds.val[: cfg.parity_images]], metrics=metrics, train_config=best["config"],
-        calibration_paths=calibration_sample([s.path for s in ds.train], cfg.int8_calibration_images), exporter=cfg.exporter, extra_files=extras, parent=best["config"].get("init_from"), data_fingerprint=fingerprint(ds),
+        calibration_paths=calibration_sample([s.path for s in ds.train], cfg.int8_calibration_images),
+        exporter=cfg.exporter, extra_files=extras, parent=best["config"].get("init_from"), data_fingerprint=fingerprint(ds),
     )
 
 
