@@ -13,6 +13,12 @@ never into the project):
   from a larger frame are).
 - <set>-imbalanced: one class (the first) cut to a tenth of its training photos; validation keeps them all, so
   that class's recall is measured on as many photos as the others.
+- <set>-dominant: the other way round: every class but the first cut to a sixteenth, in training and validation
+  alike, so the first holds ~70% of the photos (as defect/no-defect inspection data often does: a model that
+  answers the dominant class for everything scores its share).
+- <set>-grey: the photos in greyscale (saved as RGB), as industrial and medical cameras give them.
+Variants combine: rsscn7-64px-dominant. `--limit TRAIN,VAL` keeps at most that many photos per class of each
+split (quick sweeps; the figures recorded in docs/benchmarks.md say when they are from such a subset).
 Folder-per-class sets are split as `tuneserve train` splits them (20% per class, seed 0), and the derived ones
 are written with that split as train/ and val/ folders, so the probe and the recipe see the same photos.
 
@@ -43,6 +49,7 @@ PUBLISHED = {
 }
 LOW_RES = 64  # shorter side of the -64px sets
 IMBALANCE = 10  # the -imbalanced sets keep 1 in this many training photos of their first class
+DOMINANCE = 16  # the -dominant sets keep 1 in this many photos of every other class
 
 
 def split_of(folder: Path, seed: int = 0, val_fraction: float = 0.2):
@@ -52,40 +59,53 @@ def split_of(folder: Path, seed: int = 0, val_fraction: float = 0.2):
     return discover(str(folder), None, val_fraction, seed, 2)
 
 
-VARIANTS = ("-64px", "-imbalanced")
+VARIANTS = ("-64px", "-imbalanced", "-dominant", "-grey")
 
 
-def parse_set(name: str) -> tuple[str, str]:
-    """'rsscn7-64px' -> ('rsscn7', '-64px'); SystemExit naming the accepted sets for an unknown one."""
-    variant = next((v for v in VARIANTS if name.endswith(v)), "")
-    base = name[: len(name) - len(variant)]
+def parse_set(name: str) -> tuple[str, list[str]]:
+    """'rsscn7-64px-dominant' -> ('rsscn7', ['-64px', '-dominant']); SystemExit naming the accepted sets."""
+    base, variants = name, []
+    while True:
+        v = next((v for v in VARIANTS if base.endswith(v)), None)
+        if v is None:
+            break
+        variants.insert(0, v)
+        base = base[: len(base) - len(v)]
     if base not in BASE_SETS:
-        known = [b + v for b in BASE_SETS for v in ("", *VARIANTS)]
-        raise SystemExit(f"error: unknown set {name!r}; sets: {', '.join(known)}")
-    return base, variant
+        raise SystemExit(f"error: unknown set {name!r}; sets: {', '.join(BASE_SETS)}, each with any of the suffixes "
+                         f"{', '.join(VARIANTS)}")
+    return base, variants
 
 
-def derive(name: str, work: Path) -> Path:
+def derive(name: str, work: Path, limit: tuple[int, int] | None = None) -> Path:
     """The folder of set `name`: a base set as it is, or a derived copy with train/ and val/ written under `work`."""
-    base, variant = parse_set(name)
-    if not variant:
+    base, variants = parse_set(name)
+    if not variants and limit is None:
         return DATASETS / BASE_SETS[base]
     from PIL import Image
 
     ds = split_of(DATASETS / BASE_SETS[base])
     out = work / name
     rng = random.Random(0)
-    for split, samples in (("train", ds.train), ("val", ds.val)):
+    for split, samples, cap in (("train", ds.train, limit and limit[0]), ("val", ds.val, limit and limit[1])):
+        kept: dict[int, int] = {}
         for s in samples:
-            if variant == "-imbalanced" and split == "train" and s.label == 0 and rng.randrange(IMBALANCE):
+            if "-imbalanced" in variants and split == "train" and s.label == 0 and rng.randrange(IMBALANCE):
                 continue
+            if "-dominant" in variants and s.label != 0 and rng.randrange(DOMINANCE):
+                continue
+            if cap and kept.get(s.label, 0) >= cap:
+                continue
+            kept[s.label] = kept.get(s.label, 0) + 1
             dest = out / split / ds.classes[s.label] / (Path(s.path).stem + ".jpg")
             dest.parent.mkdir(parents=True, exist_ok=True)
             img = Image.open(s.path).convert("RGB")
-            if variant == "-64px":
+            if "-64px" in variants:
                 w, h = img.size
                 scale = LOW_RES / min(w, h)
                 img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+            if "-grey" in variants:
+                img = img.convert("L").convert("RGB")
             img.save(dest, "JPEG", quality=90)
     return out
 
@@ -170,17 +190,20 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a TrainConfig setting for the recipe, e.g. --set epochs=12 (repeatable)")
     ap.add_argument("--no-probe", action="store_true", help="skip the linear probes")
+    ap.add_argument("--limit", default=None, metavar="TRAIN,VAL",
+                    help="at most this many photos per class in each split (quick sweeps)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     quiet_training_run("tuneserve-accuracy")
     overrides = dict(kv.split("=", 1) for kv in args.set)
+    limit = tuple(int(n) for n in args.limit.split(",")) if args.limit else None
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="tuneserve-accuracy-") as tmp:
         work = Path(tmp)
         for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
-            folder = derive(name, work)
+            folder = derive(name, work, limit)
             row: dict[str, Any] = {"set": name, "published": PUBLISHED.get(name)}  # derived sets have none
             if not args.no_probe:
                 row["probe"] = linear_probe(folder, args.arch)
@@ -196,7 +219,7 @@ def main() -> None:
         print(f"{r['set']:24} {probe:>11} {f['top1']:>12.1%} {f['macro_f1']:>8.3f} {f['min_class_recall']:>10.3f} "
               f"{f['epochs']:>6} {f['seconds'] / 60:>7.1f} {f['int8_agreement'] or 0:>10.1%}")
     if args.out:
-        write_result(args.out, label=args.label, arch=args.arch, overrides=overrides, rows=rows)
+        write_result(args.out, label=args.label, arch=args.arch, overrides=overrides, limit=args.limit, rows=rows)
 
 
 if __name__ == "__main__":

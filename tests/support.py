@@ -120,7 +120,8 @@ class Float64(EvalTransform):
         return super().__call__(img).double()  # float64 (3, S, S)
 
 
-def equivalence_steps(env: DistEnv, samples: list[Sample], batch: int, accum: int, bn: str) -> dict[str, torch.Tensor]:
+def equivalence_steps(env: DistEnv, samples: list[Sample], batch: int, accum: int, bn: str,
+                      shard: bool = False) -> dict[str, torch.Tensor]:
     """K optimizer steps of the real full-phase step (train_one_epoch, AdamW param groups, warm-up + cosine
     schedule, label smoothing, gradient clipping) from the same initial weights; returns the final parameters.
 
@@ -136,12 +137,17 @@ def equivalence_steps(env: DistEnv, samples: list[Sample], batch: int, accum: in
     flips the sign of gradient elements that are ~0, and AdamW turns each such flip into a full +-lr step
     (~2e-4 apart after 3 steps). In float64 the two runs agree to ~1e-15. The loss itself stays float32
     (train_one_epoch casts the logits), which is exact here: fl(x/6) == fl(x/3)/2.
+
+    shard=True: FSDP2 (`--shard fsdp`) instead of DDP; the parameters returned are the full, gathered ones.
     """
+    from tuneserve.training.sharding import shard_model
     from tuneserve.training.train import _param_groups, _prepare_phase
 
     cfg = TrainConfig(lr=1e-3, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0, warmup_epochs=0.5)
     torch.manual_seed(0)  # the fresh 3-way head: same initial weights in every process
     model = build_model(ARCH, 3, "imagenet").double()
+    if shard:
+        shard_model(model, env)  # in place: new (DTensor) parameters, before their ids and the optimizer
     head = {id(p) for p in head_parameters(model, ARCH)}
     dataset = ImageDataset(samples, SMALL, Float64(SMALL))
     if env.distributed:
@@ -164,7 +170,8 @@ def equivalence_steps(env: DistEnv, samples: list[Sample], batch: int, accum: in
                 m.eval()
     train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, criterion, env, None, False, accum,
                     cfg.grad_clip, desc="equivalence")
-    return {k: p.detach().clone() for k, p in model.named_parameters()}  # buffers: rank 0's are broadcast anyway
+    # buffers: rank 0's are broadcast anyway; full_tensor() is collective (every rank gathers the whole)
+    return {k: (p.full_tensor() if shard else p).detach().clone() for k, p in model.named_parameters()}
 
 
 def equivalence_rank(rank: int, world_size: int, port: int, samples: list[Sample], runs: list[dict[str, Any]],
@@ -176,6 +183,66 @@ def equivalence_rank(rank: int, world_size: int, port: int, samples: list[Sample
     finally:
         cleanup(env)
     torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+# --- --shard fsdp: exact steps and full-state checkpoints -------------------------------------------------------
+
+def fsdp_equivalence_rank(rank: int, world_size: int, port: int, samples: list[Sample], run: dict[str, Any],
+                          out: str) -> None:
+    join(rank, world_size, port)
+    env = setup("cpu")
+    try:
+        result = equivalence_steps(env, samples[: run["images"]], run["batch"], run["accum"], "frozen", shard=True)
+    finally:
+        cleanup(env)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def sharded_trainables(env: DistEnv, seed: int):
+    """FullStateTrainables of a sharded efficientnet_lite0 (random weights, seeded per call) with an EMA."""
+    from tuneserve.training.ema import make_ema
+    from tuneserve.training.sharding import FullStateTrainables, shard_model
+
+    torch.manual_seed(seed)
+    model = build_model(ARCH, 3, "none")
+    ema = make_ema(model, 0.5)
+    shard_model(model, env)
+    shard_model(ema.module, env)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return FullStateTrainables(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), ema)
+
+
+def sharded_checkpoint_rank(rank: int, world_size: int, port: int, out: str) -> None:
+    """Two real steps (clipped, EMA updated, the stem frozen) on a sharded model, its full state gathered (rank 0
+    writes it), then loaded by every rank into a fresh sharded model from other random weights (nothing frozen,
+    as when a run resumes), and gathered again."""
+    from tuneserve.training.sharding import update_ema
+
+    join(rank, world_size, port)
+    env = setup("cpu")
+    try:
+        t = sharded_trainables(env, seed=rank)  # ranks start from different weights: rank 0's must win
+        t.model.conv_stem.requires_grad_(False)  # frozen, as the backbone in the head phase: no AdamW state
+        x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(rank))
+        for _ in range(2):
+            t.model(x).logsumexp(1).mean().backward()
+            torch.nn.utils.clip_grad_norm_(list(t.model.parameters()), 0.1)
+            t.optimizer.step()
+            update_ema(t.ema, t.model)
+            t.optimizer.zero_grad(set_to_none=True)
+        t.gather()
+        if rank == 0:
+            torch.save({**t.weights(), **t.state()}, Path(out) / "saved.pt")
+        torch.distributed.barrier()
+        fresh = sharded_trainables(env, seed=100 + rank)
+        fresh.load(torch.load(Path(out) / "saved.pt", weights_only=True))
+        fresh.gather()
+        if rank == 0:
+            torch.save({**fresh.weights(), **fresh.state()}, Path(out) / "reloaded.pt")
+        torch.save({"n_averaged": int(fresh.ema.n_averaged)}, Path(out) / f"rank{rank}.pt")
+    finally:
+        cleanup(env)
 
 
 # --- local SGD inside the real train() -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from tuneserve.training.config import TrainConfig, make_config
 def test_file_then_overrides(tmp_path):
     (tmp_path / "c.yaml").write_text("arch: resnet18\nepochs: 5\nbatch-size: 16\nclass_weighting: yes\n")
     cfg = make_config(str(tmp_path / "c.yaml"), epochs=7, data="x")
-    assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.class_weighting, cfg.data) == ("resnet18", 7, 16, True, "x")
+    assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.class_weighting, cfg.data) == ("resnet18", 7, 16, "inverse", "x")
     (tmp_path / "c.toml").write_text('[train]\narch = "convnext_tiny"\nlr = 3e-4\n')
     assert make_config(str(tmp_path / "c.toml")).lr == 3e-4
 

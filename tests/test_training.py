@@ -25,7 +25,7 @@ FAST = dict(batch_size=4, loader_workers=0, head_epochs=1)
 
 def test_tiny_run_writes_everything_and_registers(tiny_folder, tmp_path):
     result = train(TrainConfig(data=str(tiny_folder), epochs=2, output_dir=str(tmp_path / "runs"), name="tiny",
-                               class_weighting=True, **FAST))
+                               class_weighting="inverse", **FAST))
     run = result.run_dir
     for f in ["last.pt", "best.pt", "history.json", "history.csv", "val_report.json", "per_class.csv",
               "confusion_matrix.csv", "curves.png", "confusion_matrix.png"]:

@@ -45,6 +45,10 @@ class Trainables:
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None = None  # --ema: the average of `model`
 
+    def gather(self) -> None:
+        """Called by every rank before rank 0 saves; nothing to do for a model each rank holds whole (a
+        sharded one gathers its full state here: training/sharding.py)."""
+
     def weights(self) -> dict[str, Any]:
         """What every checkpoint holds: the model's state dict, and the EMA's (n_averaged included) with --ema."""
         out = {"model": _cpu(self.model.state_dict())}

@@ -20,6 +20,12 @@ def _opt(default: Any, help: str, **choices: Any) -> Any:
     return field(default=default, metadata={"help": help, **choices})
 
 
+CLASS_WEIGHTINGS = ("auto", "none", "inverse", "sqrt")
+# Beyond this ratio of the largest to the smallest training class, "auto" weights the loss: below it, the
+# plain loss already keeps every class's recall near the others' (docs/benchmarks.md, the default recipe).
+IMBALANCE_RATIO = 3.0
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -30,6 +36,8 @@ class TrainConfig:
     # model
     arch: str = _opt(DEFAULT_ARCH, "network to fine-tune", choices=tuple(ARCHITECTURES))
     weights: str = _opt("imagenet", "'imagenet' (official weights), 'none', or a local state-dict .pth path")
+    image_size: int = _opt(0, "side of the square the network sees, in training, export and serving (0: the "
+                           "architecture's own, 224 for most); the resize before the crop keeps its proportion")
     init_from: str | None = _opt(None, "continue from a registered tuneserve model (TAG: name or name:version): "
                                  "its architecture and trained weights; classes it knew keep their head rows")
     # schedule: a short frozen-backbone phase trains the new head before its random gradients reach the
@@ -47,7 +55,11 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "cross-entropy label smoothing: better calibrated, less over-confident heads",
                                   aliases=("--smoothing",))
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)", aliases=("--clip-grad",))
-    class_weighting: bool = _opt(False, "weight the loss by inverse class frequency, for imbalanced data")
+    class_weighting: str = _opt("none", "loss weight per class: inverse (N / (classes x count): every class weighs the "
+                                "same in total), sqrt (its square root, milder), auto (inverse when the largest "
+                                "training class has >= 3x the photos of the smallest, else none), none",
+                                choices=CLASS_WEIGHTINGS)
+    crop_scale: float = _opt(0.08, "smallest share of a photo's area a random training crop keeps (upper bound 1)")
     augment: str = _opt("trivialaugment", "training augmentation", choices=("none", "flip", "trivialaugment"))
     patience: int = _opt(4, "stop when validation top-1 has not improved for this many epochs (0 disables)")
     # Batch mixing (torchvision.transforms.v2): off by default until the accuracy benchmark says otherwise.
@@ -88,6 +100,11 @@ class TrainConfig:
     local_sgd_warmup_steps: int = _opt(0, "local SGD only: this many synchronous DDP optimizer steps first")
     local_sgd_intra_node: bool = _opt(False, "local SGD only: between averagings, still all-reduce gradients among "
                                       "the ranks of each node, so only inter-node traffic becomes periodic")
+    # DDP keeps weights, gradients and AdamW moments whole on every GPU (~16 bytes/parameter with AMP);
+    # FSDP divides them by the number of ranks (docs/training.md, "Beyond one GPU's memory").
+    shard: str = _opt("none", "none: DDP (every rank holds the whole model); fsdp: FSDP2 shards parameters, gradients "
+                      "and optimizer state across the ranks, for backbones whose training state does not fit one "
+                      "GPU (torchrun only; checkpoints stay full)", choices=("none", "fsdp"))
     compile: bool = _opt(False, "torch.compile the training steps (needs a C++ compiler on CPU, Triton on CUDA): "
                          "faster steps after a compilation of a minute or more, and again when the backbone unfreezes; "
                          "checkpoints and export are unchanged", aliases=("--torchcompile",))
@@ -108,6 +125,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        self.class_weighting = _legacy_weighting(self.class_weighting)
         if self.head_epochs == -1:
             self.head_epochs = max(0, min(2, self.epochs - 1))
         def need(ok: bool, what: str) -> None:
@@ -121,11 +139,14 @@ class TrainConfig:
         need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(0 <= self.head_epochs <= self.epochs, f"head_epochs must be in [0, epochs={self.epochs}], got {self.head_epochs}")
+        need(self.image_size == 0 or 32 <= self.image_size <= 1024,
+             f"image_size must be 0 (the architecture's own) or in [32, 1024], got {self.image_size}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.backbone_lr_mult >= 0, f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
         need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(0.0 < self.crop_scale <= 1.0, f"crop_scale must be in (0, 1], got {self.crop_scale}")
         need(self.mixup >= 0 and self.cutmix >= 0, f"mixup and cutmix must be >= 0 (0 disables), got {self.mixup}, "
              f"{self.cutmix}")
         need(self.ema_decay == -1 or 0.0 < self.ema_decay < 1.0,
@@ -139,6 +160,14 @@ class TrainConfig:
              + ("; 1 would all-reduce parameters every step, costlier than DDP's gradient all-reduce"
                 if self.local_sgd_period == 1 else ""))
         need(self.local_sgd_warmup_steps >= 0, f"local_sgd_warmup_steps must be >= 0, got {self.local_sgd_warmup_steps}")
+        need(self.shard == "none" or self.local_sgd_period == 0,
+             f"shard={self.shard!r} cannot be combined with local_sgd_period={self.local_sgd_period}: local SGD "
+             "averages whole parameters through a DDP communication hook, and FSDP has neither; use --shard none "
+             "with --local-sgd-period, or --local-sgd-period 0 with --shard fsdp")
+        need(self.shard == "none" or not self.compile,
+             f"shard={self.shard!r} cannot be combined with compile=True: torch.compile splits a sharded model at "
+             "every FSDP unit and recompiles each block shape, then as dynamic shapes that Inductor fails to compile "
+             "('Cannot convert expression to float'); drop --compile, or use --shard none")
 
     def effective_loader_workers(self, world_size: int = 1) -> int:
         if self.loader_workers >= 0:
@@ -161,6 +190,16 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config saved by to_dict (a checkpoint's, a model card's), including older key names."""
         return cls(**rename_legacy_keys(values))
+
+
+def _legacy_weighting(value: Any) -> Any:
+    """class_weighting was a yes/no setting (yes = inverse frequency): configs and checkpoints that say so keep
+    their meaning."""
+    if isinstance(value, bool):
+        return "inverse" if value else "none"
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return "inverse" if value.lower() in ("true", "yes", "1") else "none"
+    return value
 
 
 # Keys that were renamed: configs and checkpoints written with the old name keep working.

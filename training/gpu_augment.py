@@ -23,16 +23,17 @@ from torchvision.transforms import v2 as T
 
 from tuneserve.models.preprocessing import Preprocessing
 
-SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
+SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults (TrainConfig.crop_scale chooses the lower bound)
 RATIO = (3 / 4, 4 / 3)
 TRIES = 10
 
 
-def crop_boxes(batch: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def crop_boxes(batch: int, size: int, generator: torch.Generator | None = None,
+               scale: tuple[float, float] = SCALE) -> torch.Tensor:
     """RandomResizedCrop boxes for `batch` square images of side `size`: float32 (B, 4) as x1, y1, x2, y2 in
     pixels (x2, y2 exclusive), drawn like torchvision's RandomResizedCrop.get_params, vectorised."""
     area = float(size * size)
-    target = area * torch.empty(batch, TRIES).uniform_(*SCALE, generator=generator)
+    target = area * torch.empty(batch, TRIES).uniform_(*scale, generator=generator)
     log_ratio = torch.empty(batch, TRIES).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=generator)
     ratio = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(target * ratio))
@@ -58,12 +59,13 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, out: int) -> torch.Te
 
 
 class GpuAugment:
-    def __init__(self, pp: Preprocessing, augment: str, ta_group: int = 8):
+    def __init__(self, pp: Preprocessing, augment: str, ta_group: int = 8, crop_scale: float = SCALE[0]):
         if augment not in ("none", "flip", "trivialaugment"):
             raise ValueError(f"augment {augment!r} is not one of: none, flip, trivialaugment")
         self.pp = pp
         self.augment = augment
         self.ta_group = ta_group
+        self.scale = (crop_scale, 1.0)
         self.trivial = T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR) if augment == "trivialaugment" else None
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ class GpuAugment:
             off = (size - self.pp.input_size) // 2
             boxes = torch.tensor([[off, off, off + self.pp.input_size, off + self.pp.input_size]] * b, dtype=torch.float32)
         else:
-            boxes = crop_boxes(b, size)
+            boxes = crop_boxes(b, size, scale=self.scale)
         x = crop_resize(x, boxes, self.pp.input_size)  # (B, 3, s, s)
         if self.augment in ("flip", "trivialaugment"):
             flip = (torch.rand(b) < 0.5).to(x.device)

@@ -47,9 +47,10 @@ class EvalTransform:
         return torch.from_numpy(eval_transform(img, self.pp))
 
 
-def train_transform(pp: Preprocessing, augment: str) -> T.Compose:
+def train_transform(pp: Preprocessing, augment: str, crop_scale: float = 0.08) -> T.Compose:
+    """Random crop of at least `crop_scale` of the photo's area (torchvision's default 0.08), then `augment`."""
     interp = InterpolationMode(pp.interpolation)
-    steps: list = [T.RandomResizedCrop(pp.input_size, interpolation=interp, antialias=True)]
+    steps: list = [T.RandomResizedCrop(pp.input_size, scale=(crop_scale, 1.0), interpolation=interp, antialias=True)]
     if augment in ("flip", "trivialaugment"):
         steps.append(T.RandomHorizontalFlip())
     if augment == "trivialaugment":
@@ -80,7 +81,7 @@ def make_loaders(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv)
     common = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
     if workers > 0:
         common["prefetch_factor"] = 4
-    train_set = ImageDataset(ds.train, pp, train_transform(pp, cfg.augment))
+    train_set = ImageDataset(ds.train, pp, train_transform(pp, cfg.augment, cfg.crop_scale))
     if env.distributed:
         train_sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed)
         sampler: Sampler = train_sampler
@@ -116,4 +117,4 @@ def cached_train_loader(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: D
     if cache is None:
         cache = open_cache(*args, build=False)
     return CachedLoader(cache, [s.label for s in ds.train], cfg.batch_size, sampler, drop_last, env.device,
-                        GpuAugment(pp, cfg.augment))
+                        GpuAugment(pp, cfg.augment, crop_scale=cfg.crop_scale))

@@ -10,6 +10,8 @@ With `ema`, an AveragedModel of the unwrapped model is updated after every optim
 rank 0's state at each epoch's end, and is what is evaluated for the best epoch, checkpointed and exported.
 With `compile`, the steps run a torch.compile'd view of the model (wrapped in DDP after compiling, as torch
 advises); evaluation, checkpoints and export use the model itself.
+With `shard` "fsdp" under torchrun, the model (and EMA) is sharded in place with FSDP2 instead of wrapped in DDP
+(training/sharding.py); checkpoints are the full state dicts, gathered by every rank at each epoch's end.
 """
 from __future__ import annotations
 
@@ -26,20 +28,24 @@ import numpy as np
 import torch
 import yaml
 import torch.nn as nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from tuneserve.models.architectures import get_architecture
+from tuneserve.models.preprocessing import Preprocessing
 from tuneserve.models.store import StoredModel, validate_name
 from tuneserve.models.weights import build_model, continue_from, head_parameters
 from tuneserve.training import checkpoint as ckpt_io
-from tuneserve.training.config import TrainConfig, rename_legacy_keys
+from tuneserve.training.config import IMBALANCE_RATIO, TrainConfig, rename_legacy_keys
 from tuneserve.training.compilation import check_compile, compiled
 from tuneserve.training.data import Dataset, discover
 from tuneserve.training.ema import make_ema, resolve_decay
 from tuneserve.training.loaders import make_loaders
 from tuneserve.training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
+from tuneserve.training.sharding import (EvenBatches, FullStateTrainables, is_sharded, replicated, shard_model,
+                                         update_ema)
 from tuneserve.training.export import export_checkpoint, load_weights
 from tuneserve.training.loop import batch_mixer, evaluate, lr_factor, train_one_epoch
 from tuneserve.training.metrics import write_history, write_report
@@ -84,7 +90,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         check_compile(env.device)
     name = validate_name(cfg.model_name())
     arch = get_architecture(cfg.arch)
-    pp = parent.card.preprocessing if parent is not None else arch.preprocessing  # as the weights were trained
+    pp = _preprocessing(parent.card.preprocessing if parent is not None else arch.preprocessing, cfg.image_size)
 
     ds = discover(cfg.data, cfg.manifest, cfg.val_fraction, cfg.seed, cfg.min_images_per_class)
     if resume is not None and resume["classes"] != ds.classes:
@@ -108,25 +114,40 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trackers = open_trackers(reporters, run_dir, name, cfg.to_dict(), cfg.tracking_uri) if env.is_main else Trackers([])
     channels_last = cfg.channels_last and env.device.type == "cuda"
-    if channels_last:
+    sharded = cfg.shard == "fsdp" and env.distributed
+    if cfg.shard == "fsdp" and not sharded and env.is_main:
+        log.info("--shard fsdp: one process has nothing to shard across; training unsharded (same checkpoints)")
+    # FSDP refuses channels_last weights ("FSDP does not support non-contiguous parameters yet"); the inputs
+    # are still channels_last, which is what makes convolutions pick NHWC kernels.
+    if channels_last and not sharded:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     amp_dtype = _amp_dtype(cfg, env)
     train_loader, val_loader, train_sampler = make_loaders(ds, pp, cfg, env)
     steps_per_epoch = -(-len(train_loader) // cfg.grad_accum_steps)
+    # The EMA copies the model before sharding and is sharded the same way (its updates pair the shards).
+    ema = _make_ema(model, cfg, steps_per_epoch * cfg.epochs, env) if cfg.ema else None
+    if sharded:
+        shard_model(model, env)  # in place; before the optimizer, which must hold the sharded parameters
+        if ema is not None:
+            shard_model(ema.module, env)
+        val_loader = EvenBatches(val_loader, pp.input_size, env)
 
     head = set(id(p) for p in head_parameters(model, cfg.arch))
     optimizer = torch.optim.AdamW(_param_groups(model, head, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_factor, steps_per_epoch=steps_per_epoch, head_epochs=cfg.head_epochs, epochs=cfg.epochs,
         warmup_epochs=cfg.warmup_epochs))
-    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+    # fp16: a rank sees only its gradient shards, so whether to skip a step must be agreed on (all-reduced).
+    scaler_type = ShardedGradScaler if sharded else torch.amp.GradScaler
+    scaler = scaler_type(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(weight=_class_weights(ds, cfg, env), label_smoothing=cfg.label_smoothing)
     mixer = batch_mixer(len(ds.classes), cfg.mixup, cfg.cutmix)
 
-    ema = _make_ema(model, cfg, steps_per_epoch * cfg.epochs, env) if cfg.ema else None
-    trainables = ckpt_io.Trainables(model, optimizer, scheduler, scaler, ema)
+    # --shard fsdp checkpoints hold full state dicts and name-keyed optimizer states, whatever the world size.
+    trainables = (FullStateTrainables if cfg.shard == "fsdp" else ckpt_io.Trainables)(model, optimizer, scheduler,
+                                                                                      scaler, ema)
     progress = Progress()
     if resume is not None:
         trainables.load(resume)
@@ -137,8 +158,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     run_meta = ckpt_io.RunMeta(arch=cfg.arch, classes=ds.classes, preprocessing=pp.to_dict(), config=cfg.to_dict(),
                                run_dir=str(run_dir))
     if env.is_main and env.distributed:
-        log.info("DDP: %d ranks x batch %d x %d accumulation step(s) = effective batch %d; lr %g as given",
-                 env.world_size, cfg.batch_size, cfg.grad_accum_steps,
+        log.info("%s: %d ranks x batch %d x %d accumulation step(s) = effective batch %d; lr %g as given",
+                 "FSDP (sharded)" if sharded else "DDP", env.world_size, cfg.batch_size, cfg.grad_accum_steps,
                  env.world_size * cfg.batch_size * cfg.grad_accum_steps, cfg.lr)
     # scheduler.last_epoch counts optimizer steps taken so far (resumed runs included).
     local_sgd = make_local_sgd(cfg.local_sgd_period, cfg.local_sgd_warmup_steps, cfg.local_sgd_intra_node,
@@ -169,14 +190,15 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         if local_sgd is not None:
             local_sgd.average_now(p for p in model.parameters() if p.requires_grad)
         _sync_buffers(model, env)
-        if ema is not None:
-            _broadcast_from_rank0(ema.state_dict().values(), env)
+        if ema is not None:  # sharded: the parameters agree by construction, only buffers can differ
+            _broadcast_from_rank0(replicated(ema) if sharded else ema.state_dict().values(), env)
         val, live = _validate(model, ema, val_loader, env, amp_dtype, channels_last, ds.classes)
         row = {"epoch": epoch + 1, "phase": phase, "lr": lr_now, **stats,
                **{f"val_{k}": v for k, v in val.items() if k in ("loss", "top1", "top5", "macro_f1")},
                **live, "val": val}
         improved = progress.record(row)
         epochs_bar.set_postfix(val_top1=f"{val['top1']:.3f}", best=f"{progress.best_top1:.3f}")
+        trainables.gather()  # collective with --shard fsdp: every rank takes part, rank 0 keeps the full state
         if env.is_main:
             log.info("epoch %d/%d %s: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f%s%s | %.0f img/s%s",
                      epoch + 1, cfg.epochs, phase, stats["train_loss"], stats["train_top1"], val["loss"], val["top1"],
@@ -205,6 +227,14 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         trackers.finish(best_row["val"], run_dir, result.model.path if result.model else None)
     barrier(env)
     return result
+
+
+def _preprocessing(pp: Preprocessing, image_size: int) -> Preprocessing:
+    """The weights' own preprocessing (as they were trained), at `image_size` when one is set: the resize before
+    the centre crop scales with it (224 of 256 stays 7/8)."""
+    if not image_size or image_size == pp.input_size:
+        return pp
+    return dataclasses.replace(pp, input_size=image_size, resize_size=round(image_size * pp.resize_size / pp.input_size))
 
 
 def _with_parent(cfg: TrainConfig) -> tuple[TrainConfig, StoredModel]:
@@ -272,10 +302,29 @@ def _param_groups(model: nn.Module, head: set[int], cfg: TrainConfig) -> list[di
 
 
 def _class_weights(ds: Dataset, cfg: TrainConfig, env: DistEnv) -> torch.Tensor | None:
-    if not cfg.class_weighting:
+    weights = class_weights(ds.counts("train"), cfg.class_weighting)
+    if weights is None:
         return None
-    counts = torch.tensor(ds.counts("train"), dtype=torch.float32)
-    return (counts.sum() / (len(counts) * counts)).to(env.device)  # mean weight 1 over images
+    if env.is_main:
+        log.info("class weighting %s: loss weights %s", cfg.class_weighting,
+                 ", ".join(f"{c} {w:.2f}" for c, w in zip(ds.classes, weights.tolist())))
+    return weights.to(env.device)
+
+
+def class_weights(counts: list[int], weighting: str) -> torch.Tensor | None:
+    """float32 (classes,) loss weights for training photo `counts`, averaging 1 over the photos; None for none
+    (and for auto on data whose largest class has under IMBALANCE_RATIO x the smallest's photos)."""
+    if weighting == "auto":
+        weighting = "inverse" if max(counts) >= IMBALANCE_RATIO * min(counts) else "none"
+    if weighting == "none":
+        return None
+    n = torch.tensor(counts, dtype=torch.float32)
+    w = n.sum() / (len(n) * n)  # inverse frequency: each class's photos weigh 1/classes of the loss in total
+    if weighting == "sqrt":
+        w = w.sqrt()
+    # Mean 1 over the photos: with soft targets (MixUp) the loss is divided by the batch size, not by the sum
+    # of the weights, so their scale would otherwise change the step size.
+    return w * n.sum() / (w * n).sum()
 
 
 def _prepare_phase(model: nn.Module, head: set[int], phase: str, env: DistEnv, local_sgd: LocalSGD | None = None,
@@ -285,7 +334,7 @@ def _prepare_phase(model: nn.Module, head: set[int], phase: str, env: DistEnv, l
     for p in model.parameters():
         p.requires_grad_(phase == "full" or id(p) in head)
     step_module = model if step_module is None else step_module
-    if not env.distributed:
+    if not env.distributed or is_sharded(model):  # FSDP2 is data-parallel already, and shards per parameter
         return step_module
     ddp = DDP(step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if local_sgd is not None:
@@ -315,7 +364,8 @@ def _after_step(model: nn.Module, optimizer: torch.optim.Optimizer, local_sgd: L
     if local_sgd is not None:
         hooks.append(functools.partial(local_sgd.after_step, optimizer.param_groups))
     if ema is not None:
-        hooks.append(functools.partial(ema.update_parameters, model))
+        hooks.append(functools.partial(update_ema, ema, model) if is_sharded(model) else
+                     functools.partial(ema.update_parameters, model))
     if not hooks:
         return None
 

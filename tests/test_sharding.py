@@ -1,0 +1,172 @@
+"""`--shard fsdp` (FSDP2) on CPU ranks (gloo): the sharding plan, the settings it refuses, one process, exact
+steps against one process in float64, full-state checkpoints that round-trip, and the real CLI under torchrun
+against DDP."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from support import ARCH, equivalence_steps, fsdp_equivalence_rank, sharded_checkpoint_rank, write_image
+from tuneserve.cli import main as cli_main
+from tuneserve.models.architectures import get_architecture
+from tuneserve.models.store import load_model
+from tuneserve.models.weights import build_model
+from tuneserve.service.process import free_port
+from tuneserve.training import checkpoint as ckpt_io
+from tuneserve.training.config import TrainConfig
+from tuneserve.training.data import Sample
+from tuneserve.training.distributed import DistEnv
+from tuneserve.training.ema import ema_weights
+from tuneserve.training.sharding import shard_plan
+from tuneserve.training.train import train
+
+
+def _spawn(fn, *args, world_size: int = 2) -> None:
+    mp.spawn(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in b if b[k].is_floating_point())
+
+
+def test_shard_plan_makes_each_listed_block_a_unit():
+    resnet = get_architecture("resnet18").build(3)
+    assert shard_plan(resnet) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]  # stem and fc: root
+    lite = shard_plan(get_architecture(ARCH).build(3))
+    assert len(lite) == 16 and all(name.startswith("blocks.") and name.count(".") == 2 for name in lite)
+    convnext = shard_plan(get_architecture("convnext_tiny").build(3))
+    # the stem (Conv2dNormActivation, a Sequential subclass) is a unit; stages (plain Sequential) are not
+    assert "features.0" in convnext and "features.1.0" in convnext and "features.1" not in convnext
+    for plan in (lite, convnext):
+        assert not any(a != b and b.startswith(a + ".") for a in plan for b in plan)  # no unit inside another
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(shard="fsdp", local_sgd_period=4), "shard='fsdp' cannot be combined with local_sgd_period=4: local SGD "
+                                             "averages whole parameters through a DDP communication hook"),
+    (dict(shard="fsdp", compile=True), "shard='fsdp' cannot be combined with compile=True: torch.compile splits"),
+    (dict(shard="zero3"), "shard='zero3' is not one of: none, fsdp"),
+])
+def test_shard_settings_are_checked(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**values)
+
+
+def test_shard_refusal_is_one_readable_line(tiny_folder, capsys):
+    assert cli_main(["train", "--data", str(tiny_folder), "--shard", "fsdp", "--local-sgd-period", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: shard='fsdp' cannot be combined with local_sgd_period=2") and err.count("\n") == 1
+
+
+def test_fully_shard_needs_a_process_group(monkeypatch):
+    """Why one process trains unsharded: torch's fully_shard needs a process group (it tries to create one from
+    torchrun's environment), and over one rank it would shard nothing anyway."""
+    from torch.distributed.fsdp import fully_shard
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="environment variable RANK expected"):
+        fully_shard(nn.Linear(2, 2))
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
+def test_one_process_trains_unsharded_with_full_state_checkpoints_and_resumes(tiny_folder, tmp_path, caplog):
+    """Without torchrun, --shard fsdp trains as one process would; its checkpoints are those of a sharded run
+    (optimizer states keyed by parameter name), so a run resumes under any world size."""
+    caplog.set_level(logging.INFO, logger="tuneserve.training.train")
+    common = dict(data=str(tiny_folder), head_epochs=1, batch_size=4, loader_workers=0, export=False, shard="fsdp",
+                  ema=True, output_dir=str(tmp_path / "runs"))
+    first = train(TrainConfig(epochs=1, **common))  # the head phase; resumed below for one full-phase epoch
+    assert "one process has nothing to shard across" in caplog.text
+    ckpt = ckpt_io.load(first.run_dir)
+    model = build_model(ARCH, 3, "none")
+    assert set(ckpt["optimizer"]["state"]) <= set(dict(model.named_parameters()))  # names, not indices
+    model.load_state_dict(ckpt["model"])  # strict: the keys and shapes of the plain network
+    resumed = train(TrainConfig(epochs=2, resume=str(first.run_dir), **{k: v for k, v in common.items()
+                                                                        if k != "output_dir"}))
+    assert resumed.run_dir == first.run_dir and [h["phase"] for h in resumed.history] == ["head", "full"]
+
+
+@pytest.mark.slow
+def test_two_sharded_ranks_step_exactly_like_one_process(tmp_path):
+    """FSDP2 over 2 ranks x batch 3 x 2 accumulation steps (reduce-scattered gradients, the global norm clipped
+    from the shards) ends with the parameters of 1 process x batch 12, in float64 (as the DDP test does)."""
+    samples = [Sample(str(write_image(tmp_path / "img" / f"{i}.png", seed=i, size=(48, 40))), i % 3) for i in range(24)]
+    run = dict(images=24, batch=3, accum=2)
+    _spawn(fsdp_equivalence_rank, samples, run, str(tmp_path))
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    single = equivalence_steps(DistEnv(), samples, 12, 1, "frozen")
+    assert _max_diff(rank0, rank1) == 0.0
+    assert _max_diff(rank0, single) < 1e-10
+    torch.manual_seed(0)
+    start = dict(build_model(ARCH, 3, "imagenet").double().named_parameters())
+    assert _max_diff(rank0, {k: v for k, v in start.items() if not k.startswith("classifier")}) > 1e-4  # it trained
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_hold_the_full_state_and_load_back(tmp_path):
+    _spawn(sharded_checkpoint_rank, str(tmp_path))
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    reloaded = torch.load(tmp_path / "reloaded.pt", weights_only=True)
+    plain = build_model(ARCH, 3, "none")
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    assert {k: v.shape for k, v in saved["model"].items()} == shapes  # whole tensors, the plain network's keys
+    assert {k: v.shape for k, v in ema_weights(saved["ema"]).items()} == shapes
+    assert int(saved["ema"]["n_averaged"]) == 2
+    plain.load_state_dict(ckpt_io.deployed_weights(saved))  # what export loads
+    for part in ("model", "ema"):
+        assert saved[part].keys() == reloaded[part].keys()
+        assert all(torch.equal(saved[part][k], reloaded[part][k]) for k in saved[part]), part
+    moments = saved["optimizer"]["state"]
+    # the frozen stem has no AdamW state, and gets none when loaded (its first step starts AdamW afresh)
+    assert moments.keys() == reloaded["optimizer"]["state"].keys() == dict(plain.named_parameters()).keys() - {
+        "conv_stem.weight"}
+    for name, state in moments.items():
+        assert state["exp_avg"].shape == shapes[name]
+        assert all(torch.equal(v, reloaded["optimizer"]["state"][name][k]) for k, v in state.items()), name
+    assert torch.load(tmp_path / "rank1.pt")["n_averaged"] == 2  # the EMA's count reached every rank
+
+
+def _torchrun(data, out, name: str, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
+           "--data", str(data), "--device", "cpu", "--epochs", "2", "--head-epochs", "1", "--batch-size", "2",
+           "--val-fraction", "0.5", "--grad-clip", "0.1", "--ema", "--loader-workers", "0",
+           "--output-dir", str(out), "--name", name, *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent)
+
+
+@pytest.mark.slow
+def test_torchrun_shard_fsdp_trains_like_ddp_and_registers_a_model(tiny_folder, tmp_path):
+    """`torchrun --nproc-per-node 2 -m tuneserve train --shard fsdp` (head phase, then full phase; weight EMA;
+    9 validation images, so rank 0 has one batch more than rank 1) against the same run under DDP: the same
+    history and, up to float32 summation order, the same weights; full checkpoints; a registered model."""
+    fsdp = _torchrun(tiny_folder, tmp_path / "fsdp", "tiny-fsdp", "--shard", "fsdp", "--parity-images", "4",
+                     "--int8-calibration-images", "0")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "FSDP (sharded): 2 ranks x batch 2" in fsdp.stderr
+    ddp = _torchrun(tiny_folder, tmp_path / "ddp", "tiny-ddp", "--no-export")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    (run_f,), (run_d,) = (tmp_path / "fsdp").iterdir(), (tmp_path / "ddp").iterdir()
+    hist_f, hist_d = (json.loads((r / "history.json").read_text()) for r in (run_f, run_d))
+    assert [h["phase"] for h in hist_f] == ["head", "full"]
+    for f, d in zip(hist_f, hist_d, strict=True):
+        assert int(np.array(f["val"]["confusion"]).sum()) == 9  # every validation image once
+        assert f["train_loss"] == pytest.approx(d["train_loss"], abs=1e-4)
+        assert f["val_loss"] == pytest.approx(d["val_loss"], abs=1e-4)
+        assert f["live_val_loss"] == pytest.approx(d["live_val_loss"], abs=1e-4)
+    last_f, last_d = ckpt_io.load(run_f), ckpt_io.load(run_d)
+    for part in ("model", "ema"):
+        assert {k: v.shape for k, v in last_f[part].items()} == {k: v.shape for k, v in last_d[part].items()}
+        for k, v in last_d[part].items():  # AdamW turns float32 rounding of ~0 gradients into +-lr steps
+            if v.is_floating_point():
+                assert (last_f[part][k] - v).abs().max() <= 1e-3 * max(1.0, v.abs().max().item()), (part, k)
+    assert load_model("tiny-fsdp").card.metrics["val_images"] == 9
