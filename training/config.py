@@ -66,7 +66,8 @@ class TrainConfig:
                                 "training class has >= 3x the photos of the smallest, else none), none",
                                 choices=CLASS_WEIGHTINGS)
     # torchvision's 0.08 is for training from scratch on ImageNet's large photos; a 0.08 crop of a 64 px photo is an
-    # 18 px patch blown up to 224. 0.35 measured no worse on full-size photos and keeps small ones recognisable.
+    # 18 px patch blown up to 224. 0.35 keeps it at 38 px or more, and measured within noise of 0.08 (79.6 against
+    # 81.1% top-1 on 280 photos of 64 px aerial scenes).
     crop_scale: float = _opt(0.35, "smallest share of a photo's area a random training crop keeps (upper bound 1)")
     augment: str = _opt("trivialaugment", "training augmentation", choices=("none", "flip", "trivialaugment"))
     patience: int = _opt(4, "stop when validation top-1 has not improved for this many epochs (0 disables)")
