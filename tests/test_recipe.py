@@ -63,3 +63,10 @@ def test_image_size_reaches_the_exported_model(tiny_folder, tmp_path):
     assert clf(np.zeros((2, 96, 96, 3), np.uint8)).shape == (2, 3)
     with pytest.raises(ValueError, match="image_size must be 0 .* or in \\[32, 1024\\], got 16"):
         TrainConfig(image_size=16)
+
+
+def test_a_saved_config_without_crop_scale_keeps_the_crops_it_trained_with(tmp_path):
+    saved = {k: v for k, v in TrainConfig().to_dict().items() if k != "crop_scale"}
+    assert TrainConfig.from_dict(saved).crop_scale == 0.08  # a checkpoint's or card's config: as it ran
+    (tmp_path / "c.yaml").write_text("epochs: 3\n")
+    assert make_config(str(tmp_path / "c.yaml")).crop_scale == 0.35  # a user's file: today's default

@@ -198,7 +198,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config saved by to_dict (a checkpoint's, a model card's), including older key names."""
-        return cls(**rename_legacy_keys(values))
+        return cls(**upgrade_saved_config(values))
 
 
 def _legacy_weighting(value: Any) -> Any:
@@ -213,10 +213,15 @@ def _legacy_weighting(value: Any) -> Any:
 
 # Keys that were renamed: configs and checkpoints written with the old name keep working.
 LEGACY_KEYS = {"workers": "loader_workers"}
+# Keys a saved config (a checkpoint's, a model card's) may lack, with the value such a run trained with, which
+# differs from today's default: a resumed or re-exported run keeps what it did.
+SAVED_WITHOUT = {"crop_scale": 0.08}
 
 
-def rename_legacy_keys(values: dict[str, Any]) -> dict[str, Any]:
-    return {LEGACY_KEYS.get(k, k): v for k, v in values.items()}
+def upgrade_saved_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by to_dict, with renamed keys under their new names and missing keys at the value the run
+    used (a config file a user writes gets today's defaults instead: read_config_file)."""
+    return {**SAVED_WITHOUT, **{LEGACY_KEYS.get(k, k): v for k, v in values.items()}}
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

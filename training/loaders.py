@@ -17,7 +17,7 @@ from tuneserve.training.config import TrainConfig
 from tuneserve.training.data import Dataset, Sample
 from tuneserve.training.cached_loader import CachedLoader
 from tuneserve.training.distributed import DistEnv, barrier
-from tuneserve.training.gpu_augment import GpuAugment
+from tuneserve.training.gpu_augment import SCALE, GpuAugment
 from tuneserve.training.image_cache import open_cache
 
 
@@ -47,7 +47,7 @@ class EvalTransform:
         return torch.from_numpy(eval_transform(img, self.pp))
 
 
-def train_transform(pp: Preprocessing, augment: str, crop_scale: float = 0.08) -> T.Compose:
+def train_transform(pp: Preprocessing, augment: str, crop_scale: float = SCALE[0]) -> T.Compose:
     """Random crop of at least `crop_scale` of the photo's area (torchvision's default 0.08), then `augment`."""
     interp = InterpolationMode(pp.interpolation)
     steps: list = [T.RandomResizedCrop(pp.input_size, scale=(crop_scale, 1.0), interpolation=interp, antialias=True)]

@@ -38,7 +38,7 @@ from tuneserve.models.preprocessing import Preprocessing
 from tuneserve.models.store import StoredModel, validate_name
 from tuneserve.models.weights import build_model, continue_from, head_parameters
 from tuneserve.training import checkpoint as ckpt_io
-from tuneserve.training.config import IMBALANCE_RATIO, TrainConfig, rename_legacy_keys
+from tuneserve.training.config import IMBALANCE_RATIO, TrainConfig, upgrade_saved_config
 from tuneserve.training.compilation import check_compile, compiled
 from tuneserve.training.data import Dataset, discover
 from tuneserve.training.ema import make_ema, resolve_decay
@@ -254,8 +254,7 @@ def _with_parent(cfg: TrainConfig) -> tuple[TrainConfig, StoredModel]:
 def _resumed_config(cfg: TrainConfig, resume: dict[str, Any]) -> TrainConfig:
     """The checkpoint's config wins (same data, model and schedule), except where to run and whether to
     export; `epochs` too when it was changed from the default (to extend a finished run)."""
-    saved = rename_legacy_keys(resume["config"])
-    saved.setdefault("crop_scale", 0.08)  # a config without the key cropped down to torchvision's 8%
+    saved = upgrade_saved_config(resume["config"])
     saved.update(resume=cfg.resume, export=cfg.export, device=cfg.device, loader_workers=cfg.loader_workers)
     if cfg.epochs != TrainConfig.epochs:
         saved["epochs"] = cfg.epochs
