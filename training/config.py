@@ -202,8 +202,7 @@ class TrainConfig:
 
 
 def _legacy_weighting(value: Any) -> Any:
-    """class_weighting was a yes/no setting (yes = inverse frequency): configs and checkpoints that say so keep
-    their meaning."""
+    """A yes/no class_weighting (in configs and checkpoints that hold one) means inverse frequency or none."""
     if isinstance(value, bool):
         return "inverse" if value else "none"
     if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
