@@ -8,6 +8,11 @@ uvicorn's "auto" protocol in its workers (`use_in_uvicorn`), answers
   so no more of them is buffered;
 - 408 when a request's headers (or a new connection's first request) have not arrived in header_timeout_s;
 - 400 as JSON for malformed framing (a bad Content-Length, garbage instead of HTTP);
+- for an answer given before the request's body has all arrived (a 401, a 413 from Content-Length, a 404)
+  on a connection that then closes, a lingering close as nginx's: the rest of the body is read and dropped
+  (at most LINGER_TOTAL_S, LINGER_IDLE_S without data) before the socket closes, because closing a socket
+  with unread data sends a reset, and the client, still sending, sees "connection reset" or "broken pipe"
+  instead of the answer. urllib and requests send `Connection: close`, so this is every such answer to them;
 - 503 for a classify request that admission would refuse anyway (service/admission.py), decided from the
   request line and headers alone: the request never reaches BentoML's middleware stack, and its body is
   read and dropped, so the connection stays usable. Under a flood this is most requests, and their cost
@@ -27,8 +32,21 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 # any client of this API sends (a few hundred bytes), far below what would cost memory.
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADERS = 100
+# nginx's lingering_time and lingering_timeout: a client still sending a refused body gets this long to finish
+# (a 20 MB image at 10 Mbit/s takes 16 s) before the connection is cut anyway.
+LINGER_TOTAL_S = 30.0
+LINGER_IDLE_S = 5.0
 # ASGI scope extension set on requests that admission let through from their headers.
 ADMITTED_FROM_HEADERS = "tuneserve.admitted"
+
+
+# ASGI scope extension set by a route that gave up waiting for the body (408): that connection closes at once,
+# without the lingering close, which would give the same slow client more time.
+CLOSE_AT_ONCE = "tuneserve.close_at_once"
+
+
+def close_at_once(scope) -> None:
+    scope.setdefault("extensions", {})[CLOSE_AT_ONCE] = True
 
 
 def admitted_from_headers(scope) -> bool:
@@ -85,6 +103,24 @@ class _Answered:
             pass
 
 
+class _LingeringTransport:
+    """The connection's transport as a request's cycle sees it: its close() waits for the rest of the request
+    body (the protocol's `_linger`); everything else is the transport's own."""
+
+    def __init__(self, transport, linger: Callable[[], None]) -> None:
+        self._transport, self._linger, self._closing = transport, linger, False
+
+    def close(self) -> None:
+        self._closing = True
+        self._linger()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _Rejected(Exception):
     """Raised in a parser callback to stop parsing; the answer is in the protocol's `_rejection`."""
 
@@ -97,6 +133,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._header_timer: TimerHandle | None = None
         self._rejection: tuple[int, str] | None = None
+        self._linger_timer: TimerHandle | None = None
+        self._linger_until = 0.0  # loop time; nonzero while the rest of a body is being read to be dropped
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -104,9 +142,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._stop_lingering()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_until:
+            self._arm_linger_timer()
         self._unset_keepalive_if_required()
         continuing = self._in_headers
         try:
@@ -139,6 +180,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks --------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._linger_until:  # the client pipelined another request onto a connection that is closing
+            raise _Rejected()
         super().on_message_begin()
         self._in_headers, self._header_bytes, self._header_count = True, 0, 0
         self._arm_header_timer()
@@ -173,6 +216,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if _refuser is not None:  # admission has looked at it: the route need not estimate again
                 self.scope.setdefault("extensions", {})[ADMITTED_FROM_HEADERS] = True  # type: ignore[typeddict-item]
             super().on_headers_complete()
+            self.cycle.transport = _LingeringTransport(self.transport, self._linger)
             path = self.scope.get("path", "")
             if _known_path is not None and not _known_path(path):
                 self.scope.setdefault("extensions", {})[ORIGINAL_PATH] = path  # type: ignore[typeddict-item]
@@ -189,13 +233,52 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             app, self.app = self.app, _respond(refusal)  # this request only: BentoML's app is put back below
             try:
                 super().on_headers_complete()
+                self.cycle.transport = _LingeringTransport(self.transport, self._linger)
             finally:
                 self.app = app
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        if isinstance(self.cycle, _Answered):
+        if self._linger_until:  # the refused body has all arrived: nothing unread is left to cause a reset
+            self._close_now()
+        elif isinstance(self.cycle, _Answered):
             self._arm_header_timer()  # as uvicorn's keep-alive timer would after an ordinary answer
+
+    def on_response_complete(self) -> None:
+        if self._linger_until:  # closing: no keep-alive timer, no pipelined request; keep reading to drop
+            self.server_state.total_requests += 1
+            self.flow.resume_reading()
+            return
+        super().on_response_complete()
+
+    # -- the lingering close -----------------------------------------------------------------------------------
+
+    def _linger(self) -> None:
+        """Close once the current request's body has all arrived (at once if it has)."""
+        cycle = self.cycle
+        if (cycle is None or not cycle.more_body or self.transport.is_closing()
+                or cycle.scope.get("extensions", {}).get(CLOSE_AT_ONCE)):
+            self.transport.close()
+            return
+        self._linger_until = self.loop.time() + LINGER_TOTAL_S
+        self._arm_linger_timer()
+
+    def _arm_linger_timer(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        wait = min(LINGER_IDLE_S, self._linger_until - self.loop.time())
+        self._linger_timer = self.loop.call_later(max(wait, 0.0), self._close_now)
+
+    def _stop_lingering(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        self._linger_until = 0.0
+
+    def _close_now(self) -> None:
+        self._stop_lingering()
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def _refusal(self) -> bytes | None:
         if _refuser is None:

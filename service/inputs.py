@@ -15,6 +15,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from tuneserve.models.preprocessing import ImageDecodeError
+from tuneserve.service.http_protocol import close_at_once
 
 # Multipart framing (boundaries, part headers) on top of the images themselves.
 MULTIPART_OVERHEAD_PER_PART = 16 * 1024
@@ -70,6 +71,7 @@ async def read_body(request: Request, limit: int, setting: str, timeout_s: float
     try:
         return await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
+        close_at_once(request.scope)
         raise HTTPError(408, f"the request body did not arrive within {timeout_s:g} s (server setting "
                              "TUNESERVE_BODY_TIMEOUT_S); send it faster, or in smaller requests",
                         {"Connection": "close"}) from None

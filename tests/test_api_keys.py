@@ -2,6 +2,10 @@
 probes open, /metrics closable, and neither key in the server's log."""
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.request
+
 import httpx
 import pytest
 
@@ -25,6 +29,12 @@ def test_keys_on_a_real_server(model, tmp_path):
             r = client.post("/classify", content=photo("coffee.png"), headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="tuneserve"', r.text
             assert r.headers["content-type"] == "application/json" and "TUNESERVE_API_KEY" in r.json()["error"]
+        # urllib sends `Connection: close`: the 401 must reach it whole while it is still sending a large body.
+        for _ in range(5):
+            req = urllib.request.Request(f"{url}/classify", data=os.urandom(4_000_000), method="POST")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=30)
+            assert refused.value.code == 401
         ok = {"Authorization": f"Bearer {API}"}
         assert client.post("/classify", content=photo("coffee.png"), headers=ok).status_code == 200
         assert client.get("/models", headers=ok).json()["models"][0]["version"] == model.version

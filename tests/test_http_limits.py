@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import httpx
 import psutil
@@ -97,6 +99,27 @@ def test_malformed_framing_and_routing_errors_are_json(server):
             assert client.get(stray).status_code == 404
         metrics = client.get("/metrics").text
         assert 'endpoint="/{unmatched}"' in metrics and 'endpoint="/a1"' not in metrics  # one series, not one each
+
+
+def test_answers_given_before_the_body_arrived_reach_a_client_that_sends_connection_close(server):
+    # urllib sends `Connection: close`; a server that closes with the body unread resets the connection, and
+    # the client, still sending, gets "broken pipe" instead of the answer (more than half the time at 4 MB).
+    too_big = os.urandom(21 * 1024 * 1024)  # over TUNESERVE_MAX_IMAGE_BYTES' 20 MiB: refused from Content-Length
+    for path, body, status in (("/classify", too_big, 413), ("/no/such/path", too_big[:4_000_000], 404)):
+        for _ in range(5):
+            req = urllib.request.Request(server + path, data=body, method="POST", headers={"Content-Type": "image/jpeg"})
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(req, timeout=30)
+            assert answer.value.code == status and "error" in json.loads(answer.value.read())
+    # The connection still closes once the body is in, as the client asked.
+    host, port = server.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /no/such/path HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 4000000\r\n\r\n")
+        s.sendall(too_big[:4_000_000])
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 404") and b"connection: close" in data.lower()
 
 
 def test_livez_and_readyz_tell_the_truth_while_a_worker_restarts(server, model):
