@@ -66,12 +66,17 @@ def convert_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, pp: P
     return out_path
 
 
-def agreement_report(fp32_path: Path, variant_path: Path, pixels: np.ndarray, pp: Preprocessing,
+def onnx_logits(path: Path, pixels: np.ndarray, pp: Preprocessing, device: str = "cpu") -> np.ndarray:
+    """pixels: uint8 (N,S,S,3), resized and cropped -> (N, C) float32 logits of the graph at `path`."""
+    session = OnnxClassifier(path, device=device)
+    return session(session.inputs(pixels, pp))
+
+
+def agreement_report(reference: np.ndarray, variant_path: Path, pixels: np.ndarray, pp: Preprocessing,
                      device: str = "cpu", min_agreement: float = MIN_TOP1_AGREEMENT) -> dict[str, Any]:
-    """pixels: uint8 (N,S,S,3), real images resized and cropped. Top-1 agreement and probability differences."""
-    fp32, variant = OnnxClassifier(fp32_path, device=device), OnnxClassifier(variant_path, device=device)
-    reference = fp32(fp32.inputs(pixels, pp))  # (N, C) logits
-    variant = variant(variant.inputs(pixels, pp))
+    """reference: the fp32 graph's (N, C) logits on `pixels` (uint8 (N,S,S,3), real images resized and
+    cropped), computed once for every variant. Top-1 agreement and probability differences."""
+    variant = onnx_logits(variant_path, pixels, pp, device)
     p_ref, p_var = softmax(reference), softmax(variant)
     agreement = float((reference.argmax(1) == variant.argmax(1)).mean())
     return {

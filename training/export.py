@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from tuneserve.models.artifact import FP16_ONNX_FILE, INT8_ONNX_FILE, WEIGHTS_FILE, ModelCard
-from tuneserve.models.precision import MIN_INT8_TOP1_AGREEMENT, agreement_report, convert_fp16, convert_int8
+from tuneserve.models.precision import MIN_INT8_TOP1_AGREEMENT, agreement_report, convert_fp16, convert_int8, onnx_logits
 from tuneserve.models.preprocessing import Preprocessing, normalise, normaliser, preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.store import StoredModel, save_model, staging_dir, validate_name
@@ -160,10 +160,11 @@ def export_and_register(
         check_parity(report)
         extra = dict(extra_files or {})
         extra[WEIGHTS_FILE] = save_weights(model, Path(tmp) / WEIGHTS_FILE)
-        variants = {"fp16": fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images, pp)}
+        reference = onnx_logits(onnx_path, images, pp)  # (N, C): what each variant must agree with
+        variants = {"fp16": fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images, reference, pp)}
         if calibration_paths:
             calibration = load_parity_images(calibration_paths, pp)
-            variants["int8"] = int8_variant(onnx_path, Path(tmp) / INT8_ONNX_FILE, calibration, images, pp)
+            variants["int8"] = int8_variant(onnx_path, Path(tmp) / INT8_ONNX_FILE, calibration, images, reference, pp)
         for variant in variants.values():
             if variant["kept"]:
                 extra[variant["file"]] = Path(tmp) / variant["file"]
@@ -192,21 +193,22 @@ def load_weights(stored: StoredModel) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def fp16_variant(fp32_path: Path, out_path: Path, images: np.ndarray, pp: Preprocessing) -> dict[str, Any]:
+def fp16_variant(fp32_path: Path, out_path: Path, images: np.ndarray, reference: np.ndarray,
+                 pp: Preprocessing) -> dict[str, Any]:
     """Convert to fp16 and measure top-1 agreement with fp32 on the parity images (CPU; the same graph on a
     GPU computes in the same precision). The report goes into the card whether or not the file is kept."""
-    report = agreement_report(fp32_path, convert_fp16(fp32_path, out_path), images, pp)
+    report = agreement_report(reference, convert_fp16(fp32_path, out_path), images, pp)
     report["file"] = FP16_ONNX_FILE
     _log_variant("fp16", report)
     return report
 
 
 def int8_variant(fp32_path: Path, out_path: Path, calibration: np.ndarray, images: np.ndarray,
-                 pp: Preprocessing) -> dict[str, Any]:
+                 reference: np.ndarray, pp: Preprocessing) -> dict[str, Any]:
     """Quantize to INT8 (calibrated on `calibration`, uint8 pixels of training images) and measure top-1
     agreement with fp32 on the parity images; the report goes into the card whether or not the file is kept."""
     convert_int8(fp32_path, out_path, calibration, pp)
-    report = agreement_report(fp32_path, out_path, images, pp, min_agreement=MIN_INT8_TOP1_AGREEMENT)
+    report = agreement_report(reference, out_path, images, pp, min_agreement=MIN_INT8_TOP1_AGREEMENT)
     report.update(file=INT8_ONNX_FILE, calibration_images=int(len(calibration)))
     _log_variant("int8", report)
     return report
