@@ -12,7 +12,8 @@ uvicorn's "auto" protocol in its workers (`use_in_uvicorn`), answers
   on a connection that then closes, a lingering close as nginx's: the rest of the body is read and dropped
   (at most LINGER_TOTAL_S, LINGER_IDLE_S without data) before the socket closes, because closing a socket
   with unread data sends a reset, and the client, still sending, sees "connection reset" or "broken pipe"
-  instead of the answer. urllib and requests send `Connection: close`, so this is every such answer to them;
+  instead of the answer. Python's urllib sends `Connection: close` with every request, so this is every such
+  answer to it;
 - 503 for a classify request that admission would refuse anyway (service/admission.py), decided from the
   request line and headers alone: the request never reaches BentoML's middleware stack, and its body is
   read and dropped, so the connection stays usable. Under a flood this is most requests, and their cost
@@ -180,8 +181,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks --------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._linger_until:  # the client pipelined another request onto a connection that is closing
-            raise _Rejected()
         super().on_message_begin()
         self._in_headers, self._header_bytes, self._header_count = True, 0, 0
         self._arm_header_timer()
