@@ -14,8 +14,10 @@ bytes. It changes answers more than fp16 does, so it has its own bar, and servin
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -57,13 +59,37 @@ def convert_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, pp: P
     # onnxruntime's recommended first step: shapes inferred and the graph optimised, so that quantization
     # sees fused Conv+BatchNorm+activation.
     prepared = out_path.with_suffix(".prepared.onnx")
-    quant_pre_process(str(fp32_path), str(prepared))
+    with _quiet_onnxruntime_info():
+        quant_pre_process(str(fp32_path), str(prepared))
     try:
-        quantize_static(str(prepared), str(out_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        with _quiet_onnxruntime_info():
+            quantize_static(str(prepared), str(out_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         prepared.unlink(missing_ok=True)
     return out_path
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime_info() -> Iterator[None]:
+    """Drop the INFO records of onnxruntime's quantization tools, most of them logged on the root logger (one
+    per adjusted weight scale: 87 lines for EfficientNet-Lite0); their warnings still pass."""
+    import onnxruntime
+
+    package = str(Path(onnxruntime.__file__).parent)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(package)
+
+    root, own = logging.getLogger(), logging.getLogger("onnxruntime")
+    level = own.level
+    root.addFilter(keep)
+    own.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        own.setLevel(level)
 
 
 def onnx_logits(path: Path, pixels: np.ndarray, pp: Preprocessing, device: str = "cpu") -> np.ndarray:

@@ -2,12 +2,14 @@
 the same answers as a plain session, so CPU tests cover what a GPU runs."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
 
 from tuneserve.models.artifact import FP16_ONNX_FILE, INT8_ONNX_FILE
-from tuneserve.models.precision import MIN_INT8_TOP1_AGREEMENT, MIN_TOP1_AGREEMENT, choose_precision
+from tuneserve.models.precision import MIN_INT8_TOP1_AGREEMENT, MIN_TOP1_AGREEMENT, choose_precision, convert_int8
 from tuneserve.models.preprocessing import preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, choose_providers, softmax
 from tuneserve.models.samples import sample_photos
@@ -107,3 +109,15 @@ def test_precision_errors_say_what_is_accepted():
         choose_precision("int8", "cuda", {"int8": {"kept": True}})
     with pytest.raises(ValueError, match="'bf16' is not one of: auto, fp32, fp16, int8"):
         choose_precision("bf16", "cuda", {})
+
+
+def test_int8_conversion_keeps_onnxruntimes_info_lines_out_of_the_log(model, photos, tmp_path, caplog):
+    # onnxruntime's quantizer logs an INFO line on the root logger per weight scale it adjusts (dozens for
+    # Lite0): noise in `tuneserve train`'s output. Its warnings still reach the log.
+    with caplog.at_level(logging.INFO):
+        convert_int8(model.onnx_path, tmp_path / "int8.onnx", photos, model.card.preprocessing)
+        logging.getLogger().info("a line of our own still gets through")
+    assert (tmp_path / "int8.onnx").is_file()
+    noise = [r.getMessage() for r in caplog.records if r.levelno < logging.WARNING and "onnxruntime" in r.pathname]
+    assert noise == []
+    assert "a line of our own still gets through" in caplog.text
