@@ -72,6 +72,7 @@ def test_hymenoptera_is_read_whole(hymenoptera):
     ("too_few", "fewer than 2 usable training images"),
     ("all_bad", "no usable training images"),
     ("unseen_val", "validation classes \\['horse'\\] have no training folder"),
+    ("empty_class", "class folders with no files in .*: \\['zebra'\\]"),
 ])
 def test_unusable_datasets_stop_before_training(tmp_path, case, message):
     root = tmp_path / "d"
@@ -93,5 +94,12 @@ def test_unusable_datasets_stop_before_training(tmp_path, case, message):
             for c in classes:
                 write_image(root / split / c / "0.png", seed=1)
                 write_image(root / split / c / "1.png", seed=2)
+    elif case == "empty_class":
+        for i in range(4):
+            write_image(root / "cat" / f"{i}.png", seed=i)
+            write_image(root / "dog" / f"{i}.png", seed=10 + i)
+        (root / "zebra").mkdir()
+        (root / "__MACOSX" / "cat").mkdir(parents=True)  # what a macOS zip unpacks to: not a class
+        (root / "__MACOSX" / "cat" / "._0.png").write_bytes(b"\0\5\x16\7")
     with pytest.raises(DataError, match=message):
         _discover(root)

@@ -89,16 +89,21 @@ def discover(data: str, manifest: str | None, val_fraction: float, seed: int, mi
 
 
 def scan_class_folders(folder: Path) -> list[tuple[Path, str]]:
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Hidden folders and the __MACOSX folder macOS zips unpack to (its ._ files are metadata) are not classes.
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
     if not class_dirs:
         raise DataError(
             f"{folder} has no class subfolders; expected {folder}/<class name>/<images> "
             f"(or {folder}/train/<class>/... and {folder}/val/<class>/...)"
         )
-    pairs = []
+    pairs, empty = [], []
     for d in class_dirs:
         files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
         pairs.extend((p, d.name) for p in files)
+        if not files:
+            empty.append(d.name)
+    if empty:  # a class the user meant to have: dropping it silently would train a model without it
+        raise DataError(f"class folders with no files in {folder}: {empty}; add images to them or remove them")
     return pairs
 
 
