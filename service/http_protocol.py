@@ -41,6 +41,11 @@ LINGER_IDLE_S = 5.0
 ADMITTED_FROM_HEADERS = "tuneserve.admitted"
 
 
+def admitted_from_headers(scope) -> bool:
+    """Whether admission already judged this request (one image) from its request line and headers."""
+    return bool(scope.get("extensions", {}).get(ADMITTED_FROM_HEADERS))
+
+
 # ASGI scope extension set by a route that gave up waiting for the body (408): that connection closes at once,
 # without the lingering close, which would give the same slow client more time.
 CLOSE_AT_ONCE = "tuneserve.close_at_once"
@@ -49,10 +54,6 @@ CLOSE_AT_ONCE = "tuneserve.close_at_once"
 def close_at_once(scope) -> None:
     scope.setdefault("extensions", {})[CLOSE_AT_ONCE] = True
 
-
-def admitted_from_headers(scope) -> bool:
-    """Whether admission already judged this request (one image) from its request line and headers."""
-    return bool(scope.get("extensions", {}).get(ADMITTED_FROM_HEADERS))
 
 # (method, path, headers) -> the JSON body of a 503 when the request would be refused, else None. Set by the
 # service once its models are loaded; None until then.
