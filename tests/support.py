@@ -5,7 +5,7 @@ through the project's own `setup`, runs real training code, and leaves what it s
 from __future__ import annotations
 
 import contextlib
-
+import faulthandler
 import functools
 import io
 import os
@@ -107,6 +107,7 @@ SMALL = Preprocessing(input_size=64, resize_size=64)
 
 def join(rank: int, world_size: int, port: int, local_world_size: int | None = None) -> None:
     """torchrun's environment for this rank; `setup()` (or `train()`) then builds the gloo group from it."""
+    faulthandler.enable()  # a rank that dies in native code (SIGABRT, SIGSEGV) prints where, in the test's stderr
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(local_world_size or world_size))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # not whatever the hostname resolves to
