@@ -61,12 +61,11 @@ def convert_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, pp: P
     prepared = out_path.with_suffix(".prepared.onnx")
     with _quiet_onnxruntime_info():
         quant_pre_process(str(fp32_path), str(prepared))
-    try:
-        with _quiet_onnxruntime_info():
+        try:
             quantize_static(str(prepared), str(out_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    finally:
-        prepared.unlink(missing_ok=True)
+        finally:
+            prepared.unlink(missing_ok=True)
     return out_path
 
 
