@@ -244,3 +244,15 @@ def test_dockerfile_installs_every_package_folder_and_runs_as_the_pods_user(job)
     assert pyproject["project"]["readme"] == "README.md"  # the build reads it
     (user,) = re.findall(r"^USER (\d+)$", dockerfile, re.M)
     assert _replicas(job)["Master"]["template"]["spec"]["securityContext"]["runAsUser"] == int(user)
+
+
+def test_the_package_the_image_installs_holds_every_source_package():
+    """The image installs what pyproject.toml builds, whose `packages` are listed one by one (package-dir maps
+    folders to names, which setuptools cannot discover): a folder with an __init__.py that is not listed would
+    be missing from the installed tuneserve, while a source checkout (tuneserve/__init__.py's finder) has it."""
+    import tomllib  # Python 3.11+, like TOML training configs
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {f"{name}.{'.'.join(init.parent.relative_to(ROOT / folder).parts)}".rstrip(".")
+               for name, folder in setuptools["package-dir"].items() for init in (ROOT / folder).rglob("__init__.py")}
+    assert on_disk - set(setuptools["packages"]) == set()

@@ -41,6 +41,8 @@ def test_bentoml_build_offline(tmp_path):
         assert f"./models/{name}/{version}/model.onnx" in names
         assert f"./models/{name}/{version}/tuneserve.json" in names
         assert {"./src/tuneserve/__init__.py", "./src/service/service.py", "./src/models/preprocessing.py"} <= names
+        # Every module of the service, subpackages included: the image imports them from the Bento's source.
+        assert {f"./src/{p.relative_to(ROOT)}" for p in (ROOT / "service").rglob("*.py")} <= names
         assert not any(n.startswith(("./src/tests", "./src/training", "./src/runs", "./src/.venv")) for n in names)
         assert "./src/tuneserve/cli.py" not in names  # the CLI is not part of the image
         tar.extractall(tmp_path / "bento", members=[m for m in tar.getmembers() if m.name.startswith("./src/")],

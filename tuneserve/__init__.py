@@ -21,6 +21,12 @@ SUBPACKAGES = ("models", "training", "service")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 
+# Why the Bento carries source and this finder rather than the wheel (BentoML's `python.wheels`): BentoML 1.4
+# installs a packed wheel with its dependencies (its install.sh has no --no-deps), and tuneserve's include
+# torch, torchvision, timm and matplotlib for training: ~5 GB more in the serving image (torch 1.2 GB, its
+# nvidia-* CUDA libraries 3.2 GB, triton 0.9 GB), none of it in the offline build's wheelhouse (made from the
+# Bento's requirements.txt); and a wheel, named in bentofile.yaml with its version, would have to be built
+# before every `bentoml build`. It can go once the serving dependencies are the package's and training's an extra.
 class _SourceTreeFinder(importlib.abc.MetaPathFinder):
     """Finds `tuneserve.<name>` for the three subpackages in `root/<name>/`, and nothing else.
 
