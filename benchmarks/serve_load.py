@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from results_io import write_result
-from tuneserve.service.batch_metrics import batch_sizes_between
+from tuneserve.service.engine.batch_metrics import batch_sizes_between
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 

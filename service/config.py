@@ -59,6 +59,9 @@ class ServiceConfig:
                                      "roll back models); none: the API does not exist", secret=True)
     admin_key_file: str | None = _setting(None, "TUNESERVE_ADMIN_KEY_FILE", "file holding that key", secret=True)
     metrics_auth: bool = _setting(False, "TUNESERVE_METRICS_AUTH", "/metrics requires the API key too")
+    allow_no_key: bool = _setting(False, "TUNESERVE_ALLOW_NO_KEY", "serve on a non-loopback address without an API "
+                                  "key (anyone who reaches the port can use every model); without it, that refuses "
+                                  "to start", flag="--allow-no-key")
     device: str = _setting("auto", "TUNESERVE_DEVICE", "onnxruntime device: auto (CUDA when usable), cuda or cpu",
                            choices=DEVICES)
     max_batch_size: int | None = _setting(
@@ -175,7 +178,7 @@ class ServiceConfig:
     def threads(self, workers: int = 1) -> int:
         """Decode/preprocess threads per worker: the CPUs shared among the workers, at most 16 each, and at
         least 2, so that one is always left for ordinary photos while the other decodes a huge image
-        (service/decode_budget.py)."""
+        (service/engine/decode_budget.py)."""
         return self.preprocess_threads or max(2, min(16, (os.cpu_count() or 1) // max(1, workers)))
 
     def onnxruntime_threads(self, device: str, workers: int = 1) -> int:
@@ -190,6 +193,20 @@ class ServiceConfig:
         if self.ort_threads or device == "cuda":
             return self.ort_threads
         return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+LOOPBACK = ("127.", "::1", "localhost")
+
+
+def check_exposure(config: ServiceConfig, host: str) -> None:
+    """Refuse (ValueError) to serve on a non-loopback `host` without an API key unless allowed: TorchServe, after
+    its 2023 remote-code CVEs, starts with token auth on and binds 127.0.0.1; loopback without a key stays easy
+    for local use."""
+    if host.startswith(LOOPBACK) or config.key("api") is not None or config.allow_no_key:
+        return
+    raise ValueError(f"refusing to serve on {host} without an API key: anyone who can reach that address could use "
+                     "every model. Set TUNESERVE_API_KEY (or TUNESERVE_API_KEY_FILE), serve on 127.0.0.1 "
+                     "(--host 127.0.0.1), or accept an open endpoint with --allow-no-key (TUNESERVE_ALLOW_NO_KEY=true)")
 
 
 def describe_settings() -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 LIVENESS_GRACE_S = 30.0  # a worker restart takes a few seconds (model load and warm-up included)
 READY_DIR_ENV = "TUNESERVE_READY_DIR"  # set by bentoml's main process, inherited by its workers
-CONTROL_DIR_ENV = "TUNESERVE_CONTROL_DIR"  # the same, for the wanted model state (service/repository.py)
+CONTROL_DIR_ENV = "TUNESERVE_CONTROL_DIR"  # the same, for the wanted model state (service/engine/versions.py)
 
 
 def arm(in_worker: bool) -> None:

@@ -2,12 +2,17 @@
 
 The settings say what was asked (`auto` device, batching left to its default, models by name); the plan
 says what that means on this machine (CUDA or CPU, batch bound, latency bound, worker and thread counts)
-and which registered versions it starts with. The BentoML service makes it once, at import (its decorator
-needs the worker count); tests and benchmarks make their own from a ServiceConfig, without touching the
-environment. Versions loaded later (service/repository.py) get their ModelChoice from `plan.choose`.
+and which registered versions it starts with. It is resolved once per server: by `tuneserve serve`, or by
+BentoML's main process when started with `bentoml serve`, and handed to the worker processes in
+TUNESERVE_PLAN (`to_env` / `from_env`), so that every worker serves exactly the versions and settings that
+were checked. Tests and benchmarks make their own from a ServiceConfig. Versions loaded later
+(service/engine/versions.py) get their ModelChoice from `plan.choose`.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,9 @@ from tuneserve.models.store import (
     verify,
 )
 from tuneserve.service.config import ServiceConfig
+
+
+PLAN_ENV = "TUNESERVE_PLAN"  # the resolved plan, JSON, from the process that resolved it to the workers
 
 
 class ModelUnusable(RuntimeError):
@@ -93,6 +101,22 @@ class ServingPlan:
     def check(self) -> None:
         for m in self.models:
             m.check()
+
+    def to_env(self) -> dict[str, str]:
+        """The plan for the worker processes (with the config's own TUNESERVE_* variables)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("config", "models")}
+        plan = {**fields, "models": [[m.tag, m.precision] for m in self.models]}
+        return {**self.config.to_env(), PLAN_ENV: json.dumps(plan)}
+
+    @classmethod
+    def from_env(cls, config: ServiceConfig, environ: dict[str, str] | None = None) -> "ServingPlan | None":
+        """The plan that `to_env` handed over, or None when there is none (then: `resolve`)."""
+        raw = (environ if environ is not None else os.environ).get(PLAN_ENV)
+        if not raw:
+            return None
+        plan = json.loads(raw)
+        models = tuple(ModelChoice(load_model(tag), precision) for tag, precision in plan.pop("models"))
+        return cls(config=config, models=models, **plan)
 
     @classmethod
     def resolve(cls, config: ServiceConfig) -> "ServingPlan":

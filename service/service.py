@@ -2,17 +2,20 @@
 
     bentoml serve tuneserve.service.service:Classifier          # or: tuneserve serve [--model TAG ...]
 
-A thin shell: the plan (what to serve and how, service/plan.py) is made once, from the TUNESERVE_*
-environment, because BentoML's decorator needs the worker count at import; each worker process then builds
-a Worker (admission, decoding pool, engine thread, and the repository of models it serves:
-service/worker.py), and the routes (service/routes.py, mounted as an ASGI app) call it. BentoML provides
-the server, the worker processes, /metrics and tracing. No torch here: the serving image has onnxruntime,
-numpy and Pillow only, and the service only loads registered tags (the CLI registers the built-in model).
+A thin shell that wires the pieces together, each handed its collaborators: the plan (what to serve and how,
+plan.py) is resolved once, by `tuneserve serve` or by BentoML's main process, and read by every worker from
+TUNESERVE_PLAN; each worker makes one Engine (service/engine/) with its Admission, mounts the HTTP edge
+(service/edges/routes.py) on it, puts the Front middleware before BentoML's app, and hands the HTTP protocol its
+HeaderChecks through the lifespan state. BentoML provides the server, the worker processes, /metrics and
+tracing. No torch here: the serving image has onnxruntime, numpy and Pillow only, and the service only loads
+registered tags (the CLI registers the built-in model).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,25 +24,20 @@ import bentoml
 from bentoml.exceptions import BentoMLException
 from bentoml.validators import ContentType
 
-from tuneserve.service import health, http_protocol, lifecycle
-from tuneserve.service.auth import ApiKeys, bearer, matches
-from tuneserve.service.config import ServiceConfig
-from tuneserve.service.decode_budget import limit_malloc_arenas
+from tuneserve.service import health, lifecycle
+from tuneserve.service.config import ServiceConfig, check_exposure
+from tuneserve.service.edges import http_protocol
+from tuneserve.service.edges.auth import Keys, bearer, matches
+from tuneserve.service.edges.front import Front
+from tuneserve.service.edges.http_protocol import HeaderChecks
+from tuneserve.service.edges.route_table import CLIENT_ROUTES, RouteTable
+from tuneserve.service.edges.routes import batch_results, create_app, predictions
+from tuneserve.service.engine.decode_budget import limit_malloc_arenas
+from tuneserve.service.engine.engine import Engine, ImageInput, admission_for
+from tuneserve.service.engine.errors import RequestError, too_large
+from tuneserve.service.engine.metrics import PrometheusMetrics
 from tuneserve.service.health import Health
-from tuneserve.service.metrics import PrometheusMetrics
-from tuneserve.service.plan import ServingPlan
-from tuneserve.service.inputs import HTTPError, ImageInput, too_large
-from tuneserve.service.routes import (
-    CLIENT_ROUTES,
-    ClientRoutes,
-    JsonErrors,
-    Probes,
-    classify_uploads,
-    create_app,
-    is_classify_path,
-    is_known_path,
-)
-from tuneserve.service.worker import Worker
+from tuneserve.service.plan import PLAN_ENV, ServingPlan
 
 # bentoml's server logging config leaves the root logger at WARNING; the start-up lines must show.
 logging.getLogger("tuneserve.service").setLevel(logging.INFO)
@@ -51,25 +49,71 @@ with contextlib.suppress(ImportError, AttributeError):
     usage_stats.do_not_track.cache_clear()
 
 
-def _checked_plan() -> tuple[ServingPlan, str | None, str | None]:
-    plan = ServingPlan.resolve(ServiceConfig.from_env())
-    if not lifecycle.in_worker():
-        plan.check()  # in bentoml's main process, before any worker starts (service/lifecycle.py)
-    return plan, plan.config.key("api"), plan.config.key("admin")
+def _plan() -> ServingPlan:
+    """The plan handed over in TUNESERVE_PLAN; in BentoML's main process without one, resolved and checked here
+    (before any worker starts) and handed to the workers the same way. Imported elsewhere (`bentoml build`,
+    tests), the plan is resolved and nothing else happens."""
+    config = ServiceConfig.from_env()
+    plan = ServingPlan.from_env(config)
+    if plan is not None:
+        return plan
+    if lifecycle.in_worker():
+        raise RuntimeError(f"{PLAN_ENV} is not set: workers serve the plan their main process resolved")
+    plan = ServingPlan.resolve(config)
+    plan.check()
+    host = _serve_host()
+    if host is not None:
+        check_exposure(config, host)
+        os.environ.update(plan.to_env())  # the workers inherit it
+    return plan
 
 
-PLAN, API_KEY, ADMIN_KEY = lifecycle.resolve_or_exit(_checked_plan)
+def _serve_host() -> str | None:
+    """The address `bentoml serve` was asked to listen on (its --host flag or BENTOML_HOST; its default
+    0.0.0.0), or None when this process is not `bentoml serve`: the service module is imported before it
+    binds, with no other way to ask."""
+    argv = sys.argv
+    if "serve" not in argv[1:3]:
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--host" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("BENTOML_HOST") or "0.0.0.0"
+
+
+PLAN = lifecycle.resolve_or_exit(_plan)
+KEYS = lifecycle.resolve_or_exit(lambda: Keys(PLAN.config.key("api"), PLAN.config.key("admin"), PLAN.config.metrics_auth))
 lifecycle.arm_fatal_exit()
 health.arm(lifecycle.in_worker())
-METRICS = PrometheusMetrics()
+TABLE = RouteTable(management=KEYS.admin is not None)
+ADMISSION = admission_for(PLAN)
+METRICS = PrometheusMetrics()  # once per process: Prometheus metrics register their names once
 REFUSED = bentoml.metrics.Counter(
     name="tuneserve_refused_requests", documentation="classify requests refused with 503 from their headers "
-    "alone (admission), which BentoML's request metrics do not see", labelnames=["path"],
-)
-http_app = create_app(backend=lambda: bentoml.get_current_service().worker,
-                      openapi_base=lambda: Classifier.openapi_spec.asdict(), management=ADMIN_KEY is not None)
+    "alone (admission), which BentoML's request metrics do not see", labelnames=["path"])
+
+
+def _refusal(method: str, path: str, headers) -> RequestError | None:
+    """The HTTP protocol's question for a request's headers: the 503 admission gives it now, or None. Only
+    classify routes are judged, and only with the key they need (else the 401 comes first, from the front)."""
+    if not TABLE.is_classify(method, path):
+        return None
+    if KEYS.api is not None and not matches(bearer(headers), KEYS.api):
+        return None
+    refused = ADMISSION.refusal(1)
+    if refused is not None:
+        REFUSED.labels(path=path if TABLE.is_known(path) else "other").inc()
+    return refused
+
+
+HEADER_CHECKS = HeaderChecks(header_timeout_s=PLAN.config.header_timeout_s, known_path=TABLE.is_known,
+                             refusal=_refusal, hold_s=PLAN.max_latency_ms / 1000)
+http_app = create_app(engine=lambda: bentoml.get_current_service().engine,
+                      openapi_base=lambda: Classifier.openapi_spec.asdict(), management=KEYS.admin is not None)
 if lifecycle.in_worker():
-    http_protocol.use_in_uvicorn()  # header limits and timeouts, JSON framing errors, cheap refusals
+    http_protocol.use_in_uvicorn()  # header limits and timeouts, JSON framing errors, cheap and paced refusals
     limit_malloc_arenas()  # before the decoding and inference threads exist
 
 
@@ -81,26 +125,15 @@ class _Classifier:
     def __init__(self) -> None:
         # Loads and warms up the models; BentoML answers requests only after this returns.
         try:
-            self.worker = Worker(PLAN, METRICS)
+            self.engine = Engine(PLAN, METRICS, ADMISSION)
         except Exception as e:  # noqa: BLE001 - whatever it is, this worker cannot serve: stop, do not loop
             lifecycle.fail_worker(f"cannot serve {', '.join(m.tag for m in PLAN.models)} on {PLAN.device}: "
                                   f"{type(e).__name__}: {e}")
-        http_protocol.configure(self._refuse, PLAN.config.header_timeout_s, is_known_path)
         health.mark_ready()
 
-    def _refuse(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> bytes | None:
-        if method != "POST" or not is_classify_path(path):
-            return None
-        if API_KEY is not None and not matches(bearer(headers), API_KEY):
-            return None  # the 401 comes first: the route's middleware gives it
-        body = self.worker.refusal()
-        if body is not None:
-            REFUSED.labels(path=path).inc()
-        return body
-
     # BentoML's clients (bentoml.SyncHTTPClient(url).classify(image=...)) find these in /schema.json. Over HTTP
-    # the service's own /classify and /classify_batch answer their routes (service/routes.py, ClientRoutes);
-    # called in-process, these bodies take the same admission, decoding pool and batcher.
+    # the front answers their routes with /classify and /classify_batch (route_table.CLIENT_ROUTES); called
+    # in-process, these bodies make the same engine call.
     @bentoml.api(route=next(k for k, v in CLIENT_ROUTES.items() if v == "/classify"))
     async def classify(self, image: Annotated[Path, ContentType("image/*")], top_k: int = PLAN.config.top_k) -> dict[str, Any]:
         """Classify one image with the default model: top-k predictions, best first."""
@@ -113,24 +146,31 @@ class _Classifier:
         return await self._uploads(images, top_k, batch=True)
 
     async def _uploads(self, paths: list[Path], top_k: int, batch: bool) -> dict[str, Any]:
+        cfg = PLAN.config
         try:
-            limit = PLAN.config.max_image_bytes
+            if not paths:
+                raise RequestError(400, "no image was given")
+            if top_k < 1:
+                raise RequestError(400, f"top_k={top_k} is out of range; send an integer >= 1")
+            if batch and len(paths) > cfg.max_batch_images:
+                raise RequestError(413, f"too many images in one request: the limit is {cfg.max_batch_images} "
+                                        "(server setting TUNESERVE_MAX_BATCH_IMAGES)")
             for p in paths:
-                size = p.stat().st_size
-                if size > limit:
-                    raise too_large(f"image {p.name!r}", size, limit, "TUNESERVE_MAX_IMAGE_BYTES")
+                if p.stat().st_size > cfg.max_image_bytes:
+                    raise too_large(f"image {p.name!r}", p.stat().st_size, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES")
             images = [ImageInput(p.name, p.read_bytes()) for p in paths]
-            return await classify_uploads(self.worker, images, top_k, batch)
-        except HTTPError as e:  # BentoML answers its own exception with the status
+            result = await self.engine.classify(None, images, per_image_errors=batch)
+            return batch_results(result, images, top_k) if batch else predictions(result, top_k)
+        except RequestError as e:  # BentoML answers its own exception with the status
             raise BentoMLException(e.message, error_code=HTTPStatus(e.status)) from None
 
     @bentoml.on_startup
     async def _start(self) -> None:
-        await self.worker.start()
+        await self.engine.start()
 
     @bentoml.on_shutdown
     def _stop(self) -> None:
-        self.worker.close()
+        self.engine.close()
 
 
 # `bentoml build` packs every model declared as a BentoModel attribute: the exact versions served at start.
@@ -145,8 +185,5 @@ Classifier = bentoml.service(
     envs=[{"name": "TUNESERVE_MODELS", "value": ",".join(m.tag for m in PLAN.models)},
           {"name": "TUNESERVE_DEFAULT_MODEL", "value": PLAN.default}],
 )(bentoml.asgi_app(http_app, path="/")(_Classifier))
-Classifier.add_asgi_middleware(ClientRoutes)
-Classifier.add_asgi_middleware(JsonErrors)
-Classifier.add_asgi_middleware(ApiKeys, api_key=API_KEY, admin_key=ADMIN_KEY, metrics_auth=PLAN.config.metrics_auth)
-Classifier.add_asgi_middleware(Probes, health=Health(expected_workers=PLAN.workers).report,
-                               model=lambda: PLAN.model.tag)
+Classifier.add_asgi_middleware(Front, table=TABLE, keys=KEYS, checks=HEADER_CHECKS,
+                               health=Health(expected_workers=PLAN.workers).report, model=lambda: PLAN.model.tag)

@@ -24,7 +24,7 @@ from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.samples import sample_photos
 from tuneserve.models.store import StoredModel
 from tuneserve.models.weights import build_model, head_parameters
-from tuneserve.service.batch_metrics import read_batch_sizes
+from tuneserve.service.engine.batch_metrics import read_batch_sizes
 from tuneserve.training.config import TrainConfig
 from tuneserve.training.data import Sample
 from tuneserve.training.distributed import DistEnv, cleanup, setup
@@ -300,7 +300,7 @@ def forged_size_jpeg(jpeg: bytes, width: int = 6300, height: int = 6300) -> byte
 # --- a worker without a server ------------------------------------------------------------------------------------
 
 class RecordingMetrics:
-    """The service's metrics (service/metrics.py), kept in lists for tests to read."""
+    """The service's metrics (service/engine/metrics.py), kept in lists for tests to read."""
 
     def __init__(self) -> None:
         self.batches: list[int] = []  # images per onnxruntime call
@@ -320,26 +320,40 @@ class RecordingMetrics:
         self.failed_loads.append(model)
 
 
-def make_worker(metrics=None, **settings):
-    """A Worker (service/worker.py) serving what `settings` (ServiceConfig fields) say."""
+def make_engine(metrics=None, **settings):
+    """An Engine (service/engine/engine.py) serving what `settings` (ServiceConfig fields) say."""
     from tuneserve.service.config import ServiceConfig
+    from tuneserve.service.engine.engine import Engine
     from tuneserve.service.plan import ServingPlan
-    from tuneserve.service.worker import Worker
 
-    return Worker(ServingPlan.resolve(ServiceConfig(**settings)), metrics)
+    return Engine(ServingPlan.resolve(ServiceConfig(**settings)), metrics)
 
 
 @contextlib.contextmanager
-def routes_client(worker, **settings):
-    """A worker built from `settings` (make_worker) behind the real routes, in-process (Starlette's
-    TestClient, server errors answered rather than raised): (client, worker); the worker is closed after."""
+def routes_client(engine, **settings):
+    """An engine built from `settings` (make_engine) behind the real routes, in-process (Starlette's
+    TestClient, server errors answered rather than raised): (client, engine); the engine is closed after."""
     from starlette.testclient import TestClient
 
-    from tuneserve.service.routes import create_app
+    from tuneserve.service.edges.routes import create_app
 
-    worker = worker if worker is not None else make_worker(**settings)
+    engine = engine if engine is not None else make_engine(**settings)
     try:
-        with TestClient(create_app(lambda: worker), raise_server_exceptions=False) as client:
-            yield client, worker
+        with TestClient(create_app(lambda: engine), raise_server_exceptions=False) as client:
+            yield client, engine
     finally:
-        worker.close()
+        engine.close()
+
+
+def front_app(engine, api_key: str | None = None, admin_key: str | None = None):
+    """The routes behind the service's front middleware (keys, probes, JSON errors), as service/service.py
+    stacks them, for in-process tests."""
+    from tuneserve.service.edges.auth import Keys
+    from tuneserve.service.edges.front import Front
+    from tuneserve.service.edges.route_table import RouteTable
+    from tuneserve.service.edges.routes import create_app
+
+    management = admin_key is not None
+    return Front(create_app(lambda: engine, management=management), table=RouteTable(management=management),
+                 keys=Keys(api_key, admin_key), health=lambda: {"workers": {"alive": 1, "expected": 1}, "live": True},
+                 model=lambda: engine.plan.model.tag)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneserve.service.admission import Deadline, WorkEstimate
+from tuneserve.service.engine.admission import Deadline, WorkEstimate
 
 
 class Clock:

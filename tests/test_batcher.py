@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tuneserve.service.batcher import DynamicBatcher, Overloaded
+from tuneserve.service.engine.batcher import DynamicBatcher, Overloaded
 
 
 class Engine:

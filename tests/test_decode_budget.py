@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from tuneserve.service.decode_budget import LARGE_BYTES, DecodeBudget, DecodeBudgetExceeded
+from tuneserve.service.engine.decode_budget import LARGE_BYTES, DecodeBudget, DecodeBudgetExceeded
 
 MB = 2**20
 

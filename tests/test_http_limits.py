@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tuneserve.service.http_protocol import MAX_HEADER_BYTES, MAX_HEADERS
+from tuneserve.service.edges.http_protocol import MAX_HEADER_BYTES, MAX_HEADERS
 from tuneserve.service.process import running_server
 from support import photo
 

@@ -29,7 +29,7 @@ def test_lr_schedule_warms_up_and_decays_per_phase():
 
 
 def test_batch_size_histogram_is_read_from_prometheus_text():
-    from tuneserve.service.batch_metrics import batch_sizes_between, read_batch_sizes
+    from tuneserve.service.engine.batch_metrics import batch_sizes_between, read_batch_sizes
 
     # What BentoML's /metrics shows: one series per endpoint, floats in any Prometheus notation.
     text = """# HELP tuneserve_inference_batch_size images per onnxruntime call

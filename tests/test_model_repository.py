@@ -1,5 +1,5 @@
 """Several models in one service, and their versions changing while it serves (in-process: a Worker behind the
-real routes; the multi-worker and under-load checks are in tests/test_live_updates.py)."""
+real routes; the multi-engine and under-load checks are in tests/test_live_updates.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +8,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from tuneserve.models.store import save_model
-from tuneserve.service.auth import ApiKeys
-from tuneserve.service.routes import create_app
-from support import RecordingMetrics, make_worker, photo
+from tuneserve.service.edges.routes import create_app
+from support import RecordingMetrics, front_app, make_engine, photo
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +35,8 @@ def two_models(ants_bees, three_shades):
 
 def test_two_models_each_answer_with_their_own_labels(two_models):
     hym, shades = two_models
-    worker = make_worker(models=f"{hym.tag},{shades.name}")
-    with TestClient(create_app(lambda: worker)) as client:
+    engine = make_engine(models=f"{hym.tag},{shades.name}")
+    with TestClient(create_app(lambda: engine)) as client:
         listed = client.get("/models").json()
         assert listed["default"] == hym.name
         assert [(m["name"], m["version"], m["labels"], m["state"]) for m in listed["models"]] == [
@@ -56,26 +55,26 @@ def test_two_models_each_answer_with_their_own_labels(two_models):
         assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
         assert f"served models: {hym.name}, {shades.name}" in missing.json()["error"]
         assert client.get("/models/nope").status_code == 404
-    worker.close()
+    engine.close()
 
 
 def test_the_default_model_can_be_named(two_models):
     hym, shades = two_models
-    worker = make_worker(models=f"{hym.tag},{shades.tag}", default_model=shades.name)
-    with TestClient(create_app(lambda: worker)) as client:
+    engine = make_engine(models=f"{hym.tag},{shades.tag}", default_model=shades.name)
+    with TestClient(create_app(lambda: engine)) as client:
         assert client.post("/classify", content=photo("coffee.png")).json()["model"] == shades.tag
-    worker.close()
+    engine.close()
     with pytest.raises(ValueError, match="TUNESERVE_DEFAULT_MODEL='nope' is not among the served models"):
-        make_worker(models=hym.tag, default_model="nope")
+        make_engine(models=hym.tag, default_model="nope")
     with pytest.raises(ValueError, match="more than once"):
-        make_worker(models=f"{hym.tag},{hym.name}")
+        make_engine(models=f"{hym.tag},{hym.name}")
 
 
 def test_explicit_control_loads_rolls_back_and_unloads(two_models):
     hym, shades = two_models
     metrics = RecordingMetrics()
-    worker = make_worker(metrics, models=f"{hym.tag},{shades.tag}", model_control="explicit")
-    app = ApiKeys(create_app(lambda: worker, management=True), api_key=None, admin_key=ADMIN)
+    engine = make_engine(metrics, models=f"{hym.tag},{shades.tag}", model_control="explicit")
+    app = front_app(engine, None, ADMIN)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     with TestClient(app) as client:
         v2 = new_version(shades)
@@ -106,24 +105,24 @@ def test_explicit_control_loads_rolls_back_and_unloads(two_models):
         r = client.post(f"/v2/repository/models/{shades.name}/load", json={"version": v2}, headers=admin)
         assert r.status_code == 200 and client.get(f"/models/{shades.name}").json()["version"] == v2
         assert client.post("/v2/repository/models/nope/load", headers=admin).status_code == 404
-    worker.close()
+    engine.close()
 
 
 def test_versions_change_only_in_explicit_mode(two_models):
     hym, _ = two_models
-    worker = make_worker(models=hym.tag, model_control="poll")
-    with TestClient(create_app(lambda: worker, management=True)) as client:
+    engine = make_engine(models=hym.tag, model_control="poll")
+    with TestClient(create_app(lambda: engine, management=True)) as client:
         r = client.post(f"/v2/repository/models/{hym.name}/load")
         assert r.status_code == 409 and "TUNESERVE_MODEL_CONTROL=explicit" in r.json()["error"]
-    with TestClient(create_app(lambda: worker, management=False)) as client:
+    with TestClient(create_app(lambda: engine, management=False)) as client:
         assert client.post(f"/v2/repository/models/{hym.name}/load").status_code == 404  # no admin key: no API
-    worker.close()
+    engine.close()
 
 
 def test_api_keys(two_models):
     hym, _ = two_models
-    worker = make_worker(models=hym.tag, model_control="explicit")
-    app = ApiKeys(create_app(lambda: worker, management=True), api_key=API, admin_key=ADMIN)
+    engine = make_engine(models=hym.tag, model_control="explicit")
+    app = front_app(engine, API, ADMIN)
     with TestClient(app) as client:
         for headers, problem in (({}, "no 'Authorization: Bearer <key>' header"),
                                  ({"Authorization": "Bearer nope"}, "the key is wrong"),
@@ -141,4 +140,4 @@ def test_api_keys(two_models):
         assert client.post("/v2/repository/index", headers=ok).status_code == 401  # the API key is not the admin key
         assert client.post("/v2/repository/index", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
         assert client.get("/docs.json").status_code == 404  # open (no document in this bare app): not a 401
-    worker.close()
+    engine.close()

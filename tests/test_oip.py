@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tuneserve.models.preprocessing import preprocess_pixels
-from tuneserve.service import oip
+from tuneserve.service.edges import oip
 from support import photo, routes_client
 
 PHOTOS = ["coffee.png", "chelsea.png", "rocket.jpg"]

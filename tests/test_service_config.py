@@ -5,7 +5,9 @@ import pytest
 
 from tuneserve.models.preprocessing import ImageDecodeError, load_image
 from tuneserve.service.config import BATCHING_DEFAULTS, ServiceConfig
-from tuneserve.service.inputs import HTTPError, decode_error_status, parse_top_k
+from tuneserve.service.edges.http_inputs import parse_top_k
+from tuneserve.service.engine.errors import RequestError
+from tuneserve.service.engine.model_version import decode_error_status
 from support import encode
 
 
@@ -76,7 +78,7 @@ def test_top_k_defaults_and_clamps_to_the_number_of_classes(raw, expected):
 @pytest.mark.parametrize("raw, message", [("abc", "is not an integer"), ("2.5", "is not an integer"),
                                           ("0", "out of range"), ("-3", "out of range")])
 def test_bad_top_k_is_a_400_that_says_what_to_send(raw, message):
-    with pytest.raises(HTTPError, match=message) as e:
+    with pytest.raises(RequestError, match=message) as e:
         parse_top_k(raw, 5, 1000)
     assert e.value.status == 400 and "integer >= 1" in e.value.message
 

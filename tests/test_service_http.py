@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from tuneserve.models.runtime import OnnxClassifier, softmax
-from tuneserve.service.routes import create_app
-from support import RecordingMetrics, builtin_model, encode, make_worker, model_inputs, photo, routes_client
+from tuneserve.service.edges.routes import create_app
+from support import RecordingMetrics, builtin_model, encode, make_engine, model_inputs, photo, routes_client
 
 MAX_IMAGE_BYTES = 2_000_000  # small limits, so that the tests stay small
 MAX_PIXELS = 4_000_000
@@ -31,7 +31,7 @@ def metrics() -> RecordingMetrics:
 def served(model, metrics):
     # A generous latency bound: 24 requests at once on 2 cores wait ~0.35 s, which admission would refuse under
     # the CPU default of 1 s (30% of it); the overload test below sets its own limit.
-    with routes_client(make_worker(metrics, models=model.tag, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS,
+    with routes_client(make_engine(metrics, models=model.tag, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS,
                                    max_batch_images=MAX_BATCH_IMAGES, max_latency_ms=10_000)) as pair:
         yield pair
 
@@ -42,7 +42,7 @@ def client(served):
 
 
 @pytest.fixture(scope="module")
-def worker(served):
+def engine(served):
     return served[1]
 
 
@@ -198,12 +198,13 @@ def test_bentoml_endpoints_and_openapi(bento_client):
     assert spec["info"]["version"] == __import__("tuneserve").__version__
     assert {"/classify", "/classify_batch", "/model", "/readyz", "/v2/models/{name}/infer"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
-    # Every documented path keeps its own metrics label (the others share one: service/http_protocol.py).
-    from tuneserve.service.routes import is_known_path
+    # Every documented path is in the route table (the HTTP protocol answers the others 404 from the headers).
+    from tuneserve.service.edges.route_table import RouteTable
 
+    table = RouteTable()
     documented = [re.sub(r"\{[^}]+\}", "x", path) for path in spec["paths"]]
-    assert [path for path in documented if not is_known_path(path)] == []
-    assert not is_known_path("/wp-login.php") and not is_known_path("/models/x/y")
+    assert [path for path in documented if not table.is_known(path)] == []
+    assert not table.is_known("/wp-login.php") and not table.is_known("/models/x/y")
     r = client.post("/classify", content=photo("coffee.png"))
     assert r.status_code == 200 and top1(r.json()) == "espresso"
     metrics = client.get("/metrics").text
@@ -216,15 +217,15 @@ def test_bentoml_endpoints_and_openapi(bento_client):
 
 
 @pytest.mark.parametrize("management", [False, True])
-def test_openapi_documents_exactly_the_apps_routes(worker, management):
+def test_openapi_documents_exactly_the_apps_routes(engine, management):
     from starlette.testclient import TestClient
 
-    app = create_app(lambda: worker, openapi_base=lambda: {"openapi": "3.0.2", "paths": {}}, management=management)
+    app = create_app(lambda: engine, openapi_base=lambda: {"openapi": "3.0.2", "paths": {}}, management=management)
     routes = {(r.path, m.lower()) for r in app.routes for m in r.methods - {"HEAD"} if r.path != "/docs.json"}
     with TestClient(app) as client:
         spec = client.get("/docs.json").json()
     documented = {(path, method) for path, item in spec["paths"].items() for method in item}
-    from tuneserve.service.routes import CLIENT_ROUTES  # BentoML's API routes, which these answer
+    from tuneserve.service.edges.route_table import CLIENT_ROUTES  # BentoML's API routes, which these answer
 
     assert documented == routes | {(path, "post") for path in CLIENT_ROUTES}
     assert any(path.startswith("/v2/repository/") for path, _ in routes) == management
@@ -233,6 +234,32 @@ def test_openapi_documents_exactly_the_apps_routes(worker, management):
             declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
             assert declared == set(re.findall(r"\{(\w+)\}", path)), path
             assert all(code.isdigit() for code in op["responses"]), path
+
+
+def test_every_route_of_the_whole_app_is_in_the_route_table(bento_client):
+    """BentoML's routes and ours, as the served ASGI app has them: a route the table does not know would be
+    answered 404 by the HTTP protocol, so one added anywhere without its table line fails here."""
+    from starlette.routing import Mount
+
+    from tuneserve.service.edges.route_table import ROUTES, RouteTable
+
+    service = importlib.import_module("tuneserve.service.service")
+    app = service.Classifier.to_asgi()
+    while not hasattr(app, "routes"):  # middleware wrappers around the router
+        app = getattr(app, "app")
+
+    def paths(routes, prefix=""):
+        for r in routes:
+            if isinstance(r, Mount):
+                yield from paths(r.routes, prefix + r.path)
+            else:
+                yield prefix + r.path
+
+    served = set(paths(app.routes))
+    table = RouteTable(management=True)
+    example = {p: re.sub(r"\{[^}:]+(:path)?\}", "x", p) for p in served}
+    assert sorted(p for p, e in example.items() if not table.is_known(e)) == []
+    assert {r.path for r in ROUTES if r.handler is not None and not r.management} <= served  # no admin key here
 
 
 def test_bentoml_api_functions_called_in_process(bento_client, model):
@@ -258,7 +285,7 @@ def test_bentoml_api_functions_called_in_process(bento_client, model):
             asyncio.run(instance.classify(image=photo_path("coffee.png"), top_k=0))
         assert bad.value.error_code == 400 and "top_k" in bad.value.message
     finally:
-        instance.worker.close()
+        instance.engine.close()
 
 
 # -- bad input: a 4xx JSON answer each, and the server keeps serving ------------------------------------------
@@ -341,9 +368,8 @@ def test_concurrent_requests_are_batched_and_answered_correctly(client, metrics)
     assert max(calls) > 1  # at least one call carried several images
 
 
-def test_overload_answers_503_quickly(client, worker, monkeypatch):
-    plan = worker.plan
-    monkeypatch.setattr(worker, "plan", dataclasses.replace(plan, config=dataclasses.replace(plan.config, max_in_flight=1)))
+def test_overload_answers_503_quickly(client, engine, monkeypatch):
+    monkeypatch.setattr(engine.admission, "max_in_flight", 1)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: client.post("/classify", content=photo("astronaut.png")), range(16)))
     codes = [a.status_code for a in answers]
@@ -359,14 +385,14 @@ def test_batching_can_be_switched_off(model):
 
     metrics = RecordingMetrics()
     # A generous bound: this test is about batching, not about admission refusing work on a busy machine.
-    worker = make_worker(metrics, models=model.tag, max_batch_size=1, max_latency_ms=30_000)
+    engine = make_engine(metrics, models=model.tag, max_batch_size=1, max_latency_ms=30_000)
     calls = metrics.batches
-    with TestClient(create_app(lambda: worker)) as client:
+    with TestClient(create_app(lambda: engine)) as client:
         batching = client.get("/model").json()["batching"]
         assert batching["enabled"] is False and batching["max_batch_size"] == 1
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: client.post("/classify", content=photo("coffee.png")), range(16)))
-    worker.close()
+    engine.close()
     assert all(a.status_code == 200 and top1(a.json()) == "espresso" for a in answers), [
         (a.status_code, a.text[-300:]) for a in answers if a.status_code != 200 or top1(a.json()) != "espresso"]
     assert calls == [1] * 16  # every onnxruntime call ran one image
@@ -381,15 +407,15 @@ def test_precision_variants_serve_the_same_labels(model, precision):
 
     names = ("coffee.png", "chelsea.png", "rocket.jpg", "grace_hopper.jpg")
 
-    async def best(worker) -> list[tuple[str, float]]:
-        deadline, served = worker.deadline(), worker.get(None)
+    async def best(engine) -> list[tuple[str, float]]:
+        deadline, served = engine.admission.deadline(), engine.model(None)
         probs = await served.classify([await served.preprocess(photo(n), deadline) for n in names], deadline)
         return [(served.labels[int(p.argmax())], float(p.max())) for p in probs]
 
-    variant, fp32 = (make_worker(models=model.tag, precision=p) for p in (precision, "auto"))
-    assert variant.get(None).describe()["runtime"]["precision"] == precision
-    assert fp32.get(None).describe()["runtime"]["precision"] == "fp32"  # auto on a CPU
-    assert variant.get(None).describe()["runtime"]["variants"][precision]["kept"] is True
+    variant, fp32 = (make_engine(models=model.tag, precision=p) for p in (precision, "auto"))
+    assert variant.model(None).describe()["runtime"]["precision"] == precision
+    assert fp32.model(None).describe()["runtime"]["precision"] == "fp32"  # auto on a CPU
+    assert variant.model(None).describe()["runtime"]["variants"][precision]["kept"] is True
     lower, full = asyncio.run(best(variant)), asyncio.run(best(fp32))
     assert [label for label, _ in lower] == [label for label, _ in full]
     np.testing.assert_allclose([p for _, p in lower], [p for _, p in full],

@@ -152,29 +152,28 @@ def _top1(metrics: dict[str, Any]) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tuneserve.service.config import ServiceConfig
+    from tuneserve.service.config import ServiceConfig, check_exposure
+    from tuneserve.service.plan import ServingPlan
     from tuneserve.service.process import serve_command
 
-    host = args.host or os.environ.get("BENTOML_HOST") or "0.0.0.0"
+    # Loopback by default, as TorchServe binds: a server reachable from elsewhere is a choice (with a key).
+    host = args.host or os.environ.get("BENTOML_HOST") or "127.0.0.1"
     port = _port(args.port)
-    from tuneserve.service.plan import ServingPlan
-
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ServiceConfig)}
     flags["models"] = ",".join(flags["models"]) if flags["models"] else None  # --model a --model b
     # Flags over TUNESERVE_* variables over defaults; bad values fail here, once, not in every worker.
     cfg = dataclasses.replace(ServiceConfig.from_env(), **{k: v for k, v in flags.items() if v is not None})
+    cfg.key("api"), cfg.key("admin")  # an unreadable key file is an error now, not in every worker
+    check_exposure(cfg, host)
     if not cfg.model_tags():
         from tuneserve.training.builtin import ensure_builtin_model
 
         ensure_builtin_model()  # registered on first use; the service only loads tags
-    # The models too, before anything is announced: an unknown tag, a damaged file or a graph that does not
-    # load is one readable error; the workers get the exact name:version of each.
+    # The plan, once: an unknown tag, a damaged file or a graph that does not load is one readable error now,
+    # and the workers serve exactly the checked versions and settings (TUNESERVE_PLAN).
     plan = ServingPlan.resolve(cfg)
     plan.check()
-    cfg.key("api"), cfg.key("admin")  # an unreadable key file is an error now, not in every worker
-    if cfg.models != "all":
-        cfg = dataclasses.replace(cfg, models=",".join(m.tag for m in plan.models))
-    env = {**os.environ, **cfg.to_env()}
+    env = {**os.environ, **plan.to_env()}
     print(f"serving {', '.join(m.tag for m in plan.models)} on http://{host}:{port}  (POST /classify, "
           f"POST /models/NAME/classify, GET /models, docs at /)", flush=True)
     # exec: `tuneserve serve` becomes `bentoml serve`, so Ctrl-C, SIGTERM and the exit code are bentoml's own.
@@ -204,10 +203,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
     with ServiceClient(args.url, api_key=args.api_key) as client:
-        answers = [(path, client.classify(path.read_bytes(), args.top_k, args.model)) for path in paths]
+        ask = client.explain if args.explain else client.classify
+        answers = [(path, ask(path.read_bytes(), args.top_k, args.model)) for path in paths]
     failed = [(p, a) for p, a in answers if not a.ok]
+    written = _write_overlays([(p, a) for p, a in answers if a.ok], Path(args.output_dir)) if args.explain else []
     if args.json:
-        print(json.dumps([{"image": str(p), **a.body} if a.ok else
+        print(json.dumps([{"image": str(p), **_without_pictures(a.body)} if a.ok else
                           {"image": str(p), "error": a.body.get("error", ""), "status": a.status} for p, a in answers],
                          indent=1))
     else:
@@ -217,7 +218,47 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if good:
             print(f"model {good[0][1].body['model']} at {client.url}")
             print(predictions_table([(p.name, a.body["predictions"]) for p, a in good]))
+        for path in written:
+            print(f"wrote {path}")
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _write_overlays(answers: list[tuple[Path, Any]], out_dir: Path) -> list[Path]:
+    """Each prediction's overlay (base64 PNG in the explain answer) as OUT_DIR/<image stem>.<label>.explain.png."""
+    import base64
+    import re
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image, answer in answers:
+        for prediction in answer.body["predictions"]:
+            label = re.sub(r"[^\w.-]+", "_", prediction["label"]).strip("_") or "label"  # a safe file name part
+            path = out_dir / f"{image.stem}.{label}.explain.png"
+            path.write_bytes(base64.b64decode(prediction["overlay_png"]))
+            written.append(path)
+    return written
+
+
+def _without_pictures(body: dict[str, Any]) -> dict[str, Any]:
+    """An explain answer for printing: the overlays are files already, and base64 PNGs bury the scores."""
+    return {**body, "predictions": [{k: v for k, v in p.items() if k != "overlay_png"} for p in body["predictions"]]}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tuneserve.training.diagnostics import inspect_folder
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    found = inspect_folder(args.data, args.model, args.output_dir, args.device, args.batch_size)
+    issues = found["issues"]
+    print(f"{found['photos']} photos ({found['skipped']} unreadable, skipped), features of {found['model']}: "
+          f"{len(issues)} likely mislabelled")
+    rows = [(Path(i.path).name, i.given_label, i.suggested_label, f"{i.score:.3f}") for i in issues[:10]]
+    if rows:
+        print(format_table(("PHOTO", "GIVEN", "SUGGESTED", "LABEL QUALITY"), rows, right=(3,)))
+    for path in found["files"]:
+        print(f"wrote {path}")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -249,4 +290,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "models": cmd_models,
-            "serve": cmd_serve, "predict": cmd_predict, "demo": cmd_demo}
+            "serve": cmd_serve, "predict": cmd_predict, "demo": cmd_demo, "inspect": cmd_inspect}

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="serve a registered model over HTTP (BentoML): POST /classify, /classify_batch, GET /model",
         description="Every setting can also come from its environment variable; flags win.")
-    p.add_argument("--host", default=None, help="interface to listen on (default: $BENTOML_HOST or 0.0.0.0)")
+    p.add_argument("--host", default=None, help="interface to listen on (default: $BENTOML_HOST or 127.0.0.1; another address needs TUNESERVE_API_KEY or --allow-no-key)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default: $BENTOML_PORT or 3000)")
     add_dataclass_flags(p, ServiceConfig, _serve_default)
 
@@ -97,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object per image: the service's answer, or its error and HTTP status")
     p.add_argument("--model", default=None, metavar="NAME", help="model to ask (none: the model the service serves by default)")
     p.add_argument("--api-key", default=None, help="the service's API key (default: $TUNESERVE_API_KEY)")
+    p.add_argument("--explain", action="store_true",
+                   help="also ask where the model looked: writes IMAGE_STEM.LABEL.explain.png (the class's "
+                        "activation map over the photo) for each prediction into --output-dir")
+    p.add_argument("--output-dir", default=".", metavar="DIR",
+                   help="where --explain writes its pictures (default: the current folder)")
+
+    p = sub.add_parser("inspect", help="find photos whose label is likely wrong in a labelled folder, without "
+                       "training: label_issues.csv and label_issues.png (cleanlab)")
+    p.add_argument("data", metavar="DATA", help="DIR/<class>/* (or DIR/train/<class>/* + DIR/val/<class>/*, together)")
+    p.add_argument("--model", default=None, metavar="TAG",
+                   help="registered model whose features to use (its kept PyTorch weights; default: the built-in "
+                        "ImageNet EfficientNet-Lite0); with the folder's classes, also top_losses.png")
+    p.add_argument("--output-dir", default=".", metavar="DIR", help="where the files go (default: the current folder)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="PyTorch device for the features (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
 
     p = sub.add_parser("demo", help="serve the built-in ImageNet model on a free port and classify real sample "
                        "photos over HTTP")

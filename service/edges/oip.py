@@ -3,7 +3,7 @@
 Codec only, no model and no server: `parse_infer_request` turns a request body (JSON, or JSON followed by
 binary tensors, Triton's binary tensor data extension) into the images or pixels to classify and the outputs
 asked for; `encode_infer_response` turns probabilities back into the protocol's answer. Every way a request
-can be wrong is an HTTPError 400 that names the field and what is accepted.
+can be wrong is an RequestError 400 that names the field and what is accepted.
 
 What a tuneserve model takes and gives, in protocol terms (GET /v2/models/{name} says the same):
 - input `image`, BYTES, shape [N] (or [N, 1]): encoded images (JPEG, PNG, ...). In the binary extension each
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tuneserve.service.inputs import HTTPError
+from tuneserve.service.engine.errors import RequestError
 
 HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor data extension
 IMAGE_INPUT = "image"
@@ -75,46 +75,46 @@ class InferRequest:
 
 def parse_infer_request(body: bytes, header_length: str | None, pixels: PixelsSpec, max_images: int,
                         max_image_bytes: int) -> InferRequest:
-    """`body` and its Inference-Header-Content-Length header (None: all JSON) -> InferRequest; HTTPError 400
+    """`body` and its Inference-Header-Content-Length header (None: all JSON) -> InferRequest; RequestError 400
     for anything malformed, 413 for more than `max_images` images or an image over `max_image_bytes`."""
     header, binary = _split(body, header_length)
     try:
         request = json.loads(header)
     except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "the inference request must be a JSON object (with the binary tensor extension, its "
+        raise RequestError(400, "the inference request must be a JSON object (with the binary tensor extension, its "
                              f"first {HEADER_LENGTH} bytes)") from None
     if not isinstance(request, dict):
-        raise HTTPError(400, "the inference request must be a JSON object with an 'inputs' list")
+        raise RequestError(400, "the inference request must be a JSON object with an 'inputs' list")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise HTTPError(400, f"'inputs' must be a list of one tensor: {IMAGE_INPUT!r} (BYTES, encoded images) or "
+        raise RequestError(400, f"'inputs' must be a list of one tensor: {IMAGE_INPUT!r} (BYTES, encoded images) or "
                              f"{PIXELS_INPUT!r} ({pixels.describe})")
     tensor = inputs[0]
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise HTTPError(400, f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+        raise RequestError(400, f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
     data = _tensor_bytes(tensor, binary)
     out = InferRequest(id=_request_id(request), **_outputs(request))
     if (name, datatype) == (IMAGE_INPUT, "BYTES"):
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise HTTPError(400, f"input {IMAGE_INPUT!r}: shape must be [N] or [N, 1], got {shape}")
+            raise RequestError(400, f"input {IMAGE_INPUT!r}: shape must be [N] or [N, 1], got {shape}")
         _check_count(shape[0], max_images)
         out.images = _bytes_elements(tensor, data, shape[0])
         for i, image in enumerate(out.images):
             if not image:
-                raise HTTPError(400, f"input {IMAGE_INPUT!r}: element {i} is empty")
+                raise RequestError(400, f"input {IMAGE_INPUT!r}: element {i} is empty")
             if len(image) > max_image_bytes:
-                raise HTTPError(413, f"input {IMAGE_INPUT!r}: element {i} is {len(image)} bytes; the limit is "
+                raise RequestError(413, f"input {IMAGE_INPUT!r}: element {i} is {len(image)} bytes; the limit is "
                                      f"{max_image_bytes} (server setting TUNESERVE_MAX_IMAGE_BYTES)")
     elif (name, datatype) == (PIXELS_INPUT, pixels.datatype):
         want = [shape[0] if shape else -1, *pixels.dims]
         if len(shape) != 4 or shape[1:] != want[1:]:
-            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape must be {want} (N images, RGB, the model's input "
+            raise RequestError(400, f"input {PIXELS_INPUT!r}: shape must be {want} (N images, RGB, the model's input "
                                  f"size), got {shape}")
         _check_count(shape[0], max_images)
         out.pixels = _numeric_elements(tensor, data, shape, datatype)
     else:
-        raise HTTPError(400, f"input {name!r} of datatype {datatype!r} is not accepted by this model: send "
+        raise RequestError(400, f"input {name!r} of datatype {datatype!r} is not accepted by this model: send "
                              f"{IMAGE_INPUT!r} (BYTES, encoded images) or {PIXELS_INPUT!r} ({pixels.describe})")
     return out
 
@@ -175,7 +175,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     except ValueError:
         n = -1
     if not 0 < n <= len(body):
-        raise HTTPError(400, f"{HEADER_LENGTH}: {header_length!r} must be the length of the JSON header, between 1 "
+        raise RequestError(400, f"{HEADER_LENGTH}: {header_length!r} must be the length of the JSON header, between 1 "
                              f"and the body's {len(body)} bytes")
     return body[:n], body[n:]
 
@@ -183,7 +183,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 def _request_id(request: dict[str, Any]) -> str | None:
     rid = request.get("id")
     if rid is not None and not isinstance(rid, str):
-        raise HTTPError(400, f"'id' must be a string, got {rid!r}")
+        raise RequestError(400, f"'id' must be a string, got {rid!r}")
     return rid
 
 
@@ -191,23 +191,23 @@ def _outputs(request: dict[str, Any]) -> dict[str, Any]:
     """classification k and binary output, from 'outputs' and the request's parameters."""
     params = request.get("parameters") or {}
     if not isinstance(params, dict):
-        raise HTTPError(400, "'parameters' must be a JSON object")
+        raise RequestError(400, "'parameters' must be a JSON object")
     binary = params.get("binary_data_output", False) is True
     classification = 0
     outputs = request.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list) or len(outputs) > 1 or not all(isinstance(o, dict) for o in outputs):
-            raise HTTPError(400, f"'outputs' may name one output, {OUTPUT!r}")
+            raise RequestError(400, f"'outputs' may name one output, {OUTPUT!r}")
         for o in outputs:
             if o.get("name") != OUTPUT:
-                raise HTTPError(400, f"output {o.get('name')!r} does not exist: the model's output is {OUTPUT!r}")
+                raise RequestError(400, f"output {o.get('name')!r} does not exist: the model's output is {OUTPUT!r}")
             p = o.get("parameters") or {}
             if not isinstance(p, dict):
-                raise HTTPError(400, f"output {OUTPUT!r}: 'parameters' must be a JSON object")
+                raise RequestError(400, f"output {OUTPUT!r}: 'parameters' must be a JSON object")
             binary = p.get("binary_data", binary) is True
             k = p.get("classification", 0)
             if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-                raise HTTPError(400, f"output {OUTPUT!r}: 'classification' must be an integer >= 1 (0: "
+                raise RequestError(400, f"output {OUTPUT!r}: 'classification' must be an integer >= 1 (0: "
                                      f"probabilities), got {k!r}")
             classification = k
     return {"classification": classification, "binary_output": binary}
@@ -215,9 +215,9 @@ def _outputs(request: dict[str, Any]) -> dict[str, Any]:
 
 def _check_count(n: int, max_images: int) -> None:
     if n < 1:
-        raise HTTPError(400, "the input holds no image: its first dimension must be at least 1")
+        raise RequestError(400, "the input holds no image: its first dimension must be at least 1")
     if n > max_images:
-        raise HTTPError(413, f"{n} images in one request; the limit is {max_images} (server setting "
+        raise RequestError(413, f"{n} images in one request; the limit is {max_images} (server setting "
                              "TUNESERVE_MAX_BATCH_IMAGES); split them over several requests")
 
 
@@ -225,17 +225,17 @@ def _tensor_bytes(tensor: dict[str, Any], binary: bytes) -> bytes | None:
     """The tensor's binary data (None: its data is in JSON)."""
     params = tensor.get("parameters") or {}
     if not isinstance(params, dict):
-        raise HTTPError(400, f"input {tensor.get('name')!r}: 'parameters' must be a JSON object")
+        raise RequestError(400, f"input {tensor.get('name')!r}: 'parameters' must be a JSON object")
     size = params.get("binary_data_size")
     if size is None:
         if binary:
-            raise HTTPError(400, "binary data follows the JSON header, but no input declares its "
+            raise RequestError(400, "binary data follows the JSON header, but no input declares its "
                                  "'binary_data_size'")
         if "data" not in tensor:
-            raise HTTPError(400, f"input {tensor.get('name')!r} has neither 'data' nor a 'binary_data_size'")
+            raise RequestError(400, f"input {tensor.get('name')!r} has neither 'data' nor a 'binary_data_size'")
         return None
     if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
-        raise HTTPError(400, f"input {tensor.get('name')!r}: binary_data_size {size!r} does not match the "
+        raise RequestError(400, f"input {tensor.get('name')!r}: binary_data_size {size!r} does not match the "
                              f"{len(binary)} bytes after the JSON header")
     return binary
 
@@ -245,27 +245,27 @@ def _bytes_elements(tensor: dict[str, Any], data: bytes | None, n: int) -> list[
         out, pos = [], 0
         while pos < len(data):
             if pos + 4 > len(data):
-                raise HTTPError(400, f"input {IMAGE_INPUT!r}: binary data ends inside an element's 4-byte length")
+                raise RequestError(400, f"input {IMAGE_INPUT!r}: binary data ends inside an element's 4-byte length")
             (length,) = struct.unpack_from("<I", data, pos)
             pos += 4
             if pos + length > len(data):
-                raise HTTPError(400, f"input {IMAGE_INPUT!r}: element {len(out)} claims {length} bytes, but only "
+                raise RequestError(400, f"input {IMAGE_INPUT!r}: element {len(out)} claims {length} bytes, but only "
                                      f"{len(data) - pos} follow")
             out.append(data[pos:pos + length])
             pos += length
     else:
         values = _flatten(tensor["data"])
         if not all(isinstance(v, str) for v in values):
-            raise HTTPError(400, f"input {IMAGE_INPUT!r}: in JSON, each element is an image as base64 text")
+            raise RequestError(400, f"input {IMAGE_INPUT!r}: in JSON, each element is an image as base64 text")
         out = []
         for i, v in enumerate(values):
             try:
                 out.append(base64.b64decode(v, validate=True))
             except (binascii.Error, ValueError):
-                raise HTTPError(400, f"input {IMAGE_INPUT!r}: element {i} is not base64 text (in JSON, images are "
+                raise RequestError(400, f"input {IMAGE_INPUT!r}: element {i} is not base64 text (in JSON, images are "
                                      "sent base64-encoded; raw bytes go in the binary tensor extension)") from None
     if len(out) != n:
-        raise HTTPError(400, f"input {IMAGE_INPUT!r}: shape says {n} elements, the data holds {len(out)}")
+        raise RequestError(400, f"input {IMAGE_INPUT!r}: shape says {n} elements, the data holds {len(out)}")
     return out
 
 
@@ -275,7 +275,7 @@ def _numeric_elements(tensor: dict[str, Any], data: bytes | None, shape: list[in
     count = int(np.prod(shape))
     if data is not None:
         if len(data) != count * wire.itemsize:
-            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count * wire.itemsize} bytes of "
+            raise RequestError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count * wire.itemsize} bytes of "
                                  f"{datatype}, got {len(data)}")
         array = np.frombuffer(data, dtype=wire).astype(wire.newbyteorder("="), copy=False)
     else:
@@ -287,19 +287,19 @@ def _numeric_elements(tensor: dict[str, Any], data: bytes | None, shape: list[in
             ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
             wanted = "numbers"
         if len(values) != count or not ok:
-            raise HTTPError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count} {wanted}, got "
+            raise RequestError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count} {wanted}, got "
                                  f"{len(values)} values")
         array = np.asarray(values, dtype=wire.newbyteorder("="))
     array = array.reshape(shape)
     if datatype == "FP32" and not np.isfinite(array).all():
-        raise HTTPError(400, f"input {PIXELS_INPUT!r}: every value must be finite (no NaN or infinity)")
+        raise RequestError(400, f"input {PIXELS_INPUT!r}: every value must be finite (no NaN or infinity)")
     return array
 
 
 def _flatten(data: Any) -> list[Any]:
     """The protocol allows data as a flat list or nested in the tensor's shape."""
     if not isinstance(data, list):
-        raise HTTPError(400, f"'data' must be a list, got {type(data).__name__}")
+        raise RequestError(400, f"'data' must be a list, got {type(data).__name__}")
     out: list[Any] = []
     stack = [iter(data)]
     while stack:

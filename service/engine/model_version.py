@@ -1,11 +1,11 @@
-"""One model version being served: its onnxruntime session and dynamic batcher, on the worker's shared decoding
-pool and engine thread (service/worker.py).
+"""One model version being served: its onnxruntime session and dynamic batcher, on the decoding pool and engine
+thread that all of a worker's versions share (`Shared`, made by the engine and passed in).
 
-No BentoML here. The path of an image: its decode cost read from the header and reserved from the worker's
-decode memory (service/decode_budget.py) -> decode + preprocess in the worker's thread pool, concurrently
-with other requests -> this version's DynamicBatcher, which gathers the arrays of concurrent requests into
-one onnxruntime call whenever the engine is free -> softmax. Each step first checks the request's
-deadline, so nothing is decoded or run for an answer that would come too late.
+No BentoML and no HTTP here. The path of an image: its decode cost read from the header and reserved from the
+shared decode memory (decode_budget.py) -> decode + preprocess in the shared thread pool, concurrently with
+other requests -> this version's DynamicBatcher, which gathers the arrays of concurrent requests into one
+onnxruntime call whenever the engine thread is free -> softmax. Each step first checks the request's deadline,
+so nothing is decoded or run for an answer that would come too late.
 """
 from __future__ import annotations
 
@@ -13,36 +13,64 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 
 from tuneserve.models.preprocessing import (ImageDecodeError, Preprocessing, decode_estimate, full_scale_jpeg, normalise,
                                             preprocess_pixels)
 from tuneserve.models.runtime import OnnxClassifier, bucket_sizes, softmax
-from tuneserve.service.admission import Deadline
-from tuneserve.service.batcher import DynamicBatcher, Overloaded
-from tuneserve.service.decode_budget import LARGE_BYTES, DecodeBudgetExceeded, release_free_memory
-from tuneserve.service.gpu_decode import gpu_pixels
-from tuneserve.service.inputs import HTTPError, decode_error_status
-from tuneserve.service.metrics import Metrics
-from tuneserve.service.plan import ModelChoice
-
-if TYPE_CHECKING:
-    from tuneserve.service.worker import Worker
+from tuneserve.service.config import ServiceConfig
+from tuneserve.service.engine.admission import Deadline
+from tuneserve.service.engine.batcher import DynamicBatcher, Overloaded
+from tuneserve.service.engine.decode_budget import LARGE_BYTES, DecodeBudget, DecodeBudgetExceeded, release_free_memory
+from tuneserve.service.engine.errors import RequestError
+from tuneserve.service.engine.metrics import Metrics
+from tuneserve.service.gpu_decode import GpuJpegDecoder, gpu_pixels
+from tuneserve.service.plan import ModelChoice, ServingPlan
 
 log = logging.getLogger("tuneserve.service")
 
 
-class ServedModel:
-    """Loads and warms up `choice` (in the calling thread: it takes a while), then serves it on `worker`."""
+@dataclass(frozen=True)
+class Shared:
+    """What every model version of a worker shares, and why (docs/serving.md, "Several models"): one decoding
+    pool and its memory budget, because decoding costs the same whichever model the image is for; one engine
+    thread, so that two models' batches take turns on the device instead of fighting for its cores."""
 
-    def __init__(self, choice: ModelChoice, worker: "Worker", metrics: Metrics):
+    plan: ServingPlan
+    pool: ThreadPoolExecutor  # decode + preprocess
+    engine: ThreadPoolExecutor  # one thread: the model calls
+    decode_budget: DecodeBudget
+    gpu_decoder: GpuJpegDecoder | None  # ordinary JPEGs decode on the GPU where it loaded; None: the CPU
+    metrics: Metrics
+
+    @property
+    def config(self) -> ServiceConfig:
+        return self.plan.config
+
+
+def decode_error_status(err: ImageDecodeError) -> int:
+    """The status for a failure of `models.preprocessing.load_image`, from its (documented) reasons."""
+    msg = str(err)
+    if "over the limit" in msg or "decompression bomb" in msg:
+        return 413  # too many pixels: refused before decoding
+    if msg.startswith("unsupported image format"):
+        return 415  # a real image, in a format we do not serve (ICO, PSD, ...)
+    return 400  # empty, not an image, truncated or corrupt
+
+
+class ModelVersion:
+    """Loads and warms up `choice` (in the calling thread: it takes a while), then serves it on `shared`."""
+
+    def __init__(self, choice: ModelChoice, shared: Shared):
         started = time.perf_counter()
-        plan = worker.plan
+        plan, metrics = shared.plan, shared.metrics
         self.choice = choice
         self.model = choice.stored
-        self.worker = worker
+        self.shared = shared
         self.precision = choice.precision
         # Buckets up to the largest call the batcher makes: a full batch, or one /classify_batch request alone.
         # spin=False on CPU: onnxruntime's idle threads must not busy-wait on the cores decoding needs.
@@ -51,7 +79,7 @@ class ServedModel:
                                       spin=plan.device == "cuda")
         name, version = self.model.name, self.model.version
         self._batcher = DynamicBatcher(
-            self.session, plan.max_batch_size, executor=worker.engine,
+            self.session, plan.max_batch_size, executor=shared.engine,
             on_batch=lambda n, seconds: metrics.batch(name, version, n, seconds),
             on_wait=lambda seconds: metrics.engine_wait(name, version, seconds))
         self._active = 0  # requests using this version now: an old version is closed when they are done
@@ -92,11 +120,11 @@ class ServedModel:
         per-shape algorithm search. With buckets (CUDA) these are every shape the session will run; without,
         powers of two up to the largest batch cover the common ones."""
         size = self.model.card.preprocessing.input_size
-        for n in self.session.buckets or bucket_sizes(self.worker.plan.max_batch_size):
+        for n in self.session.buckets or bucket_sizes(self.shared.plan.max_batch_size):
             self.session(np.zeros(self.session.input_shape(n, size), dtype=self.session.input_dtype))
 
     @contextlib.contextmanager
-    def in_use(self) -> Iterator["ServedModel"]:
+    def in_use(self) -> Iterator["ModelVersion"]:
         """Mark a request as using this version, so that a switch to another one waits for it (drained())."""
         self._active += 1
         try:
@@ -120,26 +148,26 @@ class ServedModel:
     async def preprocess(self, data: bytes, deadline: Deadline) -> np.ndarray:
         """Decode and preprocess one image in the worker's thread pool -> the model's input for it (uint8
         (S, S, 3), or float32 (3, S, S) for models that take it normalised), within the worker's decode memory
-        budget and before `deadline`; a bad image raises HTTPError (4xx), a late one 503."""
-        pp, cfg, worker = self.model.card.preprocessing, self.worker.config, self.worker
+        budget and before `deadline`; a bad image raises RequestError (4xx), a late one 503."""
+        pp, cfg, shared = self.model.card.preprocessing, self.shared.config, self.shared
         nbytes = decode_estimate(data, pp)
         max_bytes = cfg.max_decode_mb * 2**20
         if nbytes > max_bytes:  # known from the header: refused before it takes any memory or time
-            raise HTTPError(413, f"the image needs about {nbytes // 2**20} MiB to decode, over the limit of "
+            raise RequestError(413, f"the image needs about {nbytes // 2**20} MiB to decode, over the limit of "
                                  f"{cfg.max_decode_mb} MiB (server setting TUNESERVE_MAX_DECODE_MB)")
         loop, normalised = asyncio.get_running_loop(), not self.takes_pixels
         try:
-            async with worker.decode_budget.reserve(nbytes, deadline.remaining()):
-                if worker.gpu_decoder is not None and full_scale_jpeg(data, pp, cfg.max_pixels):
-                    decoded = await worker.gpu_decoder.decode(data)
+            async with shared.decode_budget.reserve(nbytes, deadline.remaining()):
+                if shared.gpu_decoder is not None and full_scale_jpeg(data, pp, cfg.max_pixels):
+                    decoded = await shared.gpu_decoder.decode(data)
                     if decoded is not None:  # else the CPU decodes it, and explains any error
-                        return await loop.run_in_executor(worker.pool, _crop_in_time, decoded, pp, deadline, normalised)
+                        return await loop.run_in_executor(shared.pool, _crop_in_time, decoded, pp, deadline, normalised)
                 return await loop.run_in_executor(
-                    worker.pool, _decode_in_time, data, pp, cfg.max_pixels, max_bytes, nbytes, deadline, normalised)
+                    shared.pool, _decode_in_time, data, pp, cfg.max_pixels, max_bytes, nbytes, deadline, normalised)
         except ImageDecodeError as e:
-            raise HTTPError(decode_error_status(e), str(e)) from None
+            raise RequestError(decode_error_status(e), str(e)) from None
         except (DecodeBudgetExceeded, _Late):
-            raise worker.late(deadline, "waiting to decode the image") from None
+            raise deadline.late("waiting to decode the image") from None
 
     async def classify(self, arrays: list[np.ndarray], deadline: Deadline) -> np.ndarray:
         """Probabilities float32 (N, classes) for images as `preprocess` makes them, run together with whatever
@@ -147,11 +175,11 @@ class ServedModel:
         try:
             logits = await self._batcher.submit(arrays, deadline.expires)
         except Overloaded:
-            raise self.worker.late(deadline, "waiting for the model") from None
+            raise deadline.late("waiting for the model") from None
         return softmax(logits)
 
     def describe(self) -> dict[str, Any]:
-        card, plan, cfg = self.model.card, self.worker.plan, self.worker.config
+        card, plan, cfg = self.model.card, self.shared.plan, self.shared.config
         return {
             "name": self.name,
             "version": self.version,
@@ -168,7 +196,7 @@ class ServedModel:
             "runtime": {"provider": self.session.providers[0], "device": self.session.device,
                         "precision": self.precision, "variants": card.variants,
                         "batch_buckets": self.session.buckets, "io_binding": self.session.io_binding,
-                        "jpeg_decoder": "gpu (nvImageCodec)" if self.worker.gpu_decoder is not None else "cpu (Pillow)",
+                        "jpeg_decoder": "gpu (nvImageCodec)" if self.shared.gpu_decoder is not None else "cpu (Pillow)",
                         "intra_op_threads": plan.ort_threads, "preprocess_threads": plan.preprocess_threads},
             "batching": {"enabled": plan.batching, "max_batch_size": plan.max_batch_size,
                          "max_latency_ms": plan.max_latency_ms},

@@ -7,7 +7,7 @@ for tests and benchmarks that build a worker without a server.
 """
 from __future__ import annotations
 
-from tuneserve.service.batch_metrics import BATCH_SIZE_BUCKETS, BATCH_SIZE_METRIC
+from tuneserve.service.engine.batch_metrics import BATCH_SIZE_BUCKETS, BATCH_SIZE_METRIC
 
 # Seconds: from a few ms (one image on a GPU) to past the default 1 s latency bound.
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]

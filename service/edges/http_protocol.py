@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with the limits a public endpoint needs, and a refusal that costs microseconds.
+"""uvicorn's httptools protocol with the limits a public endpoint needs, and refusals that cost microseconds.
 
 BentoML runs each worker on uvicorn, which with httptools sets no limit on the size or number of request
 headers and no time limit for reading them: 50 unfinished 4 MB headers held 171 MiB and never timed out,
@@ -14,20 +14,33 @@ uvicorn's "auto" protocol in its workers (`use_in_uvicorn`), answers
   with unread data sends a reset, and the client, still sending, sees "connection reset" or "broken pipe"
   instead of the answer. Python's urllib sends `Connection: close` with every request, so this is every such
   answer to it;
-- 503 for a classify request that admission would refuse anyway (service/admission.py), decided from the
-  request line and headers alone: the request never reaches BentoML's middleware stack, and its body is
-  read and dropped, so the connection stays usable. Under a flood this is most requests, and their cost
-  decides how much CPU is left to answer the others (docs/benchmarks.md, "Open loop and admission").
+- 404 for a path no route serves (`HeaderChecks.known_path`, from the route table), so that metrics labelled
+  by path, BentoML's among them, never make a series per stray path;
+- 503 for a classify request that admission would refuse anyway (service/engine/admission.py), decided from
+  the request line and headers alone: the request never reaches BentoML's middleware stack, its body is read
+  and dropped, and the answer is held until `HeaderChecks.hold_s` after its headers arrived (pacing: a client
+  that resends at once is slowed to the pace of the admitted ones instead of multiplying the load). Under a
+  flood this is most requests, and their cost decides how much CPU is left to answer the others
+  (docs/benchmarks.md, "Goodput under a flood").
 Every answer here is `{"error": "..."}` like the service's own.
+
+The protocol's collaborators (`HeaderChecks`) come from the service through the ASGI lifespan state, which
+uvicorn hands to every protocol it makes (`app_state`): the service's front middleware puts them there at
+start-up (service/edges/front.py). This class builds on uvicorn's private HttpToolsProtocol, so uvicorn is
+pinned to the range tested (pyproject.toml; tests/test_http_limits.py fails loudly on another).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from asyncio import TimerHandle
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from tuneserve.service.engine.errors import RequestError
 
 # nginx's default large_client_header_buffers (4 x 8 KiB) and Apache's LimitRequestFields: far above what
 # any client of this API sends (a few hundred bytes), far below what would cost memory.
@@ -37,40 +50,19 @@ MAX_HEADERS = 100
 # (a 20 MB image at 10 Mbit/s takes 16 s) before the connection is cut anyway.
 LINGER_TOTAL_S = 30.0
 LINGER_IDLE_S = 5.0
-# ASGI scope extension set on requests that admission let through from their headers.
-ADMITTED_FROM_HEADERS = "tuneserve.admitted"
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # before the service has handed over its settings (TUNESERVE_HEADER_TIMEOUT_S)
+# The lifespan state key under which the service hands the protocol its HeaderChecks.
+STATE_KEY = "tuneserve.header_checks"
 
+@dataclass(frozen=True)
+class HeaderChecks:
+    """What the protocol decides from a request line and headers, with the service's collaborators."""
 
-def admitted_from_headers(scope) -> bool:
-    """Whether admission already judged this request (one image) from its request line and headers."""
-    return bool(scope.get("extensions", {}).get(ADMITTED_FROM_HEADERS))
-
-
-# ASGI scope extension set by a route that gave up waiting for the body (408): that connection closes at once,
-# without the lingering close, which would give the same slow client more time.
-CLOSE_AT_ONCE = "tuneserve.close_at_once"
-
-
-def close_at_once(scope) -> None:
-    scope.setdefault("extensions", {})[CLOSE_AT_ONCE] = True
-
-
-# (method, path, headers) -> the JSON body of a 503 when the request would be refused, else None. Set by the
-# service once its models are loaded; None until then.
-Refuser = Callable[[str, str, "list[tuple[bytes, bytes]]"], "bytes | None"]
-_refuser: Refuser | None = None
-_header_timeout_s = 10.0
-# path -> whether any route serves it. A path none serves is passed on as UNMATCHED_PATH (its own kept in
-# the scope's extensions for the 404's message), so that metrics labelled by path, BentoML's among them,
-# count every stray path under one label instead of making a series each.
-_known_path: Callable[[str], bool] | None = None
-UNMATCHED_PATH = "/{unmatched}"
-ORIGINAL_PATH = "tuneserve.path"
-
-
-def configure(refuser: Refuser | None, header_timeout_s: float, known_path: Callable[[str], bool] | None = None) -> None:
-    global _refuser, _header_timeout_s, _known_path
-    _refuser, _header_timeout_s, _known_path = refuser, header_timeout_s, known_path
+    header_timeout_s: float  # a request's headers (or a new connection's first request) must arrive within this
+    known_path: Callable[[str], bool]  # whether any route serves the path (service/edges/route_table.py)
+    # (method, path, headers) -> the 503 for a request admission refuses, or None (go on)
+    refusal: Callable[[str, str, Any], RequestError | None]
+    hold_s: float  # how long after its headers a refused request gets its answer
 
 
 def use_in_uvicorn() -> None:
@@ -94,10 +86,22 @@ def error_response(status: int, message: str | bytes, close: bool = True, header
 
 
 class _Answered:
-    """Stands in for uvicorn's RequestResponseCycle of a request answered from its headers."""
+    """Stands in for uvicorn's RequestResponseCycle of a request answered from its headers: its body is
+    dropped as it arrives (uvicorn's parser callbacks append to `body` until the response is complete)."""
 
-    response_complete = True
-    disconnected = False
+    def __init__(self, complete: bool, keep_alive: bool) -> None:
+        self.response_complete = complete
+        self.keep_alive = keep_alive
+        self.disconnected = False
+        self.more_body = True
+
+    @property
+    def body(self) -> bytes:
+        return b""
+
+    @body.setter
+    def body(self, _: bytes) -> None:
+        pass
 
     class message_event:  # noqa: N801 - uvicorn calls cycle.message_event.set() when the connection ends
         @staticmethod
@@ -107,14 +111,23 @@ class _Answered:
 
 class _LingeringTransport:
     """The connection's transport as a request's cycle sees it: its close() waits for the rest of the request
-    body (the protocol's `_linger`); everything else is the transport's own."""
+    body (the protocol's `_linger`), except after a 408 (the body did not arrive in time: lingering would give
+    the same slow client more time); everything else is the transport's own."""
 
     def __init__(self, transport, linger: Callable[[], None]) -> None:
-        self._transport, self._linger, self._closing = transport, linger, False
+        self._transport, self._linger, self._closing, self._timed_out = transport, linger, False, False
+
+    def write(self, data: bytes) -> None:
+        if data.startswith(b"HTTP/1.1 408 "):  # uvicorn writes the status line and headers in one call
+            self._timed_out = True
+        self._transport.write(data)
 
     def close(self) -> None:
         self._closing = True
-        self._linger()
+        if self._timed_out:
+            self._transport.close()
+        else:
+            self._linger()
 
     def is_closing(self) -> bool:
         return self._closing or self._transport.is_closing()
@@ -128,8 +141,13 @@ class _Rejected(Exception):
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """One connection. uvicorn makes it with (config, server_state, app_state); `app_state` is the ASGI lifespan
+    state, where the service put its HeaderChecks at start-up (looked up per request: connections made before
+    start-up finished see them once it has)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._header_timeout_s = DEFAULT_HEADER_TIMEOUT_S
         self._in_headers = False
         self._header_bytes = 0
         self._header_count = 0
@@ -137,6 +155,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._rejection: tuple[int, str] | None = None
         self._linger_timer: TimerHandle | None = None
         self._linger_until = 0.0  # loop time; nonzero while the rest of a body is being read to be dropped
+        self._held: TimerHandle | None = None  # a refused request's answer, waiting for its time
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -145,6 +164,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
         self._stop_lingering()
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -211,38 +233,60 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._disarm_header_timer()
-        refusal = self._refusal()
-        if refusal is None:
-            if _refuser is not None:  # admission has looked at it: the route need not estimate again
-                self.scope.setdefault("extensions", {})[ADMITTED_FROM_HEADERS] = True  # type: ignore[typeddict-item]
+        checks: HeaderChecks | None = self.app_state.get(STATE_KEY)
+        answer = self._answer_from_headers(checks) if checks is not None else None
+        if answer is None:
             super().on_headers_complete()
             self.cycle.transport = _LingeringTransport(self.transport, self._linger)
-            path = self.scope.get("path", "")
-            if _known_path is not None and not _known_path(path):
-                self.scope.setdefault("extensions", {})[ORIGINAL_PATH] = path  # type: ignore[typeddict-item]
-                self.scope["path"] = self.scope["raw_path"] = UNMATCHED_PATH  # type: ignore[typeddict-item]
-                if isinstance(self.scope["raw_path"], str):
-                    self.scope["raw_path"] = UNMATCHED_PATH.encode()  # type: ignore[typeddict-item]
-        elif self.cycle is None or self.cycle.response_complete:
-            # Nothing before it on this connection: answer straight onto the socket, with no ASGI task. The
-            # stand-in cycle is already complete, so uvicorn's parser callbacks drop the body as it arrives.
-            self.transport.write(error_response(503, refusal, close=False, headers={"retry-after": "1"}, raw=True))
-            self.cycle = _Answered()
-            self.server_state.total_requests += 1
+            return
+        status, body, hold_s = answer
+        if self.cycle is None or self.cycle.response_complete:
+            # Nothing before it on this connection: answered straight onto the socket, with no ASGI task, now or
+            # after the hold; the stand-in cycle drops the body as it arrives.
+            cycle = _Answered(complete=False, keep_alive=self.parser.should_keep_alive())
+            self.cycle = cycle  # type: ignore[assignment]
+            if hold_s > 0:
+                self._held = self.loop.call_later(hold_s, self._send_answer, cycle, status, body)
+            else:
+                self._send_answer(cycle, status, body)
         else:  # a pipelined request: its answer must wait its turn, as an ASGI app does
-            app, self.app = self.app, _respond(refusal)  # this request only: BentoML's app is put back below
+            app, self.app = self.app, _respond(status, body, hold_s)  # this request only: put back below
             try:
                 super().on_headers_complete()
                 self.cycle.transport = _LingeringTransport(self.transport, self._linger)
             finally:
                 self.app = app
 
+    def _answer_from_headers(self, checks: HeaderChecks) -> tuple[int, bytes, float] | None:
+        """(status, JSON body, seconds to hold it) for a request answered from its request line and headers."""
+        method = self.parser.get_method().decode("ascii", "replace")
+        path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+        if not checks.known_path(path):
+            message = f"no route serves {method} {path}; GET /docs.json lists the routes"
+            return 404, json.dumps({"error": message}).encode(), 0.0
+        refused = checks.refusal(method, path, self.headers)
+        if refused is None:
+            return None
+        return 503, json.dumps({"error": refused.message}).encode(), checks.hold_s
+
+    def _send_answer(self, cycle: _Answered, status: int, body: bytes) -> None:
+        """Write a from-headers answer for `cycle`, then go on as after any answer: keep-alive or pipelined
+        requests, or (the client asked to close) a lingering close."""
+        self._held = None
+        if self.transport.is_closing() or cycle.disconnected:
+            return
+        headers = {"retry-after": "1"} if status == 503 else None
+        self.transport.write(error_response(status, body, close=not cycle.keep_alive, headers=headers, raw=True))
+        cycle.response_complete = True
+        if not cycle.keep_alive:
+            self._linger()
+            return
+        self.on_response_complete()
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         if self._linger_until:  # the refused body has all arrived: nothing unread is left to cause a reset
             self._close_now()
-        elif isinstance(self.cycle, _Answered):
-            self._arm_header_timer()  # as uvicorn's keep-alive timer would after an ordinary answer
 
     def on_response_complete(self) -> None:
         if self._linger_until:  # closing: no keep-alive timer, no pipelined request; keep reading to drop
@@ -256,8 +300,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _linger(self) -> None:
         """Close once the current request's body has all arrived (at once if it has)."""
         cycle = self.cycle
-        if (cycle is None or not cycle.more_body or self.transport.is_closing()
-                or cycle.scope.get("extensions", {}).get(CLOSE_AT_ONCE)):
+        if cycle is None or not cycle.more_body or self.transport.is_closing():
             self.transport.close()
             return
         self._linger_until = self.loop.time() + LINGER_TOTAL_S
@@ -280,18 +323,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _refusal(self) -> bytes | None:
-        if _refuser is None:
-            return None
-        method = self.parser.get_method().decode("ascii", "replace")
-        path = httptools.parse_url(self.url).path.decode("ascii", "replace")
-        return _refuser(method, path, self.headers)
-
     # -- the header timer --------------------------------------------------------------------------------------
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
-        self._header_timer = self.loop.call_later(_header_timeout_s, self._header_timeout)
+        checks: HeaderChecks | None = self.app_state.get(STATE_KEY)
+        self._header_timeout_s = checks.header_timeout_s if checks is not None else DEFAULT_HEADER_TIMEOUT_S
+        self._header_timer = self.loop.call_later(self._header_timeout_s, self._header_timeout)
 
     def _disarm_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -301,16 +339,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _header_timeout(self) -> None:
         self._header_timer = None
         if self.cycle is None or self._in_headers:  # nothing, or only part of a request, arrived in time
-            self._reject(408, f"the request headers did not arrive within {_header_timeout_s:g} s")
+            self._reject(408, f"the request headers did not arrive within {self._header_timeout_s:g} s")
 
 
-def _respond(body: bytes):
-    """A minimal ASGI app answering 503 with `body`, without reading the request body (uvicorn drops it)."""
+def _respond(status: int, body: bytes, hold_s: float):
+    """A minimal ASGI app answering `status` with `body` after `hold_s`, without reading the request body
+    (uvicorn drops it)."""
 
     async def app(scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", b"1")]})
+        if hold_s > 0:
+            await asyncio.sleep(hold_s)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": headers + ([(b"retry-after", b"1")] if status == 503 else [])})
         await send({"type": "http.response.body", "body": body})
 
     return app

@@ -1,12 +1,13 @@
-"""OpenAPI descriptions of the routes in service/routes.py, with the limits and defaults of the settings in
-force, so that the document states what this server accepts (and fuzzers such as schemathesis generate
-nothing it would refuse for reasons the schema could express). tests/test_service_http.py checks that the
-document and the app's routes name the same paths and methods."""
+"""OpenAPI descriptions of the routes in the route table (route_table.py), with the limits and defaults of the
+settings in force, so that the document states what this server accepts (and fuzzers such as schemathesis
+generate nothing it would refuse for reasons the schema could express). Which paths are documented comes from
+the table; a route our handlers answer that has no description here is an error (tests/test_service_http.py)."""
 from __future__ import annotations
 
 from typing import Any
 
 from tuneserve.service.config import ServiceConfig
+from tuneserve.service.edges.route_table import RouteTable
 
 _ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 _PREDICTIONS = {"type": "array", "items": {"type": "object", "required": ["label", "score"], "properties": {
@@ -45,10 +46,23 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
     return {"description": description, "content": {"application/json": {"schema": schema or {"type": "object"}}}}
 
 
-def openapi_paths(cfg: ServiceConfig, served: list[str], versions: list[str], management: bool = False) -> dict[str, Any]:
-    """Every route of service/routes.create_app(..., management) with the limits of `cfg` and the model names
-    `served` now, at `versions`; with an API key (or an admin key for the management API) the routes that need it say so,
-    and may answer 401."""
+def openapi_paths(cfg: ServiceConfig, served: list[str], versions: list[str], table: RouteTable) -> dict[str, Any]:
+    """The table's routes (those with a description: ours, and BentoML's client routes) with the limits of `cfg`
+    and the model names `served` now, at `versions`; with an API key (or an admin key for the management API)
+    the routes that need it say so, and may answer 401. KeyError for a route of ours without a description."""
+    described = _described(cfg, served, versions, any(r.management for r in table.routes))
+    paths: dict[str, Any] = {}
+    for route in table.routes:
+        op = described.get(route.path, {}).get(route.method.lower())
+        if op is None:
+            if route.documented:
+                raise KeyError(f"{route.method} {route.path} has no OpenAPI description in service/edges/openapi.py")
+            continue
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return paths
+
+
+def _described(cfg: ServiceConfig, served: list[str], versions: list[str], management: bool) -> dict[str, Any]:
     api_key = cfg.key("api") is not None
     classify, batch, info = _classify(cfg), _classify_batch(cfg), _model_info()
     name = _name(served)
@@ -86,8 +100,8 @@ def openapi_paths(cfg: ServiceConfig, served: list[str], versions: list[str], ma
 
 
 def _oip(cfg: ServiceConfig, served: list[str], versions: list[str], api_key: bool) -> dict[str, Any]:
-    """The Open Inference Protocol's routes (service/oip_routes.py; the tensors are described in service/oip.py)."""
-    from tuneserve.service.oip_routes import oip_paths
+    """The Open Inference Protocol's routes (oip_routes.py; the tensors are described in oip.py)."""
+    from tuneserve.service.edges.route_table import ROUTES
 
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": versions},
                "description": "the version served now (GET /v2/models/{name} lists it)"}
@@ -117,7 +131,7 @@ def _oip(cfg: ServiceConfig, served: list[str], versions: list[str], api_key: bo
                       "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}),
     }
     paths: dict[str, Any] = {}
-    for path, method, handler in oip_paths():
+    for path, method, handler in ((r.path, r.method, r.handler) for r in ROUTES if r.handler in docs):
         description, body = docs[handler]
         params = ([_name(served)] if "{name}" in path else []) + ([version] if "{version}" in path else [])
         errors = (400, 404, 408, 413, 415, 503) if handler == "infer" else ((404,) if params else ())

@@ -5,7 +5,7 @@ Model control (TUNESERVE_MODEL_CONTROL, named as Triton names it):
 - poll: every poll_interval_s each worker looks at the store; a newer complete version of a served name is
   loaded and warmed up beside the one serving, then switched to, and the old one is released once the
   requests it has in flight are answered. Every worker converges within the poll interval plus a load.
-- explicit: the management API (/v2/repository/..., service/routes.py) loads a name at a version, unloads
+- explicit: the management API (/v2/repository/..., service/edges/routes.py) loads a name at a version, unloads
   it, or rolls it back to the version before. The worker that takes the call writes the wanted state to a
   file all workers of the server watch (every SYNC_INTERVAL_S; a worker that restarts reads it first), and
   answers once every serving worker reports that state: after the answer, any worker serves it.
@@ -23,15 +23,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from tuneserve.models.store import list_models, load_model
+from tuneserve.service.engine.errors import RequestError
+from tuneserve.service.engine.metrics import Metrics
+from tuneserve.service.engine.model_version import ModelVersion
 from tuneserve.service.health import CONTROL_DIR_ENV, ready_worker_pids
-from tuneserve.service.inputs import HTTPError
-
-if TYPE_CHECKING:
-    from tuneserve.service.served_model import ServedModel
-    from tuneserve.service.worker import Worker
+from tuneserve.service.plan import ModelChoice, ServingPlan
 
 log = logging.getLogger("tuneserve.service")
 
@@ -45,7 +44,7 @@ class Slot:
     """One model name: the version it serves, what happened to the last change, and its history."""
 
     name: str
-    served: "ServedModel | None" = None
+    served: ModelVersion | None = None
     state: str = "ready"  # ready, loading, failed (the last load; the old version still serves), unloaded
     error: str | None = None
     loading: str | None = None  # the version being loaded
@@ -65,13 +64,16 @@ class ModelLoadFailed(RuntimeError):
     pass
 
 
-class ModelRepository:
-    def __init__(self, worker: "Worker"):
-        self.worker = worker
-        self.default = worker.plan.default
+class ModelVersions:
+    """The versions a worker serves, by model name, and the model control that changes them. `load` makes a
+    served version from a choice (blocking: load and warm-up); the starting ones load here."""
+
+    def __init__(self, plan: ServingPlan, load: Callable[[ModelChoice], ModelVersion], metrics: Metrics):
+        self.plan, self.load, self.metrics = plan, load, metrics
+        self.default = plan.default
         self.slots: dict[str, Slot] = {}
-        for choice in worker.plan.models:
-            self.slots[choice.name] = Slot(choice.name, worker.load(choice), versions=[choice.stored.version])
+        for choice in plan.models:
+            self.slots[choice.name] = Slot(choice.name, load(choice), versions=[choice.stored.version])
         self._lock: asyncio.Lock | None = None  # one change at a time (each holds a model's memory twice)
         self._tasks: list[asyncio.Task] = []
         self._control = Path(os.environ[CONTROL_DIR_ENV]) if os.environ.get(CONTROL_DIR_ENV) else None
@@ -79,11 +81,11 @@ class ModelRepository:
 
     # -- serving -----------------------------------------------------------------------------------------------
 
-    def get(self, name: str | None) -> "ServedModel":
+    def get(self, name: str | None) -> ModelVersion:
         slot = self.slots.get(name or self.default)
         if slot is None or slot.served is None:
             served = ", ".join(n for n, s in self.slots.items() if s.served) or "none"
-            raise HTTPError(404, f"model {name or self.default!r} is not served here; served models: {served}")
+            raise RequestError(404, f"model {name or self.default!r} is not served here; served models: {served}")
         return slot.served
 
     def describe(self) -> list[dict[str, Any]]:
@@ -98,7 +100,7 @@ class ModelRepository:
 
     # -- changing versions -------------------------------------------------------------------------------------
 
-    async def switch(self, name: str, version: str | None = None) -> "ServedModel":
+    async def switch(self, name: str, version: str | None = None) -> ModelVersion:
         """Serve `name` at `version` (None: its newest complete one): load and warm it up beside the current
         one, then switch; the old version is released once its requests are answered. ModelLoadFailed when
         the new one does not load: the old one keeps serving."""
@@ -111,13 +113,13 @@ class ModelRepository:
                 if slot.served is not None and slot.served.version == stored.version:
                     slot.loading, slot.state, slot.error = None, "ready", None
                     return slot.served
-                choice = self.worker.plan.choose(stored)
+                choice = self.plan.choose(stored)
                 await asyncio.to_thread(choice.check)
-                new = await asyncio.to_thread(self.worker.load, choice)
+                new = await asyncio.to_thread(self.load, choice)
             except Exception as e:  # noqa: BLE001 - whatever failed, the old version keeps serving
                 slot.loading, slot.state, slot.error = None, "failed", f"{type(e).__name__}: {e}"
                 slot.failed.add(version or tag)
-                self.worker.metrics.load_failed(name)
+                self.metrics.load_failed(name)
                 log.error("could not load %s (%s); %s", tag, slot.error,
                           f"still serving {slot.served.tag}" if slot.served else "the model is not served")
                 self._report()
@@ -133,7 +135,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         if name == self.default:
-            raise HTTPError(409, f"{name!r} is the default model (/classify, /model): it cannot be unloaded; "
+            raise RequestError(409, f"{name!r} is the default model (/classify, /model): it cannot be unloaded; "
                                  "serve another default with TUNESERVE_DEFAULT_MODEL")
         async with self._change_lock():
             slot = self.slots.get(name)
@@ -150,10 +152,10 @@ class ModelRepository:
             self.get(name)  # raises the 404
         earlier = [v for v in slot.versions if v != slot.served.version]
         if not earlier:
-            raise HTTPError(409, f"{name!r} has served no other version here: nothing to roll back to")
+            raise RequestError(409, f"{name!r} has served no other version here: nothing to roll back to")
         return earlier[-1]
 
-    async def _retire(self, old: "ServedModel") -> None:
+    async def _retire(self, old: ModelVersion) -> None:
         await old.drained()
         old.close()
 
@@ -170,7 +172,7 @@ class ModelRepository:
     # -- control modes -----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        control = self.worker.config.model_control
+        control = self.plan.config.model_control
         if control == "poll":
             self._spawn(self._poll())
         elif control == "explicit" and self._control is not None:
@@ -187,7 +189,7 @@ class ModelRepository:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(self.worker.config.poll_interval_s)
+            await asyncio.sleep(self.plan.config.poll_interval_s)
             newest: dict[str, str] = {}
             for m in await asyncio.to_thread(list_models):  # newest first
                 newest.setdefault(m.name, m.version)
@@ -261,14 +263,14 @@ class ModelRepository:
         os.replace(f.name, path)
 
     async def _converged(self, name: str, want: dict[str, Any]) -> dict[str, Any]:
-        """Wait until every serving worker reports `want` for `name`; HTTPError 504 after CONVERGE_TIMEOUT_S,
+        """Wait until every serving worker reports `want` for `name`; RequestError 504 after CONVERGE_TIMEOUT_S,
         500 when a worker failed to load it (it keeps serving its old version)."""
         deadline = time.monotonic() + CONVERGE_TIMEOUT_S
         while True:
             workers = self._worker_states(name)
             failed = {pid: s for pid, s in workers.items() if s.get("state") == "failed"}
             if failed:
-                raise HTTPError(500, f"{len(failed)} worker(s) could not load {name}: "
+                raise RequestError(500, f"{len(failed)} worker(s) could not load {name}: "
                                      f"{next(iter(failed.values())).get('error')}; they keep serving the version before",
                                 {})
             done = all(s.get("state") == "unloaded" if want.get("unloaded") else s.get("version") == want["version"]
@@ -276,7 +278,7 @@ class ModelRepository:
             if done:
                 return {"name": name, **want, "workers": len(workers)}
             if time.monotonic() > deadline:
-                raise HTTPError(504, f"not every worker reported {name} {want} within {CONVERGE_TIMEOUT_S:g} s: "
+                raise RequestError(504, f"not every worker reported {name} {want} within {CONVERGE_TIMEOUT_S:g} s: "
                                      f"{workers}")
             await asyncio.sleep(SYNC_INTERVAL_S / 2)
 

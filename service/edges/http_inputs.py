@@ -1,4 +1,4 @@
-"""Turning an HTTP request into image bytes and options, with a 4xx `HTTPError` for every way it can be wrong.
+"""Turning an HTTP request into image bytes and options, with a 4xx `RequestError` for every way it can be wrong.
 
 No model and no BentoML here: only Starlette's request object and its multipart parser, so the limits
 (bytes per image, images per request, fields per form) are enforced before anything is decoded.
@@ -6,50 +6,18 @@ No model and no BentoML here: only Starlette's request object and its multipart 
 from __future__ import annotations
 
 import asyncio
-
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from tuneserve.models.preprocessing import ImageDecodeError
-from tuneserve.service.http_protocol import close_at_once
+from tuneserve.service.engine.engine import ImageInput
+from tuneserve.service.engine.errors import RequestError, too_large
 
 # Multipart framing (boundaries, part headers) on top of the images themselves.
 MULTIPART_OVERHEAD_PER_PART = 16 * 1024
 MAX_TEXT_FIELDS = 16  # top_k and a few client extras; more is a malformed or hostile form
-
-
-class HTTPError(Exception):
-    """A client error: answered as `{"error": message}` with `status`."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
-@dataclass
-class ImageInput:
-    name: str  # multipart filename, or "body" for a raw upload
-    data: bytes
-
-
-def decode_error_status(err: ImageDecodeError) -> int:
-    """The HTTP status for a failure of `models.preprocessing.load_image`, from its (documented) reasons."""
-    msg = str(err)
-    if "over the limit" in msg or "decompression bomb" in msg:
-        return 413  # too many pixels: refused before decoding
-    if msg.startswith("unsupported image format"):
-        return 415  # a real image, in a format we do not serve (ICO, PSD, ...)
-    return 400  # empty, not an image, truncated or corrupt
-
-
-def too_large(what: str, size: int | str, limit: int, setting: str) -> HTTPError:
-    return HTTPError(413, f"{what} is {size} bytes, over the limit of {limit} bytes (server setting {setting})")
 
 
 async def read_body(request: Request, limit: int, setting: str, timeout_s: float) -> bytes:
@@ -71,8 +39,8 @@ async def read_body(request: Request, limit: int, setting: str, timeout_s: float
     try:
         return await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
-        close_at_once(request.scope)
-        raise HTTPError(408, f"the request body did not arrive within {timeout_s:g} s (server setting "
+        # The HTTP protocol closes a connection answered 408 at once, without reading the rest of the body.
+        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s (server setting "
                              "TUNESERVE_BODY_TIMEOUT_S); send it faster, or in smaller requests",
                         {"Connection": "close"}) from None
 
@@ -82,7 +50,7 @@ def is_multipart(request: Request) -> bool:
 
 
 async def read_form(
-    request: Request, body: bytes, max_files: int, too_many: HTTPError
+    request: Request, body: bytes, max_files: int, too_many: RequestError
 ) -> tuple[list[ImageInput], dict[str, str]]:
     """Parse an already size-checked multipart body: (file parts in order, text fields).
     More than `max_files` file parts raises `too_many`."""
@@ -97,7 +65,7 @@ async def read_form(
     except MultiPartException as e:
         if "too many files" in str(e).lower():
             raise too_many from None
-        raise HTTPError(400, f"malformed multipart/form-data request: {e}") from None
+        raise RequestError(400, f"malformed multipart/form-data request: {e}") from None
     files: list[ImageInput] = []
     fields: dict[str, str] = {}
     try:
@@ -119,7 +87,7 @@ def parse_top_k(raw: str | None, default: int, num_classes: int) -> int:
     try:
         k = int(raw.strip())
     except ValueError:
-        raise HTTPError(400, f"top_k={raw!r} is not an integer; send an integer >= 1 (default {default})") from None
+        raise RequestError(400, f"top_k={raw!r} is not an integer; send an integer >= 1 (default {default})") from None
     if k < 1:
-        raise HTTPError(400, f"top_k={k} is out of range; send an integer >= 1 (the model has {num_classes} classes)")
+        raise RequestError(400, f"top_k={k} is out of range; send an integer >= 1 (the model has {num_classes} classes)")
     return min(k, num_classes)
