@@ -37,6 +37,48 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in b if b[k].is_floating_point())
 
 
+def _bf16_channels_last_rank(rank: int, world_size: int, port: int, out: str) -> None:
+    """A channels_last model sharded under the bf16 policy: one step on channels_last input; rank 0 writes the
+    all-gathered parameters' dtype seen in forward, the gradients' and the master weights' dtypes."""
+    from support import join
+    from tuneserve.training.distributed import cleanup, setup
+    from tuneserve.training.sharding import shard_model
+
+    join(rank, world_size, port)
+    env = setup("cpu")
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+        model(torch.zeros(1, 3, 8, 8))  # materialise the lazy layer
+        model = model.to(memory_format=torch.channels_last)
+        seen: list[torch.dtype] = []
+        model[0].register_forward_hook(lambda m, args, output: seen.append(m.weight.dtype))
+        shard_model(model, env, mixed_precision=torch.bfloat16)
+        x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+        model(x).float().sum().backward()
+        if rank == 0:
+            torch.save({"forward": str(seen[0]), "grad": str(model[0].weight.grad.dtype),
+                        "master": str(model[0].weight.dtype)}, f"{out}/dtypes.pt")
+    finally:
+        cleanup(env)
+
+
+def test_mixed_precision_policy_is_bf16_all_gathers_with_fp32_reductions_only_under_bf16():
+    from tuneserve.training.sharding import mixed_precision_policy
+
+    bf16 = mixed_precision_policy(torch.bfloat16)
+    assert bf16.param_dtype == torch.bfloat16 and bf16.reduce_dtype == torch.float32
+    for amp in (None, torch.float16):  # fp32 runs, and fp16 under the GradScaler: parameters stay fp32
+        assert mixed_precision_policy(amp).param_dtype is None and mixed_precision_policy(amp).reduce_dtype is None
+
+
+@pytest.mark.slow
+def test_a_channels_last_model_shards_and_all_gathers_in_bf16(tmp_path):
+    _spawn(_bf16_channels_last_rank, str(tmp_path))
+    dtypes = torch.load(tmp_path / "dtypes.pt")
+    assert dtypes == {"forward": "torch.bfloat16", "grad": "torch.float32", "master": "torch.float32"}
+
+
 def test_shard_plan_makes_each_listed_block_a_unit():
     resnet = get_architecture("resnet18").build(3)
     assert shard_plan(resnet) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]  # stem and fc: root

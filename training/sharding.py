@@ -65,12 +65,31 @@ def _repeats(module: nn.Module) -> bool:
     return len(kinds) > len(set(kinds))
 
 
-def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
+def mixed_precision_policy(amp_dtype: torch.dtype | None) -> Any:
+    """FSDP2's policy for training under `amp_dtype` autocast: with bf16, the all-gathered parameters are bf16
+    (half the bytes of every all-gather, and the dtype autocast would cast them to anyway) while gradients are
+    reduce-scattered and kept in fp32, so that sharded AdamW steps on fp32 master weights as DDP's does. fp16
+    (GPUs without bf16) and fp32 keep the default: fp32 parameters, cast by autocast, under the GradScaler."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if amp_dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: nn.Module, env: DistEnv, mixed_precision: torch.dtype | None = None) -> nn.Module:
     """Apply fully_shard to the units of `shard_plan`, then to the root, over all ranks; in place (also
-    returned). Call before building the optimizer: the parameters become new DTensor parameters."""
+    returned). Call before building the optimizer: the parameters become new DTensor parameters.
+    `mixed_precision`: the run's autocast dtype (None: fp32), see mixed_precision_policy.
+    A channels_last model is accepted: FSDP2 shards contiguous parameters only, so its weights are made
+    contiguous (NCHW) first; channels_last inputs still select cuDNN's NHWC kernels (a convolution runs NHWC
+    when its input or its weight is channels_last), and the all-gathered weights are converted per call."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if any(not p.is_contiguous() for p in model.parameters()):
+        model.to(memory_format=torch.contiguous_format)  # in place for nn.Module: parameters' data replaced
+    policy = mixed_precision_policy(mixed_precision)
     mesh = init_device_mesh(env.device.type, (env.world_size,))  # gloo on CPU ranks, NCCL on CUDA
     # Every rank starts from rank 0's weights, as DDP's constructor makes it: the ranks' fresh heads differ
     # (their seeds include the rank), and each rank would otherwise keep its own rows of the head.
@@ -80,8 +99,8 @@ def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
     plan = shard_plan(model)
     log.debug("FSDP units (then the root): %s", ", ".join(plan))
     for name in plan:
-        fully_shard(model.get_submodule(name), mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(model.get_submodule(name), mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

@@ -114,13 +114,15 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trackers = open_trackers(reporters, run_dir, name, cfg.to_dict(), cfg.tracking_uri) if env.is_main else Trackers([])
     channels_last = cfg.channels_last and env.device.type == "cuda"
+    if env.device.type == "cuda":
+        # Every training batch has one shape (input_size crops, drop_last), and validation adds one more for
+        # its last batch: cuDNN's per-shape algorithm search pays for itself in the first steps.
+        torch.backends.cudnn.benchmark = True
     sharded = cfg.shard == "fsdp" and env.distributed
     if cfg.shard == "fsdp" and not sharded and env.is_main:
         log.info("--shard fsdp: one process has nothing to shard across; training unsharded (same checkpoints)")
-    # FSDP refuses channels_last weights ("FSDP does not support non-contiguous parameters yet"); the inputs
-    # are still channels_last, which is what makes convolutions pick NHWC kernels.
-    if channels_last and not sharded:
-        model = model.to(memory_format=torch.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # shard_model takes it as it is (training/sharding.py)
     if cfg.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     amp_dtype = _amp_dtype(cfg, env)
@@ -129,9 +131,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     # The EMA copies the model before sharding and is sharded the same way (its updates pair the shards).
     ema = _make_ema(model, cfg, steps_per_epoch * cfg.epochs, env) if cfg.ema else None
     if sharded:
-        shard_model(model, env)  # in place; before the optimizer, which must hold the sharded parameters
+        # in place; before the optimizer, which must hold the sharded parameters
+        shard_model(model, env, mixed_precision=amp_dtype)
         if ema is not None:
-            shard_model(ema.module, env)
+            shard_model(ema.module, env, mixed_precision=amp_dtype)
         val_loader = EvenBatches(val_loader, pp.input_size, env)
 
     head = set(id(p) for p in head_parameters(model, cfg.arch))
