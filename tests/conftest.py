@@ -72,3 +72,22 @@ def three_shades(tmp_path_factory):
                                name="shades", output_dir=str(root.parent / "runs"), parity_images=4))
     assert result.model is not None
     return result.model
+
+
+@pytest.fixture
+def offline_torch_hub(tmp_path: Path, monkeypatch) -> list[str]:
+    """torch's hub cache in an empty folder (TORCH_HOME) and every download refused, as on a machine without
+    network, whether or not this one has it. Returns the URLs that were asked for."""
+    import urllib.error
+
+    import torch.hub
+
+    asked: list[str] = []
+
+    def refuse(url: str, *args, **kwargs) -> None:
+        asked.append(url)
+        raise urllib.error.URLError("downloads are blocked in this test")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    return asked

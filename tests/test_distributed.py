@@ -161,7 +161,7 @@ def test_two_hosts_torchrun_c10d(two_hosts, tiny_folder, tmp_path):
                "--rdzv-id", run_id, "--rdzv-conf", f"is_host={int(addr == addr_a)},join_timeout=120",
                "--local-addr", addr,
                "-m", "tuneserve", "train", "--data", str(tiny_folder), "--epochs", "2", "--batch-size", "2",
-               "--loader-workers", "0", "--output-dir", str(tmp_path / "runs"), "--no-export"]
+               "--loader-workers", "0", "--output-dir", str(tmp_path / "runs"), "--no-export", "--device", "cpu"]
         with open(tmp_path / f"{ns}.out", "w") as out, open(tmp_path / f"{ns}.err", "w") as err:  # no pipe to fill
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, cwd=tmp_path,
                                           env={**os.environ, "GLOO_SOCKET_IFNAME": dev}))
@@ -224,7 +224,7 @@ def test_two_cpu_ranks_register_a_model_as_good_as_one(hymenoptera, tmp_path):
     """The same fine-tune (effective batch 8, same lr and schedule) as 1 process x batch 8 and as `torchrun
     --nproc-per-node 2 ... tuneserve train` x batch 4: both register a model, of the same validation quality."""
     subset = hymenoptera_subset(hymenoptera, tmp_path / "hym", train=16, val=10)
-    common = dict(epochs=3, head_epochs=2, loader_workers=0, lr=2e-3)
+    common = dict(epochs=3, head_epochs=2, loader_workers=0, lr=2e-3, device="cpu")  # CPU ranks on a CUDA host too
     train(TrainConfig(data=str(subset), batch_size=8, output_dir=str(tmp_path / "one"), name="hym-one-rank", **common))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",

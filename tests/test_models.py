@@ -73,18 +73,18 @@ def test_bad_weights_are_explained(tmp_path):
         build_model("vgg", 2)
 
 
-def test_offline_torchvision_download_fails_with_instructions(tmp_path, monkeypatch):
-    """No network here: the official download path must end in a message that says how to supply weights."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+def test_offline_torchvision_download_fails_with_instructions(tmp_path, offline_torch_hub):
+    """Without network (simulated, so that the test holds on machines with it): the official download path
+    must end in a message that says how to supply weights."""
     with pytest.raises(WeightsUnavailableError) as info:
         build_model("resnet18", 2, "imagenet")
     msg = str(info.value)
     assert "resnet18-f37072fd.pth" in msg and "--weights" in msg and str(tmp_path / "torch") in msg
+    assert offline_torch_hub == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]  # tried once
 
 
-def test_torchvision_weights_come_from_the_cache(tmp_path, monkeypatch):
-    """A file placed in torchvision's cache is what 'imagenet' loads (the users' offline route)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+def test_torchvision_weights_come_from_the_cache(tmp_path, offline_torch_hub):
+    """A file placed in torchvision's cache is what 'imagenet' loads (the users' offline route), with no download."""
     torch.manual_seed(1)
     fake = build_model("resnet18", 1000, "none").state_dict()
     cache = tmp_path / "torch" / "hub" / "checkpoints"
@@ -92,4 +92,4 @@ def test_torchvision_weights_come_from_the_cache(tmp_path, monkeypatch):
     torch.save(fake, cache / "resnet18-f37072fd.pth")
     model = build_model("resnet18", 2, "imagenet")
     torch.testing.assert_close(model.conv1.weight, fake["conv1.weight"])
-    assert model.fc.out_features == 2
+    assert model.fc.out_features == 2 and offline_torch_hub == []
