@@ -11,6 +11,8 @@ each variant:
 - IO binding off / on (pre-allocated device input per batch shape),
 - on CUDA also NHWC off / on (`prefer_nhwc`).
 Prints images/s and ms per batch, and writes JSON (--out). The service's defaults are the fastest row.
+`--precisions served --io-binding on --nhwc on` measures only what the service would run on this device: the
+precision it picks for the model (fp16 on CUDA where the variant is kept, else fp32) with its CUDA options.
 """
 from __future__ import annotations
 
@@ -51,6 +53,23 @@ def model_files(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], i
             f"{args.arch} (random weights)")
 
 
+def chosen_precisions(args: argparse.Namespace, graphs: dict[str, Path], on_cuda: bool) -> list[str]:
+    """The precisions to measure: every graph, the one the service would serve, or those listed."""
+    if args.precisions == "all":
+        return list(graphs)
+    if args.precisions == "served":
+        from tuneserve.models.precision import choose_precision
+        from tuneserve.models.store import load_model
+
+        variants = load_model(args.model).card.variants if args.model else {"fp16": {"kept": True}}
+        return [choose_precision("auto", "cuda" if on_cuda else "cpu", variants)]
+    wanted = args.precisions.split(",")
+    unknown = [p for p in wanted if p not in graphs]
+    if unknown:
+        raise SystemExit(f"error: --precisions {','.join(unknown)}: this model has {', '.join(graphs)} here")
+    return wanted
+
+
 def measure(session: OnnxClassifier, x: np.ndarray, seconds: float) -> float:
     session(x)  # warm-up: arenas, cuDNN algorithm search for this shape
     session(x)
@@ -80,9 +99,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--batch-sizes", default="1,8,32,128")
     ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    ap.add_argument("--precisions", default="all",
+                    help="all, served (what the service picks here for --model), or a list such as fp16,fp32")
+    ap.add_argument("--io-binding", default="both", choices=("both", "on", "off"))
+    ap.add_argument("--nhwc", default="both", choices=("both", "on", "off"), help="CUDA only")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    switch = {"both": (False, True), "on": (True,), "off": (False,)}
 
     on_cuda = choose_providers(args.device)[0] != "CPUExecutionProvider"
     rows: list[dict[str, Any]] = []
@@ -90,8 +114,9 @@ def main() -> None:
         graphs, size, name = model_files(args, Path(tmp))
         if on_cuda:
             graphs.pop("int8", None)  # a CPU variant (models/precision.py)
-        variants = [(p, io, nhwc) for p in graphs for io in (False, True)
-                    for nhwc in ((False, True) if on_cuda else (None,))]
+        graphs = {p: graphs[p] for p in chosen_precisions(args, graphs, on_cuda)}
+        variants = [(p, io, nhwc) for p in graphs for io in switch[args.io_binding]
+                    for nhwc in (switch[args.nhwc] if on_cuda else (None,))]
         for precision, io_binding, nhwc in variants:
             options = None if nhwc is None else {"prefer_nhwc": "1" if nhwc else "0"}
             session = OnnxClassifier(graphs[precision], args.device, io_binding=io_binding,
@@ -111,7 +136,23 @@ def main() -> None:
         cells = [r["images_per_s"] for r in rows if (r["precision"], r["io_binding"], r["nhwc"]) == (precision, io_binding, nhwc)]
         print(f"{precision:9s} {str(io_binding):7s} {str(nhwc):5s} " + " ".join(f"{c:9.1f}" for c in cells))
     if args.out:
-        write_result(args.out, model=name, rows=rows)
+        write_result(args.out, model=name, rows=rows, machine=machine(rows[0]["provider"]))
+
+
+def machine(provider: str) -> str:
+    """The host, and the GPU where the session ran on one."""
+    import os
+    import platform
+    import subprocess
+
+    gpu = ""
+    if provider == "CUDAExecutionProvider":
+        try:
+            gpu = ", " + subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                        text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            gpu = ", a CUDA GPU (nvidia-smi unavailable)"
+    return f"{platform.node()}: {os.cpu_count()} CPUs{gpu}"
 
 
 if __name__ == "__main__":
