@@ -81,7 +81,7 @@ class ServiceConfig:
     max_in_flight: int = _setting(512, "TUNESERVE_MAX_IN_FLIGHT", "images being decoded or classified per worker before new requests get 503", 1)
     top_k: int = _setting(5, "TUNESERVE_TOP_K", "predictions per image when the request does not say", 1)
     preprocess_threads: int = _setting(0, "TUNESERVE_PREPROCESS_THREADS", "decode/preprocess threads per worker (0: the CPUs over the workers, 2 to 16)", 0)
-    ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads on CPU (0: one per CPU; idle ones sleep)", 0)
+    ort_threads: int = _setting(0, "TUNESERVE_ORT_THREADS", "onnxruntime intra-op threads per worker (0: on CPU the CPUs over the workers, idle ones sleeping; on CUDA 1)", 0)
     precision: str = _setting("auto", "TUNESERVE_PRECISION", "model precision: auto (fp16 on CUDA where the model "
                               "has a kept fp16 variant, else fp32), fp32, fp16, or int8 (CPU, where the model has a "
                               "kept INT8 variant)", choices=PRECISIONS)
@@ -182,16 +182,20 @@ class ServiceConfig:
         return self.preprocess_threads or max(2, min(16, (os.cpu_count() or 1) // max(1, workers)))
 
     def onnxruntime_threads(self, device: str, workers: int = 1) -> int:
-        """Intra-op threads for each worker's session (0 = onnxruntime's default: one per core).
+        """Intra-op threads for each worker's session.
         On CPU the model shares the machine with decoding, and the workers share it with each other: the
         CPUs split among the workers, idle threads sleeping (spinning is turned off on CPU). Measured on 2
         cores (docs/benchmarks.md, "CPU threads"): one worker served 160-165 img/s at 16 clients with both
         cores, 143-150 with one, 138 with both spinning; two workers at 4x overload kept 134-138 img/s with
         one thread each and 128-136 with two each, whose four threads on two cores also delayed the event
-        loops (p99 of 503s 27-37 ms against 62-98). On CUDA these threads only run the odd CPU-side node:
-        the default is fine."""
-        if self.ort_threads or device == "cuda":
+        loops (p99 of 503s 27-37 ms against 62-98). On CUDA these threads only run the graph's few CPU-side
+        nodes (shapes, the odd cast) while the GPU runs the convolutions: one per worker feeds it, where
+        onnxruntime's default (one per core, spinning) would put every core of every worker to busy-waiting
+        beside the decoders."""
+        if self.ort_threads:
             return self.ort_threads
+        if device == "cuda":
+            return 1
         return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 

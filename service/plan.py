@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from tuneserve.models.architectures import BUILTIN_NAME
 from tuneserve.models.artifact import ONNX_FILE, VARIANT_FILES
@@ -29,6 +32,8 @@ from tuneserve.models.store import (
     verify,
 )
 from tuneserve.service.config import ServiceConfig
+
+log = logging.getLogger("tuneserve.service")
 
 
 PLAN_ENV = "TUNESERVE_PLAN"  # the resolved plan, JSON, from the process that resolved it to the workers
@@ -79,6 +84,7 @@ class ServingPlan:
     models: tuple[ModelChoice, ...]  # the versions served at start, in the order asked for
     default: str  # name of the model the unnamed routes serve
     device: str  # "cpu" or "cuda": where onnxruntime will run
+    device_reason: str  # why: a CUDA session that ran the model, or what kept it on the CPU (GET /model, the log)
     max_batch_size: int  # most images per inference call; 1: batching off
     max_latency_ms: int  # every request is answered within this, or refused
     workers: int  # worker processes, each with its own sessions and batchers
@@ -122,16 +128,17 @@ class ServingPlan:
     def resolve(cls, config: ServiceConfig) -> "ServingPlan":
         """The plan for `config` on this machine. The models must be registered: the service only loads
         tags (the built-in model is registered by the CLI: `tuneserve models add-builtin`, `serve` or `demo`)."""
-        device = expected_device(config.device)
+        stored = resolve_models(config.model_tags())
+        device, device_reason = probe_device(config.device, stored[0])
         max_batch_size, max_latency_ms = config.batching(device)
         workers = config.worker_count(device)
-        stored = resolve_models(config.model_tags())
         default = config.default_model or stored[0].name
         if default not in {s.name for s in stored}:
             raise ValueError(f"TUNESERVE_DEFAULT_MODEL={default!r} is not among the served models: "
                              f"{', '.join(s.name for s in stored)}")
         models = tuple(ModelChoice(s, choose_precision(config.precision, device, s.card.variants)) for s in stored)
-        return cls(config=config, models=models, default=default, device=device, max_batch_size=max_batch_size,
+        return cls(config=config, models=models, default=default, device=device, device_reason=device_reason,
+                   max_batch_size=max_batch_size,
                    max_latency_ms=max_latency_ms, workers=workers, preprocess_threads=config.threads(workers),
                    ort_threads=config.onnxruntime_threads(device, workers))
 
@@ -173,12 +180,32 @@ def resolve_model(tag: str | None) -> StoredModel:
         ) from None
 
 
-def expected_device(device: str) -> str:
-    """Where OnnxClassifier will run for `device` ("auto", "cuda", "cpu"), known before it exists: the
-    batching limits and the worker count depend on it."""
+def probe_device(asked: str, model: StoredModel) -> tuple[str, str]:
+    """Where onnxruntime runs `model` for TUNESERVE_DEVICE=`asked` ("auto", "cuda", "cpu"), and why: "cuda" only
+    when a CUDA session actually ran it, because onnxruntime lists the CUDA provider whenever onnxruntime-gpu is
+    installed and a session silently falls back to the CPU when the provider cannot load (driver, CUDA or cuDNN
+    libraries). Known before any worker starts: the batching limits and the worker count depend on it.
+    `asked` "cuda" that cannot run is an error (ModelUnusable), not a CPU server."""
     import onnxruntime as ort
 
-    if device == "cpu":
-        return "cpu"
-    usable = "CUDAExecutionProvider" in ort.get_available_providers()
-    return "cuda" if device == "cuda" or (usable and gpu_present()) else "cpu"
+    if asked == "cpu":
+        return "cpu", "TUNESERVE_DEVICE=cpu"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        reason = "onnxruntime has no CUDA provider (onnxruntime-gpu, CUDA 13 and cuDNN 9 are needed)"
+    elif not gpu_present():
+        reason = "no NVIDIA GPU is visible"
+    else:
+        from tuneserve.models.runtime import OnnxClassifier
+
+        try:
+            session = OnnxClassifier(model.path / ONNX_FILE, device="cuda", intra_op_threads=1, buckets=False,
+                                     io_binding=False)
+            size = model.card.preprocessing.input_size
+            session(np.zeros(session.input_shape(1, size), dtype=session.input_dtype))
+            return "cuda", f"a CUDA session ran {model.tag}"
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; each becomes the reason
+            reason = f"the CUDA provider did not run {model.tag} ({type(e).__name__}: {e})"
+    if asked == "cuda":
+        raise ModelUnusable(f"TUNESERVE_DEVICE=cuda, but {reason}; use TUNESERVE_DEVICE=auto or cpu to serve on the CPU")
+    log.warning("serving on the CPU: %s", reason)
+    return "cpu", reason

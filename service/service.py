@@ -27,9 +27,7 @@ from bentoml.validators import ContentType
 from tuneserve.service import health, lifecycle
 from tuneserve.service.config import ServiceConfig, check_exposure
 from tuneserve.service.edges import http_protocol
-from tuneserve.service.edges.auth import Keys, bearer, matches
-from tuneserve.service.edges.front import Front
-from tuneserve.service.edges.http_protocol import HeaderChecks
+from tuneserve.service.edges.front import Front, Keys, header_checks
 from tuneserve.service.edges.route_table import CLIENT_ROUTES, RouteTable
 from tuneserve.service.edges.routes import batch_results, create_app, predictions
 from tuneserve.service.engine.decode_budget import limit_malloc_arenas
@@ -95,21 +93,8 @@ REFUSED = bentoml.metrics.Counter(
     "alone (admission), which BentoML's request metrics do not see", labelnames=["path"])
 
 
-def _refusal(method: str, path: str, headers) -> RequestError | None:
-    """The HTTP protocol's question for a request's headers: the 503 admission gives it now, or None. Only
-    classify routes are judged, and only with the key they need (else the 401 comes first, from the front)."""
-    if not TABLE.is_classify(method, path):
-        return None
-    if KEYS.api is not None and not matches(bearer(headers), KEYS.api):
-        return None
-    refused = ADMISSION.refusal(1)
-    if refused is not None:
-        REFUSED.labels(path=path if TABLE.is_known(path) else "other").inc()
-    return refused
-
-
-HEADER_CHECKS = HeaderChecks(header_timeout_s=PLAN.config.header_timeout_s, known_path=TABLE.is_known,
-                             refusal=_refusal, hold_s=PLAN.max_latency_ms / 1000)
+HEADER_CHECKS = header_checks(PLAN.config, TABLE, KEYS, ADMISSION, hold_s=PLAN.max_latency_ms / 1000,
+                              on_refused=lambda path: REFUSED.labels(path=path).inc())
 http_app = create_app(engine=lambda: bentoml.get_current_service().engine,
                       openapi_base=lambda: Classifier.openapi_spec.asdict(), management=KEYS.admin is not None)
 if lifecycle.in_worker():

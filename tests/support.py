@@ -348,7 +348,7 @@ def routes_client(engine, **settings):
 def front_app(engine, api_key: str | None = None, admin_key: str | None = None):
     """The routes behind the service's front middleware (keys, probes, JSON errors), as service/service.py
     stacks them, for in-process tests."""
-    from tuneserve.service.edges.auth import Keys
+    from tuneserve.service.edges.front import Keys
     from tuneserve.service.edges.front import Front
     from tuneserve.service.edges.route_table import RouteTable
     from tuneserve.service.edges.routes import create_app

@@ -5,7 +5,7 @@ import pytest
 
 from tuneserve.models.preprocessing import ImageDecodeError, load_image
 from tuneserve.service.config import BATCHING_DEFAULTS, ServiceConfig
-from tuneserve.service.edges.http_inputs import parse_top_k
+from tuneserve.service.edges.routes import parse_top_k
 from tuneserve.service.engine.errors import RequestError
 from tuneserve.service.engine.model_version import decode_error_status
 from support import encode
@@ -47,7 +47,7 @@ def test_onnxruntime_threads_default_to_every_cpu(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert ServiceConfig().onnxruntime_threads("cpu") == 8  # they sleep when idle (spin=False), see config.py
     assert ServiceConfig().onnxruntime_threads("cpu", workers=2) == 4  # the workers share the CPUs
-    assert ServiceConfig().onnxruntime_threads("cuda") == 0  # onnxruntime's default
+    assert ServiceConfig().onnxruntime_threads("cuda") == 1  # the GPU does the work: one thread feeds it
     assert ServiceConfig(ort_threads=3).onnxruntime_threads("cpu") == 3
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert ServiceConfig().onnxruntime_threads("cpu") == 1
@@ -99,3 +99,50 @@ def test_decode_failures_map_to_status_codes():
     assert decode_error_status(_decode_failure(jpeg[: len(jpeg) // 2])) == 400
     assert decode_error_status(_decode_failure(encode(img, "ICO"))) == 415
     assert decode_error_status(_decode_failure(encode(img, "PNG"), max_pixels=1000)) == 413
+
+
+def test_device_comes_from_a_session_that_ran(model, monkeypatch):
+    """The plan says CUDA only where a CUDA session ran the model: a CUDA provider that is listed but cannot
+    run (a missing driver or cuDNN) gives a CPU plan with the reason, or an error when CUDA was asked for."""
+    import onnxruntime
+
+    from tuneserve.models import runtime
+    from tuneserve.service.plan import ModelUnusable, ServingPlan, probe_device
+
+    assert probe_device("cpu", model) == ("cpu", "TUNESERVE_DEVICE=cpu")
+    if runtime.gpu_present():  # a host whose CUDA works: stand in for a driver or cuDNN that does not load
+        def broken(*args, **kwargs):
+            raise RuntimeError("device 'cuda' was asked for, but onnxruntime could not start CUDAExecutionProvider")
+        monkeypatch.setattr(runtime, "OnnxClassifier", broken)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr("tuneserve.service.plan.gpu_present", lambda: True)
+    device, reason = probe_device("auto", model)  # listed, but it cannot run: the session falls back or fails
+    assert device == "cpu" and "did not run" in reason
+    plan = ServingPlan.resolve(ServiceConfig(models=model.tag))
+    assert plan.device == "cpu" and plan.device_reason == reason and plan.max_batch_size == 8  # CPU defaults
+    with pytest.raises(ModelUnusable, match="TUNESERVE_DEVICE=cuda, but the CUDA provider did not run"):
+        probe_device("cuda", model)
+
+
+def test_the_plan_travels_to_the_workers_whole(model):
+    from tuneserve.service.plan import ServingPlan
+
+    plan = ServingPlan.resolve(ServiceConfig(models=model.tag, max_latency_ms=750))
+    env = plan.to_env()
+    config = ServiceConfig.from_env(env)
+    assert ServingPlan.from_env(config, env) == plan
+    assert ServingPlan.from_env(config, {}) is None
+
+
+@pytest.mark.parametrize("host, ok", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False),
+                                      ("10.1.2.3", False)])
+def test_no_key_on_a_reachable_address_refuses_to_start(host, ok):
+    from tuneserve.service.config import check_exposure
+
+    if ok:
+        check_exposure(ServiceConfig(), host)
+    else:
+        with pytest.raises(ValueError, match="TUNESERVE_API_KEY.*--allow-no-key"):
+            check_exposure(ServiceConfig(), host)
+    check_exposure(ServiceConfig(api_key="k"), host)
+    check_exposure(ServiceConfig(allow_no_key=True), host)

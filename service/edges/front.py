@@ -1,22 +1,90 @@
-"""The one ASGI middleware in front of BentoML's app: what every HTTP request meets before a route.
+"""What every HTTP request meets before a route: the one ASGI middleware in front of BentoML's app, the API
+keys, and the checks the HTTP protocol makes from a request's headers.
 
-In order: BentoML clients' API routes are answered by ours (route_table.CLIENT_ROUTES); the probes are answered
-for every worker (health.py), before BentoML's own, which say nothing about the other workers; a route that
-needs a key and lacks it gets its 401 (auth.py, with the table's `access`); and an error answer that is not
-JSON (a framework's plain-text 404 or 500) becomes `{"error": "<its text>"}` with the same status. At start-up
-(the ASGI lifespan) it hands the HTTP protocol its HeaderChecks through the lifespan state, the one channel
-uvicorn gives a protocol (http_protocol.py).
+The middleware, in order: BentoML clients' API routes are answered by ours (route_table.CLIENT_ROUTES); the
+probes are answered for every worker (health.py), before BentoML's own, which say nothing about the other
+workers; a route that needs a key and lacks it gets its 401; and an error answer that is not JSON (a
+framework's plain-text 404 or 500) becomes `{"error": "<its text>"}` with the same status. At start-up (the
+ASGI lifespan) it hands the HTTP protocol its HeaderChecks through the lifespan state, the one channel uvicorn
+gives a protocol (http_protocol.py).
+
+API keys: `Authorization: Bearer <key>` on every route that classifies or tells about models
+(TUNESERVE_API_KEY or _FILE), and a key of its own for the management API (TUNESERVE_ADMIN_KEY), whose routes
+do not exist without it. The probes, the OpenAPI document and the Swagger UI stay open, and /metrics too unless
+TUNESERVE_METRICS_AUTH: which route needs which key is the route table's `access`. A missing or wrong key is a
+401 `{"error": ...}` with `WWW-Authenticate: Bearer`. Keys are compared in constant time (hmac.compare_digest)
+and never logged: the errors name only the header that was missing or wrong.
 """
 from __future__ import annotations
 
+import hmac
 import json
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from starlette.responses import JSONResponse
 
-from tuneserve.service.edges.auth import Keys
+from tuneserve.service.config import ServiceConfig
 from tuneserve.service.edges.http_protocol import STATE_KEY, HeaderChecks
-from tuneserve.service.edges.route_table import CLIENT_ROUTES, RouteTable
+from tuneserve.service.edges.route_table import ADMIN, API, CLIENT_ROUTES, METRICS, RouteTable
+from tuneserve.service.engine.admission import Admission
+from tuneserve.service.engine.errors import RequestError
+
+def bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+def matches(token: str | None, key: str) -> bool:
+    return token is not None and hmac.compare_digest(token.encode(), key.encode())
+
+
+@dataclass(frozen=True)
+class Keys:
+    api: str | None  # None: inference and model routes are open
+    admin: str | None  # None: there is no management API
+    metrics_auth: bool = False  # /metrics needs the API key too
+
+    def required(self, access: str) -> tuple[str, str] | None:
+        """(key, its variable) that a route of `access` needs, or None."""
+        if access == ADMIN:
+            return (self.admin, "TUNESERVE_ADMIN_KEY") if self.admin else None
+        if access == API or (access == METRICS and self.metrics_auth):
+            return (self.api, "TUNESERVE_API_KEY") if self.api else None
+        return None
+
+    def problem(self, access: str, headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+        """(what is wrong, the variable naming the key) when `headers` do not carry the key `access` needs."""
+        need = self.required(access)
+        if need is None:
+            return None
+        key, which = need
+        token = bearer(headers)
+        if matches(token, key):
+            return None
+        return ("no 'Authorization: Bearer <key>' header" if token is None else "the key is wrong"), which
+
+
+def header_checks(config: ServiceConfig, table: RouteTable, keys: Keys, admission: Admission, hold_s: float,
+                  on_refused: Callable[[str], None] = lambda path: None) -> HeaderChecks:
+    """What the HTTP protocol asks of a request's line and headers: is the path served at all, and would
+    admission refuse it (only classify routes, and only with the key they need: else the 401 comes first)."""
+
+    def refusal(method: str, path: str, headers) -> RequestError | None:
+        if not table.is_classify(method, path) or keys.problem(API, headers) is not None:
+            return None
+        refused = admission.refusal(1)
+        if refused is not None:
+            on_refused(path)
+        return refused
+
+    return HeaderChecks(header_timeout_s=config.header_timeout_s, known_path=table.is_known, refusal=refusal,
+                        hold_s=hold_s)
+
 
 # Liveness and readiness, under our names and the Open Inference Protocol's.
 PROBES = {"/livez": "live", "/readyz": "ready", "/v2/health/live": "live", "/v2/health/ready": "ready"}

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 import tuneserve
 from tuneserve.service.edges import oip
-from tuneserve.service.edges.http_inputs import read_body
+from tuneserve.service.edges.routes import read_body
 from tuneserve.service.engine.engine import Engine, ImageInput
 from tuneserve.service.engine.errors import RequestError
 from tuneserve.service.engine.model_version import ModelVersion

@@ -55,19 +55,30 @@ def admission_for(plan: ServingPlan) -> Admission:
     return Admission(plan.max_latency_ms / 1000, plan.config.max_in_flight, parallelism=plan.preprocess_threads)
 
 
+def _jpeg_decoder(plan: ServingPlan) -> tuple[GpuJpegDecoder | None, str]:
+    """The GPU JPEG decoder where the plan runs on CUDA and it loads and agrees with the CPU path (its start-up
+    check, service/gpu_decode.py), and what decodes JPEGs, with the reason."""
+    if plan.device != "cuda":
+        return None, "cpu (Pillow): the model runs on the CPU"
+    if plan.config.gpu_decode != "auto":
+        return None, "cpu (Pillow): TUNESERVE_GPU_DECODE=off"
+    return GpuJpegDecoder.try_load(pp=plan.model.stored.card.preprocessing)
+
+
 class Engine:
     def __init__(self, plan: ServingPlan, metrics: Metrics | None = None, admission: Admission | None = None):
         self.plan = plan
         self.metrics = metrics or Metrics()
         self.admission = admission or admission_for(plan)
+        gpu_decoder, decoder_status = _jpeg_decoder(plan)
         self.shared = Shared(
             plan=plan,
             pool=ThreadPoolExecutor(plan.preprocess_threads, thread_name_prefix="tuneserve-preprocess",
                                     initializer=lower_thread_priority),
             engine=ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer"),
             decode_budget=DecodeBudget(plan.config.decode_memory_mb * 2**20, plan.preprocess_threads),
-            gpu_decoder=(GpuJpegDecoder.load() if plan.device == "cuda" and plan.config.gpu_decode == "auto"
-                         else None),
+            gpu_decoder=gpu_decoder,
+            decoder_status=decoder_status,
             metrics=self.metrics,
         )
         self.versions = ModelVersions(plan, self._load, self.metrics)

@@ -28,7 +28,7 @@ from tuneserve.service.engine.batcher import DynamicBatcher, Overloaded
 from tuneserve.service.engine.decode_budget import LARGE_BYTES, DecodeBudget, DecodeBudgetExceeded, release_free_memory
 from tuneserve.service.engine.errors import RequestError
 from tuneserve.service.engine.metrics import Metrics
-from tuneserve.service.gpu_decode import GpuJpegDecoder, gpu_pixels
+from tuneserve.service.gpu_decode import GpuJpegDecoder
 from tuneserve.service.plan import ModelChoice, ServingPlan
 
 log = logging.getLogger("tuneserve.service")
@@ -45,6 +45,7 @@ class Shared:
     engine: ThreadPoolExecutor  # one thread: the model calls
     decode_budget: DecodeBudget
     gpu_decoder: GpuJpegDecoder | None  # ordinary JPEGs decode on the GPU where it loaded; None: the CPU
+    decoder_status: str  # what decodes JPEGs, and why (GET /model: runtime.jpeg_decoder)
     metrics: Metrics
 
     @property
@@ -159,9 +160,12 @@ class ModelVersion:
         try:
             async with shared.decode_budget.reserve(nbytes, deadline.remaining()):
                 if shared.gpu_decoder is not None and full_scale_jpeg(data, pp, cfg.max_pixels):
-                    decoded = await shared.gpu_decoder.decode(data)
-                    if decoded is not None:  # else the CPU decodes it, and explains any error
-                        return await loop.run_in_executor(shared.pool, _crop_in_time, decoded, pp, deadline, normalised)
+                    # uint8 (S, S, 3): decoded, resized and cropped on the GPU (or cropped in the pool)
+                    pixels = await shared.gpu_decoder.preprocess(data, pp, shared.pool)
+                    if pixels is not None:  # else the CPU decodes it, and explains any error
+                        if deadline.expired():
+                            raise _Late()
+                        return normalise(pixels, pp) if normalised else pixels
                 return await loop.run_in_executor(
                     shared.pool, _decode_in_time, data, pp, cfg.max_pixels, max_bytes, nbytes, deadline, normalised)
         except ImageDecodeError as e:
@@ -196,7 +200,7 @@ class ModelVersion:
             "runtime": {"provider": self.session.providers[0], "device": self.session.device,
                         "precision": self.precision, "variants": card.variants,
                         "batch_buckets": self.session.buckets, "io_binding": self.session.io_binding,
-                        "jpeg_decoder": "gpu (nvImageCodec)" if self.shared.gpu_decoder is not None else "cpu (Pillow)",
+                        "jpeg_decoder": self.shared.decoder_status, "device_reason": plan.device_reason,
                         "intra_op_threads": plan.ort_threads, "preprocess_threads": plan.preprocess_threads},
             "batching": {"enabled": plan.batching, "max_batch_size": plan.max_batch_size,
                          "max_latency_ms": plan.max_latency_ms},
@@ -211,14 +215,6 @@ class ModelVersion:
                 "default_top_k": cfg.top_k,
             },
         }
-
-
-def _crop_in_time(decoded: np.ndarray, pp: Preprocessing, deadline: Deadline, normalised: bool) -> np.ndarray:
-    """In a pool thread: the model's input from pixels the GPU decoded (see _decode_in_time)."""
-    if deadline.expired():
-        raise _Late()
-    pixels = gpu_pixels(decoded, pp)
-    return normalise(pixels, pp) if normalised else pixels
 
 
 class _Late(Exception):
