@@ -77,6 +77,8 @@ def serve_rows(out: Path, precision: str | None, by_batch: dict[int, float]) -> 
             row["ratio_note"] = f"served {served}, the engine step measured {precision}: no ratio"
         else:
             at_mean = nearest(by_batch, row["mean_batch"] or 0)
+            if not row["mean_batch"]:
+                row["ratio_note"] = "the server's batch sizes were not read in the window: no ratio at its mean batch"
             if at_mean:
                 row["engine_batch"], row["engine_images_per_s"] = at_mean
                 row["ratio_vs_engine_at_mean_batch"] = round(row["images_per_s"] / at_mean[1], 3)

@@ -48,9 +48,10 @@ def test_dry_run_runs_every_step_and_writes_the_gpu_runs_files(tmp_path):
     # Two shared cores do not answer 16-image requests from 256 connections within a three-second window; the
     # loads they do answer have every figure, the ratio against the engine in the served precision among them.
     answered = [row for row in summary["serve"] if row["images_per_s"] > 0]
-    assert answered
-    for row in answered:
-        assert row["p99_ms"] >= row["p50_ms"] > 0 and row["ratio_vs_engine_at_mean_batch"] > 0
+    assert answered and all(row["p99_ms"] >= row["p50_ms"] > 0 for row in answered)
+    for row in answered:  # the ratio, or why there is none (the batch histogram not read within the window)
+        assert row.get("ratio_vs_engine_at_mean_batch", 0) > 0 or "no ratio" in row["ratio_note"]
+    assert any("ratio_vs_engine_at_mean_batch" in row for row in answered)
     train = json.loads((out / "train.json").read_text())
     assert train["returncode"] == 0 and train["images_per_s"] > 0 and "tuneserve train" in train["train_command"]
     assert r.stdout.rstrip().splitlines()[-1].startswith("(p99 target")  # the table comes last
