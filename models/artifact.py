@@ -45,6 +45,10 @@ class ModelCard:
     # models exported before pixel input, "input", float32 (N, 3, input_size, input_size), normalised.
     input_name: str = "input"
     output_name: str = "logits"  # float32 (N, num_classes)
+    # The graph's class activation map output (models/explain.py's CAM_OUTPUT, "cams"): float32 (N, num_classes,
+    # h, w), each class's logit at every location of the last feature grid (training/cam.py). None: the graph
+    # has none (exported before it existed), and the model classifies but cannot explain.
+    explain_output: str | None = None
     format_version: int = FORMAT_VERSION
 
     @property

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tuneserve.models.explain import CAM_OUTPUT
 from tuneserve.models.preprocessing import Preprocessing, normalise
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class OnnxClassifier:
     shape gets a pre-allocated input buffer. `io_binding`: copy the batch into that buffer on the session's
     device and run with an IO binding, instead of letting onnxruntime allocate and copy per call.
     Both default to on for CUDA and off for CPU, where neither pays; both work on either (the tests use CPU).
+    Graphs exported with class activation maps (a second output, CAM_OUTPUT: float32 (N, classes, h, w)) can
+    `explain(batch)`; calling the classifier asks onnxruntime for the logits alone (`can_explain` says which).
     `spin`: onnxruntime's idle intra-op threads busy-wait (its default, best for the model alone); off, they
     sleep, which serving on CPU wants.
     """
@@ -110,10 +113,13 @@ class OnnxClassifier:
         self.takes_pixels = graph_input.type == PIXELS_TYPE
         self.input_dtype = np.dtype(np.uint8 if self.takes_pixels else np.float32)
         self.output_name = self.session.get_outputs()[0].name
+        outputs = {o.name for o in self.session.get_outputs()}
+        self.explain_output = CAM_OUTPUT if CAM_OUTPUT in outputs else None  # None: exported before CAMs
         on_cuda = self.device == "cuda"
         self.buckets = bucket_sizes(max_batch) if (on_cuda if buckets is None else buckets) else None
         self.io_binding = on_cuda if io_binding is None else io_binding
-        self._bound: dict[tuple[int, ...], tuple[Any, Any]] = {}  # input shape -> (IOBinding, input OrtValue)
+        # input shape -> {output names: (IOBinding, input OrtValue)}
+        self._bound: dict[tuple[int, ...], dict[tuple[str, ...], tuple[Any, Any]]] = {}
         self._bind_lock = threading.Lock()  # one binding per shape: concurrent calls of a shape take turns
 
     @property
@@ -129,45 +135,65 @@ class OnnxClassifier:
         (N, 3, S, S) by `pp` for graphs that take that."""
         return pixels if self.takes_pixels else normalise(pixels, pp)
 
+    @property
+    def can_explain(self) -> bool:
+        """Whether the graph has the class activation map output (models exported before it do not)."""
+        return self.explain_output is not None
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """batch: this graph's input (uint8 (N, S, S, 3) or float32 (N, 3, S, S)) -> logits float32 (N, classes)."""
+        return self._forward(batch, (self.output_name,))[0]
+
+    def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """batch as for a call -> (logits float32 (N, classes), cams float32 (N, classes, h, w)), from one run:
+        each class's logit at every location of the network's last feature grid (models/explain.py draws them)."""
+        if self.explain_output is None:
+            raise ValueError("this model's graph has no class activation map output (it was exported before "
+                             "tuneserve added one): re-export it (tuneserve export RUN_DIR) to explain its answers")
+        logits, cams = self._forward(batch, (self.output_name, self.explain_output))
+        return logits, cams
+
+    def _forward(self, batch: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
         if self.takes_pixels != (batch.dtype == np.uint8):
             wanted = "uint8 pixels (N, S, S, 3)" if self.takes_pixels else "normalised float32 (N, 3, S, S)"
             raise ValueError(f"this model takes {wanted}, got a {batch.dtype} array of shape {batch.shape} "
                              "(OnnxClassifier.inputs makes the model's input from pixels)")
         batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         if self.buckets is None:
-            return self._run(batch)
+            return self._run(batch, names)
         n, largest = batch.shape[0], self.buckets[-1]
         if n > largest:
-            return np.concatenate([self(batch[i:i + largest]) for i in range(0, n, largest)])
+            parts = [self._forward(batch[i:i + largest], names) for i in range(0, n, largest)]
+            return [np.concatenate(chunks) for chunks in zip(*parts)]
         size = next(b for b in self.buckets if b >= n)
         if size > n:  # zero rows: every row is computed independently (eval-mode BatchNorm), then dropped
             batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
-        return self._run(batch)[:n]
+        return [out[:n] for out in self._run(batch, names)]
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        """Only the outputs in `names` are fetched: classifying never copies the CAMs off the device."""
         if not self.io_binding:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return self.session.run(list(names), {self.input_name: batch})
         with self._bind_lock:
-            binding, buffer = self._binding(batch.shape)
+            binding, buffer = self._binding(batch.shape, names)
             buffer.update_inplace(batch)  # host -> device copy into the buffer the graph reads
             self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0]
+            return binding.copy_outputs_to_cpu()
 
-    def _binding(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
-        """The binding and input buffer for `shape`: kept per bucket; made per call without buckets, where
-        shapes are unbounded."""
-        if shape in self._bound:
-            return self._bound[shape]
+    def _binding(self, shape: tuple[int, ...], names: tuple[str, ...]) -> tuple[Any, Any]:
+        """The binding and input buffer for `shape` and outputs `names`: kept per bucket; made per call without
+        buckets, where shapes are unbounded."""
+        if names in self._bound.get(shape, {}):
+            return self._bound[shape][names]
         import onnxruntime as ort
 
         buffer = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.input_dtype, self.device, 0)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.input_name, buffer)
-        binding.bind_output(self.output_name, self.device)  # onnxruntime allocates the logits on the device
+        for name in names:  # onnxruntime allocates the outputs on the device
+            binding.bind_output(name, self.device)
         if self.buckets is not None:
-            self._bound[shape] = (binding, buffer)
+            self._bound.setdefault(shape, {})[names] = (binding, buffer)
         return binding, buffer
 
 

@@ -16,12 +16,14 @@ import torch
 import torch.nn as nn
 
 from tuneserve.models.artifact import FP16_ONNX_FILE, INT8_ONNX_FILE, WEIGHTS_FILE, ModelCard
+from tuneserve.models.explain import CAM_OUTPUT
 from tuneserve.models.precision import MIN_INT8_TOP1_AGREEMENT, agreement_report, convert_fp16, convert_int8, onnx_logits
 from tuneserve.models.preprocessing import Preprocessing, normalise, normaliser, preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.store import StoredModel, save_model, staging_dir, validate_name
 from tuneserve.models.weights import build_model
 from tuneserve.training import checkpoint as ckpt_io
+from tuneserve.training.cam import CAM_KINDS, CamModel
 from tuneserve.training.config import TrainConfig
 from tuneserve.training.data import Dataset, discover, fingerprint
 
@@ -38,6 +40,7 @@ class ExportParityError(RuntimeError):
             f"ONNX export failed the parity gate on {report['images']} images: max |logit diff| = "
             f"{report['max_abs_logit_diff']:.3g} (limit {report['tolerance']:.0e}), top-1 agreement "
             f"{report['top1_agreement']:.2%} (need 100%), batch-1 max diff {report['batch1_max_abs_logit_diff']:.3g}"
+            + (f", class activation maps max diff {report['cam_max_abs_diff']:.3g}" if "cam_max_abs_diff" in report else "")
         )
 
 
@@ -45,7 +48,8 @@ INPUT_NAME = "pixels"  # uint8 (N, S, S, 3) RGB, resized and cropped as the card
 
 
 class PixelInput(nn.Module):
-    """`model` behind its own normalisation: uint8 (N, S, S, 3) pixels -> logits (N, C).
+    """`model` behind its own normalisation: uint8 (N, S, S, 3) pixels -> logits (N, C), or, for a CamModel,
+    (logits (N, C), cams (N, C, h, w)).
 
     Serving then hands the engine the uint8 pixels PIL decodes to, without a float32 copy on the host: a
     quarter of the bytes to build, batch and copy to a GPU, and the layout change and multiply-add run on
@@ -59,15 +63,22 @@ class PixelInput(nn.Module):
         self.register_buffer("scale", torch.from_numpy(scale.copy()))
         self.register_buffer("offset", torch.from_numpy(offset.copy()))
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = pixels.permute(0, 3, 1, 2).float()  # (N, 3, S, S) float32, values 0..255
         return self.model(x * self.scale + self.offset)
 
 
-def export_onnx(model: nn.Module, pp: Preprocessing, path: Path, exporter: str = "dynamo") -> Path:
+def export_onnx(model: nn.Module, pp: Preprocessing, path: Path, exporter: str = "dynamo",
+                arch: str | None = None) -> Path:
     """Write `model` (float32, CPU, eval) with its normalisation to `path`: input 'pixels' uint8 (N,S,S,3) ->
-    'logits' float32 (N,C)."""
-    model = PixelInput(model.float().cpu().eval(), pp).eval()
+    'logits' float32 (N,C); with `arch` (one of training/cam.py's CAM_KINDS), also CAM_OUTPUT float32
+    (N, C, h, w), the class activation maps, computed from the same features as the logits."""
+    model = model.float().cpu().eval()
+    outputs = ["logits"]
+    if arch is not None:
+        model = CamModel(model, arch).eval()
+        outputs.append(CAM_OUTPUT)
+    model = PixelInput(model, pp).eval()
     example = torch.zeros(2, pp.input_size, pp.input_size, 3, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter; the parity gate is the real check
@@ -75,30 +86,40 @@ def export_onnx(model: nn.Module, pp: Preprocessing, path: Path, exporter: str =
             batch = torch.export.Dim("batch", min=1, max=4096)
             torch.onnx.export(
                 model, (example,), str(path), dynamo=True, external_data=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+                input_names=[INPUT_NAME], output_names=outputs, dynamic_shapes=({0: batch},), verbose=False,
             )
         elif exporter == "torchscript":
             torch.onnx.export(
                 model, (example,), str(path), dynamo=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=["logits"],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
+                input_names=[INPUT_NAME], output_names=outputs,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             )
         else:
             raise ValueError(f"exporter {exporter!r} is not one of: dynamo, torchscript")
     return path
 
 
-def parity_report(model: nn.Module, onnx_path: Path, pixels: np.ndarray, pp: Preprocessing) -> dict[str, Any]:
+def parity_report(model: nn.Module, onnx_path: Path, pixels: np.ndarray, pp: Preprocessing,
+                  arch: str | None = None) -> dict[str, Any]:
     """pixels: uint8 (N,S,S,3), resized and cropped. Compares PyTorch fp32 on the host-normalised images (as
-    training validated them) with onnxruntime (CPU) on the graph's own input."""
+    training validated them) with onnxruntime (CPU) on the graph's own input; with `arch`, the graph's class
+    activation maps too (against training/cam.py's, at batch N)."""
     model = model.float().cpu().eval()
     session = OnnxClassifier(onnx_path, device="cpu")
+    x = torch.from_numpy(normalise(pixels, pp))
     with torch.no_grad():
-        reference = model(torch.from_numpy(normalise(pixels, pp))).numpy()  # (N, C)
+        reference = model(x).numpy()  # (N, C)
     inputs = session.inputs(pixels, pp)
     batched = session(inputs)
     single = session(inputs[:1])
     diff = np.abs(batched - reference)
+    cams: dict[str, Any] = {}
+    if arch is not None and session.can_explain:
+        with torch.no_grad():
+            reference_cams = CamModel(model, arch)(x)[1].numpy()  # (N, C, h, w)
+        onnx_cams = session.explain(inputs)[1]
+        cams = {"cam_shape": list(onnx_cams.shape[1:]),
+                "cam_max_abs_diff": float(np.abs(onnx_cams - reference_cams).max())}
     return {
         "images": int(pixels.shape[0]),
         "max_abs_logit_diff": float(diff.max()),
@@ -107,6 +128,7 @@ def parity_report(model: nn.Module, onnx_path: Path, pixels: np.ndarray, pp: Pre
         "top1_agreement": float((batched.argmax(1) == reference.argmax(1)).mean()),
         "tolerance": MAX_ABS_LOGIT_DIFF,
         "provider": session.providers[0],
+        **cams,
     }
 
 
@@ -115,6 +137,7 @@ def check_parity(report: dict[str, Any]) -> None:
         report["max_abs_logit_diff"] <= report["tolerance"]
         and report["batch1_max_abs_logit_diff"] <= report["tolerance"]
         and report["top1_agreement"] == 1.0
+        and report.get("cam_max_abs_diff", 0.0) <= report["tolerance"]  # the maps are logits too
     )
     if not ok:
         raise ExportParityError(report)
@@ -150,9 +173,10 @@ def export_and_register(
     # Scratch files in the store's staging area: a killed export leaves them where `tuneserve models prune`
     # (and the next save) removes them, not in /tmp.
     with staging_dir(f"export-{name}") as tmp:
-        onnx_path = export_onnx(model, pp, Path(tmp) / "model.onnx", exporter)
+        cam_arch = arch if arch in CAM_KINDS else None
+        onnx_path = export_onnx(model, pp, Path(tmp) / "model.onnx", exporter, arch=cam_arch)
         images = load_parity_images(parity_paths, pp)
-        report = parity_report(model, onnx_path, images, pp)
+        report = parity_report(model, onnx_path, images, pp, arch=cam_arch)
         log.info(
             "ONNX parity on %d real images: max |logit diff| %.2e, top-1 agreement %.1f%%",
             report["images"], report["max_abs_logit_diff"], 100 * report["top1_agreement"],
@@ -170,7 +194,8 @@ def export_and_register(
                 extra[variant["file"]] = Path(tmp) / variant["file"]
         card = ModelCard(arch=arch, labels=list(labels), preprocessing=pp, metrics=metrics,
                          train_config=train_config, parity=report, variants=variants, parent=parent,
-                         data_fingerprint=data_fingerprint, input_name=INPUT_NAME)
+                         data_fingerprint=data_fingerprint, input_name=INPUT_NAME,
+                         explain_output=CAM_OUTPUT if cam_arch else None)
         return save_model(name, card, onnx_path, extra)
 
 

@@ -50,6 +50,13 @@ class ServiceClient:
         return self._request("POST", path, params={"top_k": top_k}, content=image,
                              headers={"content-type": "application/octet-stream", **self._auth(self.api_key)})
 
+    def explain(self, image: bytes, top_k: int, model: str | None = None) -> Answer:
+        """The top-k with, per class, its heatmap and a PNG overlay: {"model", "predictions": [{"label",
+        "score", "heatmap": [[...]], "overlay_png": base64}]}."""
+        path = f"/models/{model}/explain" if model else "/explain"
+        return self._request("POST", path, params={"top_k": top_k}, content=image,
+                             headers={"content-type": "application/octet-stream", **self._auth(self.api_key)})
+
     def model(self) -> Answer:
         return self._request("GET", "/model", headers=self._auth(self.api_key))
 

@@ -228,9 +228,9 @@ def _write_overlays(answers: list[tuple[Path, Any]], out_dir: Path) -> list[Path
     import base64
     import re
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for image, answer in answers:
+        out_dir.mkdir(parents=True, exist_ok=True)
         for prediction in answer.body["predictions"]:
             label = re.sub(r"[^\w.-]+", "_", prediction["label"]).strip("_") or "label"  # a safe file name part
             path = out_dir / f"{image.stem}.{label}.explain.png"
