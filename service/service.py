@@ -93,8 +93,7 @@ REFUSED = bentoml.metrics.Counter(
     "alone (admission), which BentoML's request metrics do not see", labelnames=["path"])
 
 
-HEADER_CHECKS = header_checks(PLAN.config, TABLE, KEYS, ADMISSION, hold_s=PLAN.max_latency_ms / 1000,
-                              on_refused=lambda path: REFUSED.labels(path=path).inc())
+HEADER_CHECKS = header_checks(PLAN.config, TABLE, KEYS, ADMISSION, on_refused=lambda path: REFUSED.labels(path=path).inc())
 http_app = create_app(engine=lambda: bentoml.get_current_service().engine,
                       openapi_base=lambda: Classifier.openapi_spec.asdict(), management=KEYS.admin is not None)
 if lifecycle.in_worker():

@@ -58,6 +58,23 @@ def ants_bees(hymenoptera, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def two_tones(tmp_path_factory):
+    """Another fine-tuned model, made without ../shared: 1 epoch on small generated images of 2 classes,
+    registered as "tones" (dark, light), for tests that serve several models."""
+    from tuneserve.training.config import TrainConfig
+    from tuneserve.training.train import train
+
+    root = tmp_path_factory.mktemp("tones") / "data"
+    for c, cls in enumerate(["dark", "light"]):
+        for i in range(8):
+            write_image(root / cls / f"{i}.png", seed=500 + c * 100 + i, size=(48, 40))
+    result = train(TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0,
+                               name="tones", output_dir=str(root.parent / "runs"), parity_images=4))
+    assert result.model is not None
+    return result.model
+
+
+@pytest.fixture(scope="session")
 def three_shades(tmp_path_factory):
     """A second fine-tuned model with other classes: 1 epoch on small generated images of 3 colours,
     registered as "shades" (alpha, beta, gamma)."""

@@ -28,52 +28,51 @@ def new_version(model, damaged: bool = False) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_models(ants_bees, three_shades):
-    hym, _ = ants_bees
-    return hym, three_shades
+def two_models(two_tones, three_shades):
+    return two_tones, three_shades
 
 
 def test_two_models_each_answer_with_their_own_labels(two_models):
-    hym, shades = two_models
-    engine = make_engine(models=f"{hym.tag},{shades.name}")
+    tones, shades = two_models
+    engine = make_engine(models=f"{tones.tag},{shades.name}")
     with TestClient(create_app(lambda: engine)) as client:
         listed = client.get("/models").json()
-        assert listed["default"] == hym.name
+        assert listed["default"] == tones.name
         assert [(m["name"], m["version"], m["labels"], m["state"]) for m in listed["models"]] == [
-            (hym.name, hym.version, 2, "ready"), (shades.name, shades.version, 3, "ready")]
-        ant = client.post(f"/models/{hym.name}/classify", content=photo("coffee.png")).json()
+            (tones.name, tones.version, 2, "ready"), (shades.name, shades.version, 3, "ready")]
+        dark = client.post(f"/models/{tones.name}/classify", content=photo("coffee.png")).json()
         shade = client.post(f"/models/{shades.name}/classify", content=photo("coffee.png")).json()
-        assert ant["model"] == hym.tag and {p["label"] for p in ant["predictions"]} == {"ants", "bees"}
+        assert dark["model"] == tones.tag and {p["label"] for p in dark["predictions"]} == {"dark", "light"}
         assert shade["model"] == shades.tag and {p["label"] for p in shade["predictions"]} == {"alpha", "beta", "gamma"}
-        assert client.post("/classify", content=photo("coffee.png")).json()["model"] == hym.tag  # the default
-        assert client.get("/model").json()["tag"] == hym.tag
+        assert client.post("/classify", content=photo("coffee.png")).json()["model"] == tones.tag  # the default
+        assert client.get("/model").json()["tag"] == tones.tag
         batch = client.post(f"/models/{shades.name}/classify_batch", files=[("images", ("c.png", photo("coffee.png")))])
         assert batch.json()["model"] == shades.tag
         one = client.get(f"/models/{shades.name}").json()
         assert one["version"] == shades.version and one["labels"] == ["alpha", "beta", "gamma"] and one["state"] == "ready"
         missing = client.post("/models/nope/classify", content=photo("coffee.png"))
         assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
-        assert f"served models: {hym.name}, {shades.name}" in missing.json()["error"]
+        assert f"served models: {tones.name}, {shades.name}" in missing.json()["error"]
         assert client.get("/models/nope").status_code == 404
     engine.close()
 
 
 def test_the_default_model_can_be_named(two_models):
-    hym, shades = two_models
-    engine = make_engine(models=f"{hym.tag},{shades.tag}", default_model=shades.name)
+    tones, shades = two_models
+    engine = make_engine(models=f"{tones.tag},{shades.tag}", default_model=shades.name)
     with TestClient(create_app(lambda: engine)) as client:
         assert client.post("/classify", content=photo("coffee.png")).json()["model"] == shades.tag
     engine.close()
     with pytest.raises(ValueError, match="TUNESERVE_DEFAULT_MODEL='nope' is not among the served models"):
-        make_engine(models=hym.tag, default_model="nope")
+        make_engine(models=tones.tag, default_model="nope")
     with pytest.raises(ValueError, match="more than once"):
-        make_engine(models=f"{hym.tag},{hym.name}")
+        make_engine(models=f"{tones.tag},{tones.name}")
 
 
 def test_explicit_control_loads_rolls_back_and_unloads(two_models):
-    hym, shades = two_models
+    tones, shades = two_models
     metrics = RecordingMetrics()
-    engine = make_engine(metrics, models=f"{hym.tag},{shades.tag}", model_control="explicit")
+    engine = make_engine(metrics, models=f"{tones.tag},{shades.tag}", model_control="explicit")
     app = front_app(engine, None, ADMIN)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     with TestClient(app) as client:
@@ -94,8 +93,8 @@ def test_explicit_control_loads_rolls_back_and_unloads(two_models):
         assert state["version"] == shades.version and metrics.failed_loads == [shades.name]
 
         index = client.post("/v2/repository/index", headers=admin).json()
-        assert {(m["name"], m["state"]) for m in index} == {(hym.name, "READY"), (shades.name, "FAILED")}
-        r = client.post(f"/v2/repository/models/{hym.name}/unload", headers=admin)
+        assert {(m["name"], m["state"]) for m in index} == {(tones.name, "READY"), (shades.name, "FAILED")}
+        r = client.post(f"/v2/repository/models/{tones.name}/unload", headers=admin)
         assert r.status_code == 409 and "default model" in r.json()["error"]
         r = client.post(f"/v2/repository/models/{shades.name}/unload", headers=admin)
         assert r.status_code == 200 and r.json()["unloaded"] is True
@@ -109,19 +108,19 @@ def test_explicit_control_loads_rolls_back_and_unloads(two_models):
 
 
 def test_versions_change_only_in_explicit_mode(two_models):
-    hym, _ = two_models
-    engine = make_engine(models=hym.tag, model_control="poll")
+    tones, _ = two_models
+    engine = make_engine(models=tones.tag, model_control="poll")
     with TestClient(create_app(lambda: engine, management=True)) as client:
-        r = client.post(f"/v2/repository/models/{hym.name}/load")
+        r = client.post(f"/v2/repository/models/{tones.name}/load")
         assert r.status_code == 409 and "TUNESERVE_MODEL_CONTROL=explicit" in r.json()["error"]
     with TestClient(create_app(lambda: engine, management=False)) as client:
-        assert client.post(f"/v2/repository/models/{hym.name}/load").status_code == 404  # no admin key: no API
+        assert client.post(f"/v2/repository/models/{tones.name}/load").status_code == 404  # no admin key: no API
     engine.close()
 
 
 def test_api_keys(two_models):
-    hym, _ = two_models
-    engine = make_engine(models=hym.tag, model_control="explicit")
+    tones, _ = two_models
+    engine = make_engine(models=tones.tag, model_control="explicit")
     app = front_app(engine, API, ADMIN)
     with TestClient(app) as client:
         for headers, problem in (({}, "no 'Authorization: Bearer <key>' header"),
@@ -129,7 +128,7 @@ def test_api_keys(two_models):
                                  ({"Authorization": f"Basic {API}"}, "no 'Authorization: Bearer <key>' header"),
                                  ({"Authorization": f"Bearer {ADMIN}"}, "the key is wrong")):  # the admin key is not the API key
             for method, path in (("POST", "/classify"), ("GET", "/models"), ("GET", "/model"),
-                                 ("POST", f"/models/{hym.name}/classify")):
+                                 ("POST", f"/models/{tones.name}/classify")):
                 r = client.request(method, path, content=photo("coffee.png") if method == "POST" else None, headers=headers)
                 assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), (path, r.text)
                 assert problem in r.json()["error"] and "TUNESERVE_API_KEY" in r.json()["error"]

@@ -57,11 +57,28 @@ def test_a_cut_short_model_file_is_not_served(damaged, model):
 
 
 @pytest.mark.skipif(gpu_present(), reason="on a GPU machine CUDA starts: nothing fails")
-def test_a_worker_that_cannot_start_stops_the_server_instead_of_restarting(model):
-    """Asked for CUDA where none starts: only the worker finds out. It must stop the whole server with exit 1
-    and the reason, not be restarted forever."""
-    started = time.monotonic()
+def test_cuda_asked_for_where_it_cannot_run_is_one_error_before_any_worker(model):
+    """The plan's device comes from a CUDA session that ran the model (service/plan.py): TUNESERVE_DEVICE=cuda
+    where none runs is one readable error from the main process, before any worker starts."""
     r = _bentoml_serve({"TUNESERVE_MODEL": model.tag, "TUNESERVE_DEVICE": "cuda"}, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.count("error: TUNESERVE_DEVICE=cuda, but") == 1 and "Traceback" not in r.stderr
+    assert "Service tuneserve initialized" not in r.stderr
+
+
+@pytest.mark.skipif(gpu_present(), reason="on a GPU machine CUDA starts: nothing fails")
+def test_a_worker_that_cannot_start_stops_the_server_instead_of_restarting(model):
+    """A failure only a worker meets (here: a plan handed over for CUDA, which the worker cannot start; on a
+    real host, its device or its memory) stops the whole server with exit 1 and the reason, instead of the
+    worker being restarted forever."""
+    from tuneserve.service.config import ServiceConfig
+    from tuneserve.service.plan import ServingPlan
+
+    config = ServiceConfig(models=model.tag, device="cuda")
+    plan = dataclasses.replace(ServingPlan.resolve(dataclasses.replace(config, device="cpu")), config=config,
+                               device="cuda", device_reason="handed over as if a CUDA session had run")
+    started = time.monotonic()
+    r = _bentoml_serve(plan.to_env(), timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.count("error: cannot serve") == 1 and "device 'cuda' was asked for" in r.stderr
     assert r.stderr.count("Service tuneserve initialized") == 0

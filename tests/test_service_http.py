@@ -368,12 +368,16 @@ def test_concurrent_requests_are_batched_and_answered_correctly(client, metrics)
     assert max(calls) > 1  # at least one call carried several images
 
 
-def test_overload_answers_503_quickly(client, engine, monkeypatch):
+def test_overload_answers_503_at_the_bound(client, engine, monkeypatch):
+    """Refusals are paced: answered when the request's latency bound has passed (here 0.5 s), not at once."""
     monkeypatch.setattr(engine.admission, "max_in_flight", 1)
+    monkeypatch.setattr(engine.admission, "bound_s", 0.5)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: client.post("/classify", content=photo("astronaut.png")), range(16)))
     codes = [a.status_code for a in answers]
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    held = [a.elapsed.total_seconds() for a in answers if a.status_code == 503]
+    assert min(held) >= 0.45, held
     busy = next(a for a in answers if a.status_code == 503)
     assert "TUNESERVE_MAX_IN_FLIGHT=1" in busy.json()["error"] and busy.headers["retry-after"] == "1"
     monkeypatch.undo()

@@ -69,7 +69,7 @@ class Keys:
         return ("no 'Authorization: Bearer <key>' header" if token is None else "the key is wrong"), which
 
 
-def header_checks(config: ServiceConfig, table: RouteTable, keys: Keys, admission: Admission, hold_s: float,
+def header_checks(config: ServiceConfig, table: RouteTable, keys: Keys, admission: Admission,
                   on_refused: Callable[[str], None] = lambda path: None) -> HeaderChecks:
     """What the HTTP protocol asks of a request's line and headers: is the path served at all, and would
     admission refuse it (only classify routes, and only with the key they need: else the 401 comes first)."""
@@ -82,8 +82,7 @@ def header_checks(config: ServiceConfig, table: RouteTable, keys: Keys, admissio
             on_refused(path)
         return refused
 
-    return HeaderChecks(header_timeout_s=config.header_timeout_s, known_path=table.is_known, refusal=refusal,
-                        hold_s=hold_s)
+    return HeaderChecks(header_timeout_s=config.header_timeout_s, known_path=table.is_known, refusal=refusal)
 
 
 # Liveness and readiness, under our names and the Open Inference Protocol's.

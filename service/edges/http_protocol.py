@@ -18,7 +18,7 @@ uvicorn's "auto" protocol in its workers (`use_in_uvicorn`), answers
   by path, BentoML's among them, never make a series per stray path;
 - 503 for a classify request that admission would refuse anyway (service/engine/admission.py), decided from
   the request line and headers alone: the request never reaches BentoML's middleware stack, its body is read
-  and dropped, and the answer is held until `HeaderChecks.hold_s` after its headers arrived (pacing: a client
+  and dropped, and the answer is held until the request's latency bound has passed (pacing: a client
   that resends at once is slowed to the pace of the admitted ones instead of multiplying the load). Under a
   flood this is most requests, and their cost decides how much CPU is left to answer the others
   (docs/benchmarks.md, "Goodput under a flood").
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from asyncio import TimerHandle
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -60,9 +61,8 @@ class HeaderChecks:
 
     header_timeout_s: float  # a request's headers (or a new connection's first request) must arrive within this
     known_path: Callable[[str], bool]  # whether any route serves the path (service/edges/route_table.py)
-    # (method, path, headers) -> the 503 for a request admission refuses, or None (go on)
+    # (method, path, headers) -> the 503 for a request admission refuses (answered at its `answer_at`), or None
     refusal: Callable[[str, str, Any], RequestError | None]
-    hold_s: float  # how long after its headers a refused request gets its answer
 
 
 def use_in_uvicorn() -> None:
@@ -267,7 +267,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         refused = checks.refusal(method, path, self.headers)
         if refused is None:
             return None
-        return 503, json.dumps({"error": refused.message}).encode(), checks.hold_s
+        hold_s = 0.0 if refused.answer_at is None else max(0.0, refused.answer_at - time.monotonic())
+        return 503, json.dumps({"error": refused.message}).encode(), hold_s
 
     def _send_answer(self, cycle: _Answered, status: int, body: bytes) -> None:
         """Write a from-headers answer for `cycle`, then go on as after any answer: keep-alive or pipelined

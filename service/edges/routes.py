@@ -16,6 +16,7 @@ import asyncio
 import functools
 import json
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -130,6 +131,8 @@ def json_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except RequestError as e:
+            if e.answer_at is not None:  # a refusal, paced: answered when the request's bound has passed
+                await asyncio.sleep(max(0.0, e.answer_at - time.monotonic()))
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
         except Exception:
             log.exception("%s %s failed", request.method, request.url.path)

@@ -174,12 +174,13 @@ class Admission:
 
     def refusal(self, images: int = 1, slack: float = 1.0) -> RequestError | None:
         """The 503 a request of `images` gets now, or None when it is expected to finish within the bound
-        (its share, times `slack`) and fits under TUNESERVE_MAX_IN_FLIGHT."""
-        in_flight = self.work.in_flight
+        (its share, times `slack`) and fits under TUNESERVE_MAX_IN_FLIGHT. The 503 is to be answered when the
+        bound has passed (its `answer_at`): pacing, see above."""
+        in_flight, answer_at = self.work.in_flight, self.clock() + self.bound_s
         if in_flight + images > self.max_in_flight:
             return RequestError(503, f"server overloaded: {in_flight} images are already being processed by this "
                                      f"worker (limit TUNESERVE_MAX_IN_FLIGHT={self.max_in_flight}); retry shortly",
-                                {"Retry-After": "1"})
+                                {"Retry-After": "1"}, answer_at)
         wait = self.work.wait_s(images)
         if wait > slack * ADMIT_SHARE_OF_BOUND * self.bound_s:
             rate = self.work.rate()
@@ -187,7 +188,7 @@ class Admission:
                                      f"~{rate[0] if rate else 0:.0f}/s) would keep this request ~{1000 * wait:.0f} ms, "
                                      f"too close to the latency bound (TUNESERVE_MAX_LATENCY_MS="
                                      f"{1000 * self.bound_s:.0f}); retry after the Retry-After seconds",
-                                {"Retry-After": "1"})
+                                {"Retry-After": "1"}, answer_at)
         return None
 
     @contextlib.contextmanager
