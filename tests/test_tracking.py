@@ -67,6 +67,7 @@ def test_a_run_reports_to_tensorboard_and_a_real_mlflow_server(tmp_path, mlflow_
     assert [e.step for e in events.Scalars("val/top1")] == [1, 2]
     assert len(events.Scalars("train/step_loss")) >= 2  # every 10 optimizer steps: 14 steps an epoch here
     assert "val/confusion_matrix" in tags["images"] and len(events.Images("val/confusion_matrix")) == 2
+    assert {"val/top_losses", "train/label_issues"} <= set(tags["images"])  # the end-of-run pictures
 
     import mlflow
 
@@ -78,7 +79,8 @@ def test_a_run_reports_to_tensorboard_and_a_real_mlflow_server(tmp_path, mlflow_
     assert [m.step for m in history] == [1, 2]
     assert run.data.metrics["best_top1"] == pytest.approx(result.best_metrics["top1"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"history.csv", "confusion_matrix.png", "curves.png", "model"} <= artifacts, artifacts
+    assert {"history.csv", "confusion_matrix.png", "curves.png", "model", "top_losses.png", "label_issues.png",
+            "label_issues.csv"} <= artifacts, artifacts
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/model.onnx", "model/tuneserve.json"} <= model_files, model_files
 

@@ -11,7 +11,7 @@ from tuneserve.models.preprocessing import preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.store import StoredModel
 from tuneserve.training.data import DataError, scan_class_folders, probe_image
-from tuneserve.training.metrics import summarize
+from tuneserve.training.metrics import TOP_K, reports_top_k, summarize
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ def evaluate_stored(model: StoredModel, data: str, batch_size: int = 32, device:
         log_probs = z - np.log(np.exp(z).sum(1, keepdims=True))
         loss_sum += float(-log_probs[np.arange(len(y)), y].sum())
         np.add.at(confusion, (y, logits.argmax(1)), 1)
-        if n >= 5:
-            top5 += int((np.argsort(-logits, 1)[:, :5] == y[:, None]).any(1).sum())
-    metrics = summarize(confusion, loss_sum, top5 if n >= 5 else None, labels)
+        if reports_top_k(n):
+            top5 += int((np.argsort(-logits, 1)[:, :TOP_K] == y[:, None]).any(1).sum())
+    metrics = summarize(confusion, loss_sum, top5 if reports_top_k(n) else None, labels)
     metrics["skipped"] = len(pairs) - len(usable)
     metrics["provider"] = session.providers[0]
     return metrics

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from tuneserve.training.tracking import LOG_EVERY
 from tuneserve.training.distributed import DistEnv, all_reduce_sum
-from tuneserve.training.metrics import summarize
+from tuneserve.training.metrics import TOP_K, reports_top_k, summarize
 
 
 def lr_factor(step: int, steps_per_epoch: int, head_epochs: int, epochs: int, warmup_epochs: float) -> float:
@@ -129,10 +129,10 @@ def evaluate(
             logits = model(x).float()  # (B, C)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         confusion += torch.bincount(y * c + logits.argmax(1), minlength=c * c)
-        if c >= 5:
-            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
+        if reports_top_k(c):
+            top5 += (logits.topk(TOP_K, dim=1).indices == y[:, None]).any(dim=1).sum()
     all_reduce_sum(confusion, env)
     all_reduce_sum(loss_sum, env)
     all_reduce_sum(top5, env)
     cm = confusion.view(c, c).cpu().numpy().astype(np.int64)
-    return summarize(cm, loss_sum.item(), int(top5.item()) if c >= 5 else None, classes)
+    return summarize(cm, loss_sum.item(), int(top5.item()) if reports_top_k(c) else None, classes)

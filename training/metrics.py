@@ -8,9 +8,17 @@ from typing import Any
 
 import numpy as np
 
+TOP_K = 5  # the top-k accuracy reported beside top-1
+
+
+def reports_top_k(num_classes: int, k: int = TOP_K) -> bool:
+    """Top-k accuracy means something only where the classes outnumber k: with k or fewer, it is always 100%."""
+    return num_classes > k
+
 
 def summarize(confusion: np.ndarray, loss_sum: float, top5_correct: int | None, classes: list[str]) -> dict[str, Any]:
-    """confusion[i, j] = images of true class i predicted as j (int64, C x C) -> metrics dict."""
+    """confusion[i, j] = images of true class i predicted as j (int64, C x C) -> metrics dict. `top5_correct`:
+    None where the classes do not outnumber 5 (reports_top_k), and then the dict has no "top5"."""
     n = int(confusion.sum())
     tp = np.diag(confusion).astype(np.float64)
     predicted = confusion.sum(axis=0).astype(np.float64)

@@ -2,9 +2,10 @@
 
 One small interface, called on rank 0 only: the run's parameters at its start, the loss and learning rate
 every LOG_EVERY optimizer steps, each epoch's validation metrics, images/s and confusion matrix, and at the
-end the final metrics (TensorBoard's hparams view) and, for MLflow, the ONNX model, the card, the plots and
-the history as artifacts of the run. Both libraries are optional: asking for one that is not installed is
-an error that says what to install, before any training starts.
+end the final metrics (TensorBoard's hparams view), the top losses and label issues pictures, and, for MLflow,
+the ONNX model, the card, the plots, label_issues.csv and the history as artifacts of the run. Both libraries
+are optional: asking for one that is not installed is an error that says what to install, before any training
+starts.
 """
 from __future__ import annotations
 
@@ -93,6 +94,19 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
             for k, v in config.items()}
 
 
+# Pictures written at the end of a run (training/diagnostics.py) -> their TensorBoard image tag.
+PICTURES = {"top_losses.png": "val/top_losses", "label_issues.png": "train/label_issues"}
+
+
+def _rgb(png: Path) -> Any:
+    """A PNG as uint8 (H, W, 3), what SummaryWriter.add_image takes with dataformats="HWC"."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 class TensorBoardTracker:
     """Event files in RUN_DIR/tensorboard (torch.utils.tensorboard's SummaryWriter)."""
 
@@ -113,14 +127,13 @@ class TensorBoardTracker:
                 group, _, name = key.partition("_") if key.startswith(("val_", "train_")) else ("train", "", key)
                 self.writer.add_scalar(f"{group}/{name}", row[key], epoch)
         if confusion_png.is_file():
-            import numpy as np
-            from PIL import Image
-
-            image = np.asarray(Image.open(confusion_png).convert("RGB"))  # (H, W, 3) uint8
-            self.writer.add_image("val/confusion_matrix", image, epoch, dataformats="HWC")
+            self.writer.add_image("val/confusion_matrix", _rgb(confusion_png), epoch, dataformats="HWC")
         self.writer.flush()
 
     def finish(self, best: dict[str, Any], run_dir: Path, model_dir: Path | None) -> None:
+        for name, tag in PICTURES.items():  # the end-of-run diagnostics (training/diagnostics.py)
+            if (run_dir / name).is_file():
+                self.writer.add_image(tag, _rgb(run_dir / name), 0, dataformats="HWC")
         metrics = {f"hparam/{k}": best[k] for k in ("top1", "loss", "macro_f1") if k in best}
         self.writer.add_hparams(self.config, metrics, run_name=".")
         self.writer.close()
@@ -149,7 +162,8 @@ class MLflowTracker:
 
     def finish(self, best: dict[str, Any], run_dir: Path, model_dir: Path | None) -> None:
         self.mlflow.log_metrics({f"best_{k}": float(best[k]) for k in ("top1", "loss", "macro_f1") if k in best})
-        for name in ("history.csv", "history.json", "curves.png", "confusion_matrix.png", "val_report.json"):
+        for name in ("history.csv", "history.json", "curves.png", "confusion_matrix.png", "val_report.json",
+                     *PICTURES, "label_issues.csv"):
             if (run_dir / name).is_file():
                 self.mlflow.log_artifact(str(run_dir / name))
         if model_dir is not None:  # the registered model: ONNX graph(s) and card
