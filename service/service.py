@@ -97,7 +97,7 @@ HEADER_CHECKS = header_checks(PLAN.config, TABLE, KEYS, ADMISSION, on_refused=la
 http_app = create_app(engine=lambda: bentoml.get_current_service().engine,
                       openapi_base=lambda: Classifier.openapi_spec.asdict(), management=KEYS.admin is not None)
 if lifecycle.in_worker():
-    http_protocol.use_in_uvicorn()  # header limits and timeouts, JSON framing errors, cheap and paced refusals
+    lifecycle.resolve_or_exit(http_protocol.use_in_uvicorn)  # header limits and timeouts, JSON framing errors, cheap and paced refusals
     limit_malloc_arenas()  # before the decoding and inference threads exist
 
 

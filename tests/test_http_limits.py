@@ -148,3 +148,19 @@ def test_livez_and_readyz_tell_the_truth_while_a_worker_restarts(server, model):
         assert seen_short, "the killed worker was never reported missing"
         assert workers["alive"] == 2, "BentoML did not restart the worker"
         assert answers and set(answers) == {200}
+
+
+def test_uvicorn_is_a_version_the_protocol_was_tested_with():
+    """The HTTP protocol builds on uvicorn's private HttpToolsProtocol: the installed uvicorn is in the tested
+    range, every private member it relies on is there, and another version stops the service with the reason."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from tuneserve.service.edges.http_protocol import check_uvicorn
+
+    check_uvicorn()
+    with pytest.raises(RuntimeError, match=r"uvicorn 0\.56\.0 is installed, but .* tested with uvicorn >=0\.55,<0\.56"):
+        check_uvicorn("0.56.0")
+    for member in ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_message_complete",
+                   "on_response_complete", "data_received", "connection_made", "connection_lost",
+                   "send_400_response", "_unset_keepalive_if_required", "_should_upgrade", "handle_websocket_upgrade"):
+        assert callable(getattr(HttpToolsProtocol, member, None)), member

@@ -65,11 +65,31 @@ class HeaderChecks:
     refusal: Callable[[str, str, Any], RequestError | None]
 
 
+# The uvicorn versions this subclass was written and tested against (pyproject.toml pins the same range).
+UVICORN_TESTED = ((0, 55), (0, 56))  # >= the first, < the second (major, minor)
+
+
+def check_uvicorn(version: str | None = None) -> None:
+    """RuntimeError naming the installed and the tested versions when uvicorn is outside UVICORN_TESTED: this
+    module calls uvicorn's private protocol methods, which any release may change."""
+    import uvicorn
+
+    version = version or uvicorn.__version__
+    major_minor = tuple(int(x) for x in version.split(".")[:2])
+    low, high = UVICORN_TESTED
+    if not low <= major_minor < high:
+        raise RuntimeError(f"uvicorn {version} is installed, but tuneserve's HTTP protocol was tested with uvicorn "
+                           f">={low[0]}.{low[1]},<{high[0]}.{high[1]}: install that "
+                           f"(pip install 'uvicorn>={low[0]}.{low[1]},<{high[0]}.{high[1]}')")
+
+
 def use_in_uvicorn() -> None:
-    """Make uvicorn's "auto" HTTP protocol (what BentoML's workers ask for) this one. Called when the service
-    module is imported in a worker, before uvicorn reads its configuration."""
+    """Make uvicorn's "auto" HTTP protocol (what BentoML's workers ask for) this one, after checking uvicorn is a
+    tested version. Called when the service module is imported in a worker, before uvicorn reads its
+    configuration (BentoML makes uvicorn's Config itself, naming no protocol)."""
     from uvicorn import config
 
+    check_uvicorn()
     config.HTTP_PROTOCOLS["auto"] = f"{__name__}:LimitedHttpToolsProtocol"
 
 
