@@ -129,14 +129,18 @@ def test_predict_cli(server, real_photos, capsys, tmp_path):
     assert "cannot reach the tuneserve service" in capsys.readouterr().err
 
 
-def test_demo_classifies_the_sample_photos_over_http():
+def test_demo_classifies_the_sample_photos_over_http(tmp_path):
     builtin_model()
-    r = subprocess.run([sys.executable, "-m", "tuneserve", "demo"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "tuneserve", "demo", "--output-dir", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "served at http://127.0.0.1:" in r.stdout
     coffee_line = next(line for line in r.stdout.splitlines() if line.startswith("coffee.png"))
     assert "espresso" in coffee_line
     assert "server stopped" in r.stdout
+    # and where the model looked, drawn over the first photo (POST /explain)
+    overlay = tmp_path / "coffee.espresso.explain.png"
+    assert f"where the model looked in coffee.png: {overlay}" in r.stdout and overlay.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_overload_is_a_fast_503_not_a_hang():

@@ -21,7 +21,8 @@ _WHY = {
     413: "an image or request over a byte, pixel, decode-memory or image-count limit",
     414: "the request line is too long",
     415: "an image format that is not served, or a batch that is not multipart",
-    422: "the version failed to load or warm up; the version before keeps serving",
+    422: "the version failed to load or warm up (the version before keeps serving); or, for explain, a model "
+         "exported before class activation maps",
     431: "the request headers are too large or too many",
     503: "overloaded: not answerable within the latency bound; retry after the Retry-After header",
 }
@@ -83,6 +84,8 @@ def _described(cfg: ServiceConfig, served: list[str], versions: list[str], manag
         "/models/{name}/classify": {"post": classify("tuneserve__models_name_classify", "model `name`", name)},
         "/models/{name}/classify_batch": {"post": batch("tuneserve__models_name_classify_batch", "model `name`",
                                                         name)},
+        "/explain": {"post": _explain(classify("tuneserve__explain", "the default model"))},
+        "/models/{name}/explain": {"post": _explain(classify("tuneserve__models_name_explain", "model `name`", name))},
         # The routes BentoML's clients call (service/service.py's @bentoml.api functions), answered by the two
         # above (service/routes.py, CLIENT_ROUTES): the same operations.
         "/bentoml/classify": {"post": classify("classify", "the default model (BentoML's clients)")},
@@ -213,6 +216,27 @@ def _classify_batch(cfg: ServiceConfig):
                 **_errors(*_CLIENT_ERRORS, *((404,) if path_params else ()))},
         }
     return operation
+
+
+def _explain(op: dict[str, Any]) -> dict[str, Any]:
+    """/classify's operation, answered with class activation maps (service/edges/routes.py, explanation)."""
+    answer = {"type": "object", "required": ["model", "predictions"], "properties": {
+        "model": {"type": "string"}, "grid": {"type": "array", "items": {"type": "integer"}},
+        "predictions": {"type": "array", "items": {"type": "object", "required": ["label", "score", "heatmap"],
+                                                   "properties": {
+            "label": {"type": "string"}, "score": {"type": "number"},
+            "heatmap": {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
+                        "description": "the class's activation on the model's grid, normalised to [0, 1]"},
+            "overlay_png": {"type": "string", "description": "base64 PNG: the heatmap over the photo as sent"}}}}}}
+    responses = {**op["responses"], "200": {"description": "top-k predictions with their class activation maps",
+                                            "content": {"application/json": {"schema": answer},
+                                                        "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                 "422": {"description": _WHY[422], "content": {"application/json": {"schema": _ERROR}}}}
+    description = (op["description"].replace("Classify one image", "Explain the classification of one image")
+                   + " Answers the top-k, each with its class activation map (where the model looked) on the model's "
+                   "grid and as a PNG overlay on the photo; with `Accept: image/png`, the best class's overlay itself. "
+                   "Models exported before class activation maps answer 422.")
+    return {**op, "operationId": op["operationId"], "description": description, "responses": responses}
 
 
 def _model_info():

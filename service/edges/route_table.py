@@ -44,6 +44,8 @@ ROUTES: tuple[Route, ...] = (
     Route(_MODEL, "GET", "one_model"),
     Route(f"{_MODEL}/classify", "POST", "classify", classify=True),
     Route(f"{_MODEL}/classify_batch", "POST", "classify_batch", classify=True),
+    Route("/explain", "POST", "explain", classify=True),
+    Route(f"{_MODEL}/explain", "POST", "explain", classify=True),
     Route("/docs.json", "GET", "openapi", access=OPEN),  # BentoML's document, with these routes added
     # the Open Inference Protocol (oip_routes.OipHandlers); its health probes are the front's
     Route("/v2", "GET", "server_metadata"),

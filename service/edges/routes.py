@@ -13,6 +13,7 @@ the engine is made when the service instance is, after the app.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
@@ -27,7 +28,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
+import numpy as np
+
 import tuneserve
+from tuneserve.models.explain import DEFAULT_MAX_SIDE, normalise_heatmap, overlay_png
+from tuneserve.models.preprocessing import Preprocessing, load_image
 from tuneserve.service.edges.openapi import openapi_paths, security_schemes
 from tuneserve.service.edges.route_table import RouteTable
 from tuneserve.service.engine.engine import Classification, Engine, ImageInput
@@ -146,6 +151,22 @@ def predictions(result: Classification, k: int) -> dict[str, Any]:
     return {"model": result.model.tag, "predictions": result.top(result.results[0], k)}
 
 
+def explanation(result: Classification, image: ImageInput, k: int, pp: Preprocessing, max_pixels: int,
+                as_png: bool) -> dict[str, Any] | bytes:
+    """/explain's answer for a one-image Classification made with explain=True: the top-k, each with its
+    heatmap (the model's h x w grid, min-max normalised to [0, 1]) and its overlay on the photo as sent (PNG,
+    base64); `as_png`: the best class's overlay PNG alone."""
+    probs, cams = result.results[0], result.cams[0]
+    photo = load_image(image.data, max_pixels=max_pixels, draft_size=DEFAULT_MAX_SIDE)  # drawn at <= 1024 px
+    best = np.argsort(-probs, kind="stable")[:min(k, probs.shape[-1])]
+    if as_png:
+        return overlay_png(photo, cams[best[0]], pp)
+    return {"model": result.model.tag, "grid": list(cams.shape[1:]), "predictions": [
+        {"label": result.model.labels[i], "score": float(probs[i]),
+         "heatmap": np.round(normalise_heatmap(cams[i]), 4).tolist(),
+         "overlay_png": base64.b64encode(overlay_png(photo, cams[i], pp)).decode("ascii")} for i in best]}
+
+
 def batch_results(result: Classification, images: list[ImageInput], k: int) -> dict[str, Any]:
     """/classify_batch's answer: one result per image, in order; an image that failed has its error and status."""
     out: list[dict[str, Any]] = []
@@ -171,25 +192,41 @@ class Handlers:
         return parse_top_k(raw, self.engine.config.top_k, len(self.engine.model(name).labels))
 
     async def classify(self, request: Request) -> Response:
-        cfg, name = self.engine.config, request.path_params.get("name")
+        name = request.path_params.get("name")
+        image, k = await self._one_image(request, name, "/classify")
+        return JSONResponse(predictions(await self.engine.classify(name, [image]), k))
+
+    async def explain(self, request: Request) -> Response:
+        """/classify's answer with, per predicted class, its heatmap on the model's grid and a PNG overlay on
+        the photo as sent (base64); with `Accept: image/png`, the best class's overlay itself."""
+        name = request.path_params.get("name")
+        image, k = await self._one_image(request, name, "/explain")
+        result = await self.engine.classify(name, [image], explain=True)
+        as_png = "image/png" in request.headers.get("accept", "")
+        pp, max_pixels = result.model.model.card.preprocessing, self.engine.config.max_pixels
+        # Drawing decodes the photo again and blends a colour map over it: CPU work, off the event loop.
+        body = await asyncio.to_thread(explanation, result, image, 1 if as_png else k, pp, max_pixels, as_png)
+        return Response(body, media_type="image/png") if as_png else JSONResponse(body)
+
+    async def _one_image(self, request: Request, name: str | None, route: str) -> tuple[ImageInput, int]:
+        """The one image of a /classify-like request (raw body or multipart field) and its top_k."""
+        cfg = self.engine.config
         k = self._top_k(request.query_params.get("top_k"), name)  # a bad top_k or model: before the body is read
         if is_multipart(request):
             body = await read_body(request, cfg.max_image_bytes + MULTIPART_OVERHEAD_PER_PART,
                                    "TUNESERVE_MAX_IMAGE_BYTES", cfg.body_timeout_s)
             files, fields = await read_form(request, body, 1, RequestError(
-                400, "/classify takes one image; send several to /classify_batch (one file part each)"))
+                400, f"{route} takes one image; send several to /classify_batch (one file part each)"))
             if not files:
                 raise RequestError(400, "no file in the multipart form: send the image in a file field named 'image' "
                                         f"(e.g. curl -F image=@photo.jpg); text fields received: {sorted(fields) or 'none'}")
-            image = files[0]
             if "top_k" in fields:
                 k = self._top_k(fields["top_k"], name)
-        else:
-            # Anything that is not multipart is the image itself, whatever Content-Type says (curl's
-            # --data-binary sends application/x-www-form-urlencoded): the decoder recognises the format.
-            image = ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES",
-                                                       cfg.body_timeout_s))
-        return JSONResponse(predictions(await self.engine.classify(name, [image]), k))
+            return files[0], k
+        # Anything that is not multipart is the image itself, whatever Content-Type says (curl's --data-binary
+        # sends application/x-www-form-urlencoded): the decoder recognises the format.
+        return ImageInput("body", await read_body(request, cfg.max_image_bytes, "TUNESERVE_MAX_IMAGE_BYTES",
+                                                  cfg.body_timeout_s)), k
 
     async def classify_batch(self, request: Request) -> Response:
         cfg, name = self.engine.config, request.path_params.get("name")

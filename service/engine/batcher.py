@@ -37,18 +37,24 @@ class _Pending:
     images: Sequence[np.ndarray]  # n images, each as the model takes it (e.g. uint8 (S, S, 3))
     future: asyncio.Future
     deadline: float  # time.monotonic() after which the images are not run
+    explain: bool = False  # also wants the class activation maps of its images
     queued_at: float = field(default_factory=time.monotonic)
 
 
 class DynamicBatcher:
-    """`await batcher.submit(images, deadline)` -> logits float32 (n, classes); `run(batch)` is the model call."""
+    """`await batcher.submit(images, deadline)` -> logits float32 (n, classes); `run(batch)` is the model call.
+    With `explain_run(batch)` -> (logits, cams float32 (N, classes, h, w)), `submit(..., explain=True)` gives
+    (logits, cams): a batch holding any such request runs explain_run for all of it (one call, the same batch
+    as classification; the others get their logits)."""
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int,
                  on_batch: Callable[[int, float], None] | None = None, on_wait: Callable[[float], None] | None = None,
-                 executor: ThreadPoolExecutor | None = None):
+                 executor: ThreadPoolExecutor | None = None,
+                 explain_run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run = run
+        self.explain_run = explain_run
         self.max_batch = max_batch
         self.on_batch = on_batch  # called with each call's image count and seconds (metrics)
         self.on_wait = on_wait  # called with each request's seconds in the queue (metrics)
@@ -60,12 +66,15 @@ class DynamicBatcher:
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer")
 
-    async def submit(self, images: Sequence[np.ndarray], deadline: float = float("inf")) -> np.ndarray:
-        """Logits (n, classes) for `images` (a list of n arrays, or one array of n along its first axis), or
-        Overloaded when `deadline` (time.monotonic) passes before they start."""
+    async def submit(self, images: Sequence[np.ndarray], deadline: float = float("inf"), explain: bool = False):
+        """Logits (n, classes) for `images` (a list of n arrays, or one array of n along its first axis), with
+        `explain` (logits, cams (n, classes, h, w)); Overloaded when `deadline` (time.monotonic) passes before
+        they start."""
+        if explain and self.explain_run is None:
+            raise ValueError("this batcher's model has no class activation maps (explain_run is None)")
         self._ensure_started()
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, future, deadline))
+        self._queue.append(_Pending(images, future, deadline, explain))
         self._wake.set()
         return await future
 
@@ -92,7 +101,10 @@ class DynamicBatcher:
                 try:
                     batch = _batch([image for p in taken for image in p.images])
                     started = time.monotonic()
-                    logits = await loop.run_in_executor(self._executor, self.run, batch)
+                    if any(p.explain for p in taken):
+                        logits, cams = await loop.run_in_executor(self._executor, self.explain_run, batch)
+                    else:
+                        logits, cams = await loop.run_in_executor(self._executor, self.run, batch), None
                     seconds = time.monotonic() - started
                 except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
                     for p in taken:
@@ -105,7 +117,8 @@ class DynamicBatcher:
                 for p in taken:
                     n = len(p.images)
                     if not p.future.done():  # the caller may have gone (client disconnect, timeout)
-                        p.future.set_result(logits[start:start + n])
+                        p.future.set_result((logits[start:start + n], cams[start:start + n]) if p.explain
+                                            else logits[start:start + n])
                     start += n
 
     def _take(self) -> list[_Pending]:

@@ -41,10 +41,12 @@ class ImageInput:
 @dataclass
 class Classification:
     """The engine's answer: the version that ran, and per image its probabilities float32 (classes,) in the
-    labels' order, or the RequestError that image got (only when the call asked for per-image errors)."""
+    labels' order, or the RequestError that image got (only when the call asked for per-image errors); with
+    `explain`, per image its class activation maps float32 (classes, h, w) (None for a failed image)."""
 
     model: ModelVersion
     results: list[np.ndarray | RequestError]
+    cams: list[np.ndarray | None] | None = None
 
     def top(self, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
         return top_k(probs, self.model.labels, k)
@@ -104,18 +106,24 @@ class Engine:
         return self.admission.refusal(images)
 
     async def classify(self, name: str | None, images: Sequence[ImageInput] | np.ndarray, *,
-                       version: str | None = None, per_image_errors: bool = False) -> Classification:
+                       version: str | None = None, per_image_errors: bool = False,
+                       explain: bool = False) -> Classification:
         """Probabilities for `images` (encoded images, or an array (N, ...) already in the model's input form:
         uint8 (N, S, S, 3), or float32 (N, 3, S, S) for models that take it normalised) from model `name`
         (None: the default) at `version` (None: whichever is served). Admission, decoding in the shared pool,
         the version's batcher and the latency bound all happen here. An image that cannot be decoded fails
         the whole call (RequestError 4xx), or with `per_image_errors` gets its own error in the results while
-        the others are classified; a call out of time is a 503."""
+        the others are classified; a call out of time is a 503. `explain`: the class activation maps too, from
+        the same batches (a 422 for a model exported without them)."""
         started, status = time.monotonic(), 500
         model = self.model(name, version)
+        if explain and not model.can_explain:
+            raise RequestError(422, f"{model.tag} was exported before tuneserve added class activation maps, so it "
+                                    "cannot explain its answers (it still classifies): re-export its run with "
+                                    "`tuneserve export RUN_DIR` and serve the new version")
         try:
             with model.in_use(), self.admission.admitted(len(images)):
-                result = await self._classify(model, images, per_image_errors)
+                result = await self._classify(model, images, per_image_errors, explain)
             status = 200
             return result
         except RequestError as e:
@@ -125,7 +133,7 @@ class Engine:
             self.metrics.request(model.name, model.version, status, time.monotonic() - started)
 
     async def _classify(self, model: ModelVersion, images: Sequence[ImageInput] | np.ndarray,
-                        per_image_errors: bool) -> Classification:
+                        per_image_errors: bool, explain: bool = False) -> Classification:
         deadline = self.admission.deadline()
         if isinstance(images, np.ndarray):
             prepared: list[np.ndarray | RequestError] = list(images)  # already the model's input
@@ -138,10 +146,22 @@ class Engine:
         if errors and not per_image_errors:
             raise errors[0]
         good = [p for p in prepared if isinstance(p, np.ndarray)]
-        probs = iter(await model.classify(good, deadline) if good else [])
+        probs, cams = [], []
+        if good:
+            out = await model.classify(good, deadline, explain=explain)
+            probs, cams = (list(out[0]), list(out[1])) if explain else (list(out), [])
         if deadline.expired():
             raise deadline.late("before the answer was ready")
-        return Classification(model, [p if isinstance(p, RequestError) else next(probs) for p in prepared])
+        results, maps, ok = [], [], iter(zip(probs, cams if explain else [None] * len(probs)))
+        for p in prepared:
+            if isinstance(p, RequestError):
+                results.append(p)
+                maps.append(None)
+            else:
+                prob, cam = next(ok)
+                results.append(prob)
+                maps.append(cam)
+        return Classification(model, results, maps if explain else None)
 
     async def _prepare(self, model: ModelVersion, image: ImageInput, deadline) -> np.ndarray | RequestError:
         limit = self.config.max_image_bytes

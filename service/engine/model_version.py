@@ -82,7 +82,8 @@ class ModelVersion:
         self._batcher = DynamicBatcher(
             self.session, plan.max_batch_size, executor=shared.engine,
             on_batch=lambda n, seconds: metrics.batch(name, version, n, seconds),
-            on_wait=lambda seconds: metrics.engine_wait(name, version, seconds))
+            on_wait=lambda seconds: metrics.engine_wait(name, version, seconds),
+            explain_run=self.session.explain if self.session.can_explain else None)
         self._active = 0  # requests using this version now: an old version is closed when they are done
         self._idle: asyncio.Event | None = None
         self._warm_up()
@@ -173,14 +174,20 @@ class ModelVersion:
         except (DecodeBudgetExceeded, _Late):
             raise deadline.late("waiting to decode the image") from None
 
-    async def classify(self, arrays: list[np.ndarray], deadline: Deadline) -> np.ndarray:
+    @property
+    def can_explain(self) -> bool:
+        """The graph has the class activation map output (models exported before it do not)."""
+        return self.session.can_explain
+
+    async def classify(self, arrays: list[np.ndarray], deadline: Deadline, explain: bool = False):
         """Probabilities float32 (N, classes) for images as `preprocess` makes them, run together with whatever
-        other requests are waiting for this version, unless `deadline` passes first (503)."""
+        other requests are waiting for this version, unless `deadline` passes first (503). With `explain`:
+        (probabilities, cams float32 (N, classes, h, w)), each class's logit at every location."""
         try:
-            logits = await self._batcher.submit(arrays, deadline.expires)
+            out = await self._batcher.submit(arrays, deadline.expires, explain=explain)
         except Overloaded:
             raise deadline.late("waiting for the model") from None
-        return softmax(logits)
+        return (softmax(out[0]), out[1]) if explain else softmax(out)
 
     def describe(self) -> dict[str, Any]:
         card, plan, cfg = self.model.card, self.shared.plan, self.shared.config
@@ -193,6 +200,7 @@ class ModelVersion:
             "labels": card.labels,
             "input_size": card.preprocessing.input_size,
             "input": "uint8 pixels (N, S, S, 3)" if self.takes_pixels else "float32 normalised (N, 3, S, S)",
+            "explain": self.can_explain,
             "preprocessing": card.preprocessing.to_dict(),
             "metrics": card.metrics,
             "parity": card.parity,
