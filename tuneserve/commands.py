@@ -282,8 +282,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if not answer.ok:
                 raise ServerFailed(f"the service answered {path.name} with HTTP {answer.status}: {answer.body}")
             rows.append((path.name, answer.body["predictions"]))
+        # Where the model looked, for the first photo: its best class's activation map over the photo.
+        explained = client.explain(photos[0].read_bytes(), 1)
+        written = _write_overlays([(photos[0], explained)], Path(args.output_dir)) if explained.ok else []
     print(f"model {info['tag']} served at {url} by onnxruntime on {info['runtime']['provider']}")
     print(predictions_table(rows))
+    for path in written:
+        print(f"\nwhere the model looked in {photos[0].name}: {path}  (POST /explain, tuneserve predict --explain)")
     print("\nserver stopped. Serve it yourself with `tuneserve serve`, then `tuneserve predict IMAGE...` "
           "(or see docs/serving.md for curl and Python).")
     return EXIT_OK

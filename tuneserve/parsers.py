@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="serve the built-in ImageNet model on a free port and classify real sample "
                        "photos over HTTP")
     p.add_argument("--top-k", type=int, default=3, help=TOP_K_HELP)
+    p.add_argument("--output-dir", default="runs/demo", help="where the demo writes the picture of where the model "
+                   "looked for its first photo (default: runs/demo)")
     return parser
 
 
