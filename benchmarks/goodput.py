@@ -32,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 import compare  # noqa: E402  (benchmarks/peers/compare.py: the servers, as the peers benchmark starts them)
+import loadgen  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -106,7 +107,10 @@ def main() -> None:
     ap.add_argument("--levels", default="16,64,256,1024", help="closed-loop connections, comma-separated")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per (server, level)")
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each measurement")
-    ap.add_argument("--servers", default="tuneserve,litserve-same-pre", help="tuneserve and/or litserve-same-pre")
+    ap.add_argument("--servers", default="tuneserve,litserve-same-pre",
+                    help="any of tuneserve, tuneserve-before (needs --before-dir), litserve-same-pre")
+    ap.add_argument("--before-dir", type=Path, default=None,
+                    help="an older checkout (git worktree) served as tuneserve-before, for before/after in one run")
     ap.add_argument("--photo", type=Path, default=None, help="the JPEG every request sends (default: a hymenoptera "
                     "validation photo, or a generated 500x375 JPEG without ../shared)")
     ap.add_argument("--bentoml-home", type=Path, default=None, help="model store holding (or to get) the built-in "
@@ -117,9 +121,11 @@ def main() -> None:
         sys.exit("error: wrk is not installed (Debian: apt-get install wrk)")
     levels = [int(x) for x in args.levels.split(",")]
     servers = args.servers.split(",")
-    unknown = set(servers) - {"tuneserve", "litserve-same-pre"}
+    unknown = set(servers) - {"tuneserve", "tuneserve-before", "litserve-same-pre"}
     if unknown:
-        sys.exit(f"error: --servers takes tuneserve and/or litserve-same-pre, got {sorted(unknown)}")
+        sys.exit(f"error: --servers takes tuneserve, tuneserve-before and litserve-same-pre, got {sorted(unknown)}")
+    if "tuneserve-before" in servers and not (args.before_dir and (args.before_dir / "service").is_dir()):
+        sys.exit("error: tuneserve-before needs --before-dir, an older checkout of this repository (git worktree add)")
     if "litserve-same-pre" in servers and not compare.peers_venv_has("litserve"):
         sys.exit(f"error: {compare.PEERS_PYTHON} has no litserve: run  bash benchmarks/peers/setup.sh  first")
     photo = args.photo.read_bytes() if args.photo else compare_photo()
@@ -139,14 +145,20 @@ def main() -> None:
                                 "preprocessing": model.card.preprocessing.to_dict()}))
     env = {"PEERS_MODEL_SPEC": str(spec)}
     with contextlib.ExitStack() as stack:
-        urls = {name: stack.enter_context(compare.server(name, env, body.read_bytes(), work, {}))
-                for name in servers}
+        urls = {}
+        for name in servers:
+            if name == "tuneserve-before":  # the older checkout's own service, as benchmarks/loadgen.py serves one
+                home = register_builtin(args.before_dir, work / "bentoml-before")
+                urls[name] = stack.enter_context(loadgen.serve(args.before_dir, {"BENTOML_HOME": str(home)}))[0]
+                compare.wait_answering(urls[name], body.read_bytes(), None, None, compare.READY_TIMEOUT_S)
+            else:
+                urls[name] = stack.enter_context(compare.server(name, env, body.read_bytes(), work, {}))
         for level in levels:
             for name in servers:
                 url = urls[name]
                 if args.warmup > 0:
                     wrk(url, body, level, args.warmup, work / "warmup.json")
-                probe_url = f"{urls['tuneserve']}/readyz" if name == "tuneserve" else f"{url}/health"
+                probe_url = f"{url}/health" if name == "litserve-same-pre" else f"{url}/readyz"
                 with ReadyProbe(probe_url) as probe:
                     result = wrk(url, body, level, args.seconds, work / "run.json")
                 runs.append({"server": name, "connections": level, **result,
@@ -157,6 +169,15 @@ def main() -> None:
     if args.out:
         write_result(args.out, levels=levels, seconds=args.seconds, warmup=args.warmup, runs=runs,
                      versions=compare.versions())
+
+
+def register_builtin(checkout: Path, home: Path) -> Path:
+    """A model store with the built-in model as `checkout`'s own code exports it (its card and graph are that
+    version's), for serving that checkout."""
+    code = "from tuneserve.training.builtin import ensure_builtin_model; ensure_builtin_model()"
+    env = {**os.environ, "BENTOML_HOME": str(home), "PYTHONPATH": str(checkout.resolve())}
+    subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, check=True, capture_output=True, timeout=600)
+    return home
 
 
 def compare_photo() -> bytes:
@@ -177,14 +198,16 @@ def compare_photo() -> bytes:
 
 
 def print_table(runs: list[dict], levels: list[int], servers: list[str]) -> None:
-    base = next((r["ok_per_s"] for r in runs if r["server"] == "tuneserve" and r["connections"] == levels[0]), None)
+    """One row per (server, level): 200s per second, as a share of the server's own at the first level, their
+    p50/p99, refusals per second, the slowest /readyz, and the ratio to LitServe at the same level."""
     print(f"\n{'server':<18} {'conns':>6} {'200/s':>7} {'x cap':>6} {'200 p50':>8} {'200 p99':>8} {'503/s':>7} "
           f"{'ready max':>9}  vs litserve")
     for r in runs:
-        other = next((o for o in runs if o["server"] != r["server"] and o["connections"] == r["connections"]), None)
-        ratio = f"{r['ok_per_s'] / other['ok_per_s']:.2f}x" if other and other["ok_per_s"] and r["server"] == "tuneserve" else ""
+        base = next((o["ok_per_s"] for o in runs if o["server"] == r["server"] and o["connections"] == levels[0]), None)
+        lit = next((o for o in runs if o["server"] == "litserve-same-pre" and o["connections"] == r["connections"]), None)
+        ratio = f"{r['ok_per_s'] / lit['ok_per_s']:.2f}x" if lit and lit["ok_per_s"] and r is not lit else ""
         refused = r["statuses"].get("503", 0) / r["seconds"]
-        cap = f"{r['ok_per_s'] / base:.2f}" if base and r["server"] == "tuneserve" else ""
+        cap = f"{r['ok_per_s'] / base:.2f}" if base else ""
         print(f"{r['server']:<18} {r['connections']:>6} {r['ok_per_s']:>7} {cap:>6} {r['ok_p50_ms']!s:>8} "
               f"{r['ok_p99_ms']!s:>8} {refused:>7.1f} {r['ready_max_ms']!s:>9}  {ratio}")
 
