@@ -95,6 +95,8 @@ class ServiceConfig:
                                      "arrive (408 after; also closes connections that send nothing)", 1)
     body_timeout_s: int = _setting(30, "TUNESERVE_BODY_TIMEOUT_S", "seconds a request's body may take to arrive "
                                    "(408 after)", 1)
+    grpc_port: int = _setting(8001, "TUNESERVE_GRPC_PORT", "port of the Open Inference Protocol over gRPC (8001 "
+                              "as Triton's), on the HTTP address, shared by every worker; 0: no gRPC", 0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -103,6 +105,8 @@ class ServiceConfig:
                 raise ValueError(f"{f.metadata['env']}={value!r} is not one of: {', '.join(choices)}")
             if minimum is not None and value is not None and value < minimum:
                 raise ValueError(f"{f.metadata['env']}={value} is out of range: it must be an integer >= {minimum}")
+        if self.grpc_port > 65535:
+            raise ValueError(f"TUNESERVE_GRPC_PORT={self.grpc_port} is not a port: use 1..65535, or 0 for no gRPC")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceConfig":

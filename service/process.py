@@ -58,6 +58,9 @@ def running_server(
     `command` replaces `bentoml serve ...` (e.g. `tuneserve serve ...`); it must listen on host:port."""
     port = port or free_port(host)
     url = f"http://{host}:{port}"
+    # No gRPC unless asked: servers started here run beside others (tests, benchmarks), and a second server
+    # on one gRPC port is refused (service/edges/grpc_edge.py).
+    env = {"TUNESERVE_GRPC_PORT": os.environ.get("TUNESERVE_GRPC_PORT", "0"), **(env or {})}
     temporary_log = log_path is None
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="tuneserve-server-", suffix=".log")

@@ -26,7 +26,7 @@ from bentoml.validators import ContentType
 
 from tuneserve.service import health, lifecycle
 from tuneserve.service.config import ServiceConfig, check_exposure
-from tuneserve.service.edges import http_protocol
+from tuneserve.service.edges import grpc_edge, http_protocol
 from tuneserve.service.edges.front import Front, Keys, header_checks
 from tuneserve.service.edges.route_table import CLIENT_ROUTES, RouteTable
 from tuneserve.service.edges.routes import batch_results, create_app, predictions
@@ -84,6 +84,8 @@ def _serve_host() -> str | None:
 PLAN = lifecycle.resolve_or_exit(_plan)
 KEYS = lifecycle.resolve_or_exit(lambda: Keys(PLAN.config.key("api"), PLAN.config.key("admin"), PLAN.config.metrics_auth))
 lifecycle.arm_fatal_exit()
+if not lifecycle.in_worker():  # the gRPC port checked once, and the HTTP address handed to the workers for it
+    lifecycle.resolve_or_exit(lambda: grpc_edge.arm(PLAN.config.grpc_port, _serve_host()))
 health.arm(lifecycle.in_worker())
 TABLE = RouteTable(management=KEYS.admin is not None)
 ADMISSION = admission_for(PLAN)
@@ -93,6 +95,7 @@ REFUSED = bentoml.metrics.Counter(
     "alone (admission), which BentoML's request metrics do not see", labelnames=["path"])
 
 
+HEALTH = Health(expected_workers=PLAN.workers)
 HEADER_CHECKS = header_checks(PLAN.config, TABLE, KEYS, ADMISSION, on_refused=lambda path: REFUSED.labels(path=path).inc())
 http_app = create_app(engine=lambda: bentoml.get_current_service().engine,
                       openapi_base=lambda: Classifier.openapi_spec.asdict(), management=KEYS.admin is not None)
@@ -151,9 +154,18 @@ class _Classifier:
     @bentoml.on_startup
     async def _start(self) -> None:
         await self.engine.start()
+        self.grpc = None
+        if PLAN.config.grpc_port:  # in this worker's event loop, on the engine just made
+            try:
+                self.grpc = await grpc_edge.start(self.engine, KEYS, HEALTH.report, PLAN.config.grpc_port,
+                                                  on_refused=lambda rpc: REFUSED.labels(path=rpc).inc())
+            except OSError as e:
+                lifecycle.fail_worker(str(e))
 
     @bentoml.on_shutdown
-    def _stop(self) -> None:
+    async def _stop(self) -> None:
+        if getattr(self, "grpc", None) is not None:
+            await grpc_edge.stop(self.grpc)
         self.engine.close()
 
 
@@ -170,4 +182,4 @@ Classifier = bentoml.service(
           {"name": "TUNESERVE_DEFAULT_MODEL", "value": PLAN.default}],
 )(bentoml.asgi_app(http_app, path="/")(_Classifier))
 Classifier.add_asgi_middleware(Front, table=TABLE, keys=KEYS, checks=HEADER_CHECKS,
-                               health=Health(expected_workers=PLAN.workers).report, model=lambda: PLAN.model.tag)
+                               health=HEALTH.report, model=lambda: PLAN.model.tag)

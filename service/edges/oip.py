@@ -3,7 +3,9 @@
 Codec only, no model and no server: `parse_infer_request` turns a request body (JSON, or JSON followed by
 binary tensors, Triton's binary tensor data extension) into the images or pixels to classify and the outputs
 asked for; `encode_infer_response` turns probabilities back into the protocol's answer. Every way a request
-can be wrong is an RequestError 400 that names the field and what is accepted.
+can be wrong is an RequestError 400 that names the field and what is accepted. The checks of a tensor and of
+an output (`check_shape`, `read_input`, `check_output`) and the output's encoding (`output_tensor`) are the
+protocol's, not JSON's: the gRPC binding (grpc_codec.py) uses them too, so both answer alike.
 
 What a tuneserve model takes and gives, in protocol terms (GET /v2/models/{name} says the same):
 - input `image`, BYTES, shape [N] (or [N, 1]): encoded images (JPEG, PNG, ...). In the binary extension each
@@ -91,48 +93,64 @@ def parse_infer_request(body: bytes, header_length: str | None, pixels: PixelsSp
                              f"{PIXELS_INPUT!r} ({pixels.describe})")
     tensor = inputs[0]
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise RequestError(400, f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    check_shape(name, shape)
     data = _tensor_bytes(tensor, binary)
     out = InferRequest(id=_request_id(request), **_outputs(request))
+    out.images, out.pixels = read_input(name, datatype, shape, tensor["data"] if data is None else data, pixels,
+                                        max_images, max_image_bytes)
+    return out
+
+
+def check_shape(name: Any, shape: Any) -> None:
+    """RequestError 400 unless `shape` is a list of non-negative integers."""
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise RequestError(400, f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+
+
+def read_input(name: Any, datatype: Any, shape: list[int], data: bytes | list[Any], pixels: PixelsSpec,
+               max_images: int, max_image_bytes: int) -> tuple[list[bytes], np.ndarray | None]:
+    """The one input tensor of a request, whichever binding carried it -> (encoded images, None) for `image`,
+    ([], pixels array) for `pixels`. `data` is the tensor's binary form (bytes: REST's binary extension, gRPC's
+    raw_input_contents) or its elements (a list: JSON's 'data', flat or nested; gRPC's typed contents). RequestError
+    400 for anything malformed, 413 for more than `max_images` images or an image over `max_image_bytes`."""
     if (name, datatype) == (IMAGE_INPUT, "BYTES"):
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise RequestError(400, f"input {IMAGE_INPUT!r}: shape must be [N] or [N, 1], got {shape}")
         _check_count(shape[0], max_images)
-        out.images = _bytes_elements(tensor, data, shape[0])
-        for i, image in enumerate(out.images):
+        images = _bytes_elements(data, shape[0])
+        for i, image in enumerate(images):
             if not image:
                 raise RequestError(400, f"input {IMAGE_INPUT!r}: element {i} is empty")
             if len(image) > max_image_bytes:
                 raise RequestError(413, f"input {IMAGE_INPUT!r}: element {i} is {len(image)} bytes; the limit is "
                                      f"{max_image_bytes} (server setting TUNESERVE_MAX_IMAGE_BYTES)")
-    elif (name, datatype) == (PIXELS_INPUT, pixels.datatype):
+        return images, None
+    if (name, datatype) == (PIXELS_INPUT, pixels.datatype):
         want = [shape[0] if shape else -1, *pixels.dims]
         if len(shape) != 4 or shape[1:] != want[1:]:
             raise RequestError(400, f"input {PIXELS_INPUT!r}: shape must be {want} (N images, RGB, the model's input "
                                  f"size), got {shape}")
         _check_count(shape[0], max_images)
-        out.pixels = _numeric_elements(tensor, data, shape, datatype)
-    else:
-        raise RequestError(400, f"input {name!r} of datatype {datatype!r} is not accepted by this model: send "
-                             f"{IMAGE_INPUT!r} (BYTES, encoded images) or {PIXELS_INPUT!r} ({pixels.describe})")
-    return out
+        return [], _numeric_elements(data, shape, datatype)
+    raise RequestError(400, f"input {name!r} of datatype {datatype!r} is not accepted by this model: send "
+                         f"{IMAGE_INPUT!r} (BYTES, encoded images) or {PIXELS_INPUT!r} ({pixels.describe})")
+
+
+def check_output(name: Any, classification: Any) -> int:
+    """The classification extension's k asked of output `name` (0: probabilities); RequestError 400 for
+    another output or a k that is not an integer >= 0."""
+    if name != OUTPUT:
+        raise RequestError(400, f"output {name!r} does not exist: the model's output is {OUTPUT!r}")
+    if not isinstance(classification, int) or isinstance(classification, bool) or classification < 0:
+        raise RequestError(400, f"output {OUTPUT!r}: 'classification' must be an integer >= 1 (0: "
+                             f"probabilities), got {classification!r}")
+    return classification
 
 
 def encode_infer_response(model_name: str, version: str, request: InferRequest, probs: np.ndarray,
                           labels: list[str]) -> tuple[bytes, dict[str, str]]:
     """probs float32 (N, classes) -> (body, headers) of the v2 answer: JSON, or JSON + binary tensor."""
-    if request.classification:
-        k = min(request.classification, probs.shape[1])
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        strings = [f"{float(probs[n, i])!r}:{i}:{labels[i]}" for n in range(len(probs)) for i in order[n]]
-        output: dict[str, Any] = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(probs), k]}
-        raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings)
-        values: Any = strings
-    else:
-        output = {"name": OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}
-        raw = np.ascontiguousarray(probs, dtype="<f4").tobytes()
-        values = probs.astype(np.float32).ravel().tolist()
+    output, raw, values = output_tensor(request, probs, labels)
     response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": [output]}
     if request.id is not None:
         response["id"] = request.id
@@ -142,6 +160,21 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest, 
     output["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps(response).encode()
     return header + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+
+
+def output_tensor(request: InferRequest, probs: np.ndarray, labels: list[str]) -> tuple[dict[str, Any], bytes, list[Any]]:
+    """The answer's output for probs float32 (N, classes): ({name, datatype, shape}, its binary form, its
+    elements): FP32 probabilities, or with the classification extension BYTES "score:index:label", best first
+    (binary: each a 4-byte little-endian length, then the UTF-8 text)."""
+    if request.classification:
+        k = min(request.classification, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        strings = [f"{float(probs[n, i])!r}:{i}:{labels[i]}" for n in range(len(probs)) for i in order[n]]
+        raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings)
+        return {"name": OUTPUT, "datatype": "BYTES", "shape": [len(probs), k]}, raw, strings
+    raw = np.ascontiguousarray(probs, dtype="<f4").tobytes()
+    return ({"name": OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}, raw,
+            probs.astype(np.float32).ravel().tolist())
 
 
 def model_metadata(name: str, versions: list[str], pixels: PixelsSpec, num_classes: int) -> dict[str, Any]:
@@ -199,17 +232,12 @@ def _outputs(request: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(outputs, list) or len(outputs) > 1 or not all(isinstance(o, dict) for o in outputs):
             raise RequestError(400, f"'outputs' may name one output, {OUTPUT!r}")
         for o in outputs:
-            if o.get("name") != OUTPUT:
-                raise RequestError(400, f"output {o.get('name')!r} does not exist: the model's output is {OUTPUT!r}")
+            check_output(o.get("name"), 0)
             p = o.get("parameters") or {}
             if not isinstance(p, dict):
                 raise RequestError(400, f"output {OUTPUT!r}: 'parameters' must be a JSON object")
             binary = p.get("binary_data", binary) is True
-            k = p.get("classification", 0)
-            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-                raise RequestError(400, f"output {OUTPUT!r}: 'classification' must be an integer >= 1 (0: "
-                                     f"probabilities), got {k!r}")
-            classification = k
+            classification = check_output(OUTPUT, p.get("classification", 0))
     return {"classification": classification, "binary_output": binary}
 
 
@@ -240,8 +268,8 @@ def _tensor_bytes(tensor: dict[str, Any], binary: bytes) -> bytes | None:
     return binary
 
 
-def _bytes_elements(tensor: dict[str, Any], data: bytes | None, n: int) -> list[bytes]:
-    if data is not None:  # 4-byte little-endian length, then the bytes, per element
+def _bytes_elements(data: bytes | list[Any], n: int) -> list[bytes]:
+    if isinstance(data, bytes):  # 4-byte little-endian length, then the bytes, per element
         out, pos = [], 0
         while pos < len(data):
             if pos + 4 > len(data):
@@ -254,11 +282,14 @@ def _bytes_elements(tensor: dict[str, Any], data: bytes | None, n: int) -> list[
             out.append(data[pos:pos + length])
             pos += length
     else:
-        values = _flatten(tensor["data"])
-        if not all(isinstance(v, str) for v in values):
+        values = _flatten(data)
+        if not all(isinstance(v, (str, bytes)) for v in values):
             raise RequestError(400, f"input {IMAGE_INPUT!r}: in JSON, each element is an image as base64 text")
         out = []
         for i, v in enumerate(values):
+            if isinstance(v, bytes):  # gRPC's contents.bytes_contents: the image itself
+                out.append(v)
+                continue
             try:
                 out.append(base64.b64decode(v, validate=True))
             except (binascii.Error, ValueError):
@@ -269,17 +300,18 @@ def _bytes_elements(tensor: dict[str, Any], data: bytes | None, n: int) -> list[
     return out
 
 
-def _numeric_elements(tensor: dict[str, Any], data: bytes | None, shape: list[int], datatype: str) -> np.ndarray:
-    """The `pixels` tensor as a native-order array (uint8 or float32) of `shape`, from binary data or JSON."""
+def _numeric_elements(data: bytes | list[Any], shape: list[int], datatype: str) -> np.ndarray:
+    """The `pixels` tensor as a native-order array (uint8 or float32) of `shape`, from binary data or its
+    elements."""
     wire = _NUMPY_DTYPE[datatype]
     count = int(np.prod(shape))
-    if data is not None:
+    if isinstance(data, bytes):
         if len(data) != count * wire.itemsize:
             raise RequestError(400, f"input {PIXELS_INPUT!r}: shape {shape} needs {count * wire.itemsize} bytes of "
                                  f"{datatype}, got {len(data)}")
         array = np.frombuffer(data, dtype=wire).astype(wire.newbyteorder("="), copy=False)
     else:
-        values = _flatten(tensor["data"])
+        values = _flatten(data)
         if datatype == "UINT8":
             ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values)
             wanted = "integers 0..255"

@@ -1,0 +1,278 @@
+"""The Open Inference Protocol over gRPC, against a real server with two workers: NVIDIA's tritonclient.grpc
+(sync and asyncio) and the protocol's own stub. Its answers must equal REST's /v2 infer for the same photos;
+its errors carry REST's messages under the gRPC status codes (service/edges/grpc_codec.py)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from tuneserve.models.preprocessing import preprocess_pixels
+from tuneserve.service.process import free_port, running_server
+from support import photo_path
+
+pytestmark = pytest.mark.slow
+
+API = "api-key-for-grpc-tests"
+PHOTOS = ["coffee.png", "rocket.jpg"]
+MAX_BATCH_IMAGES = 4
+MAX_IN_FLIGHT = 3  # a request of 4 images passes the first look (1 image) and is refused by the engine's
+LATENCY_MS = 10_000  # generous: this machine's 2 cores are shared; also how long a refusal is held
+MAX_REQUEST_BYTES = 3_000_000
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    """(REST URL, gRPC target, server log) of one server for the module, on the default 2 CPU workers."""
+    grpc_port = free_port()
+    log_path = tmp_path_factory.mktemp("grpc-server") / "server.log"
+    env = {"TUNESERVE_MODELS": model.tag, "TUNESERVE_API_KEY": API, "TUNESERVE_GRPC_PORT": str(grpc_port),
+           "TUNESERVE_MAX_LATENCY_MS": str(LATENCY_MS), "TUNESERVE_MAX_BATCH_IMAGES": str(MAX_BATCH_IMAGES),
+           "TUNESERVE_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT), "TUNESERVE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
+    with running_server(env=env, log_path=log_path) as url:
+        yield url, f"127.0.0.1:{grpc_port}", log_path
+
+
+def auth(key: str = API) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}  # gRPC metadata names are lower case
+
+
+def rest(server, method: str, path: str, **kwargs) -> httpx.Response:
+    with httpx.Client(base_url=server[0], timeout=60, headers={"Authorization": f"Bearer {API}"}) as c:
+        return c.request(method, path, **kwargs)
+
+
+def jpeg_bytes() -> np.ndarray:
+    return np.array([photo_path(n).read_bytes() for n in PHOTOS], dtype=np.object_)
+
+
+@pytest.fixture(scope="module")
+def reference(server, model) -> np.ndarray:
+    """REST's /v2 infer for PHOTOS in one request: probabilities (N, classes)."""
+    import tritonclient.http as triton_http
+
+    client = triton_http.InferenceServerClient(server[0].removeprefix("http://"), network_timeout=60)
+    image = triton_http.InferInput("image", [len(PHOTOS)], "BYTES")
+    image.set_data_from_numpy(jpeg_bytes())
+    probs = client.infer(model.name, [image], headers={"Authorization": f"Bearer {API}"}).as_numpy("probabilities")
+    client.close()
+    return probs
+
+
+def rest_error(server, model, inputs: list[dict]) -> tuple[int, str]:
+    """REST's status and message for a JSON /v2 infer request with `inputs`."""
+    r = rest(server, "POST", f"/v2/models/{model.name}/infer", json={"inputs": inputs})
+    return r.status_code, r.json()["error"]
+
+
+def test_health_metadata_and_config(server, model):
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(server[1])
+    assert client.is_server_live() and client.is_server_ready()  # probes need no key
+    assert client.is_model_ready(model.name, headers=auth())
+    assert client.is_model_ready(model.name, model.version, headers=auth())
+    assert not client.is_model_ready("nope", headers=auth())
+
+    meta = client.get_model_metadata(model.name, headers=auth())
+    rest_meta = rest(server, "GET", f"/v2/models/{model.name}").json()
+    assert (meta.name, list(meta.versions), meta.platform) == (rest_meta["name"], rest_meta["versions"],
+                                                               rest_meta["platform"])
+    for got, want in ((meta.inputs, rest_meta["inputs"]), (meta.outputs, rest_meta["outputs"])):
+        assert [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in got] == want
+
+    config = client.get_model_config(model.name, headers=auth()).config
+    assert config.max_batch_size == MAX_BATCH_IMAGES and config.platform == "onnxruntime_onnx"
+    assert [(i.name, list(i.dims), i.optional) for i in config.input] == [("image", [1], True),
+                                                                         ("pixels", [224, 224, 3], True)]
+    assert list(config.output[0].dims) == [len(model.card.labels)]
+
+    server_meta = client.get_server_metadata(headers=auth())
+    assert server_meta.name == "tuneserve" and set(server_meta.extensions) == {"classification", "model_configuration"}
+
+    # Keys: REST's 401 messages, as UNAUTHENTICATED.
+    for headers, why in ((None, "no 'Authorization: Bearer <key>' header"), (auth("wrong"), "the key is wrong")):
+        with pytest.raises(triton.InferenceServerException) as e:
+            client.get_model_metadata(model.name, headers=headers)
+        assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+        assert e.value.message() == f"{why}: inference.GRPCInferenceService/ModelMetadata needs the server's TUNESERVE_API_KEY"
+    with pytest.raises(triton.InferenceServerException) as e:
+        client.get_model_metadata("nope", headers=auth())
+    assert e.value.status() == "StatusCode.NOT_FOUND" and "'nope'" in e.value.message()
+    client.close()
+
+
+def test_infer_equals_rest(server, model, reference):
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(server[1])
+    image = triton.InferInput("image", [len(PHOTOS)], "BYTES")
+    image.set_data_from_numpy(jpeg_bytes())  # raw_input_contents: the JPEG and PNG files as they are
+    result = client.infer(model.name, [image], headers=auth(), request_id="r-1")
+    probs = result.as_numpy("probabilities")
+    assert result.get_response().id == "r-1" and result.get_response().model_version == model.version
+    assert probs.shape == reference.shape and (probs.argmax(1) == reference.argmax(1)).all()
+    np.testing.assert_allclose(probs, reference, atol=1e-6)
+
+    # Classification extension: "score:index:label", best first.
+    top = client.infer(model.name, [image], headers=auth(), model_version=model.version,
+                       outputs=[triton.InferRequestedOutput("probabilities", class_count=3)]).as_numpy("probabilities")
+    assert top.shape == (len(PHOTOS), 3)
+    for row, want in zip(top, reference):
+        score, index, label = row[0].decode().split(":", 2)
+        assert int(index) == want.argmax() and label == model.card.labels[want.argmax()]
+        assert abs(float(score) - want.max()) <= 1e-6
+
+    # Clients that preprocess themselves: UINT8 [N, S, S, 3].
+    pixels = np.stack([preprocess_pixels(photo_path(n), model.card.preprocessing) for n in PHOTOS])
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    np.testing.assert_allclose(client.infer(model.name, [tensor], headers=auth()).as_numpy("probabilities"),
+                               reference, atol=1e-6)
+    client.close()
+
+
+def test_typed_contents(server, model, reference):
+    """Elements in the input's contents instead of raw_input_contents (clients other than tritonclient)."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    def request(**contents) -> service_pb2.ModelInferRequest:
+        tensor = service_pb2.ModelInferRequest.InferInputTensor(
+            name="image", datatype="BYTES", shape=[len(PHOTOS)], contents=service_pb2.InferTensorContents(**contents))
+        return service_pb2.ModelInferRequest(model_name=model.name, inputs=[tensor])
+
+    with grpc.insecure_channel(server[1]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answer = stub.ModelInfer(request(bytes_contents=list(jpeg_bytes())), metadata=tuple(auth().items()), timeout=60)
+        probs = np.frombuffer(answer.raw_output_contents[0], dtype="<f4").reshape(reference.shape)
+        np.testing.assert_allclose(probs, reference, atol=1e-6)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request(int_contents=[1, 2]), metadata=tuple(auth().items()), timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == ("input 'image': BYTES elements go in contents.bytes_contents (or "
+                                     "raw_input_contents), got contents.int_contents")
+
+
+def test_errors_carry_rest_messages(server, model):
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(server[1])
+    photo = photo_path(PHOTOS[1]).read_bytes()
+
+    def grpc_error(name: str, elements: list[bytes], **kwargs) -> triton.InferenceServerException:
+        tensor = triton.InferInput(name, [len(elements)], "BYTES")
+        tensor.set_data_from_numpy(np.array(elements, dtype=np.object_))
+        with pytest.raises(triton.InferenceServerException) as e:
+            client.infer(kwargs.pop("model_name", model.name), [tensor], headers=auth(), **kwargs)
+        return e.value
+
+    def b64(items: list[bytes]) -> list[str]:
+        import base64
+
+        return [base64.b64encode(b).decode() for b in items]
+
+    cases = [  # (name, elements): what REST answers 400 or 413 for, sent in JSON to REST
+        ("logits", [photo]),                     # an input the model does not take
+        ("image", [photo] * (MAX_BATCH_IMAGES + 1)),  # over TUNESERVE_MAX_BATCH_IMAGES (REST: 413)
+        ("image", [b"not an image"]),            # the engine cannot decode it
+    ]
+    for name, elements in cases:
+        status, message = rest_error(server, model, [{"name": name, "datatype": "BYTES", "shape": [len(elements)],
+                                                      "data": b64(elements)}])
+        assert status in (400, 413, 415), (status, message)
+        got = grpc_error(name, elements)
+        assert (got.status(), got.message()) == ("StatusCode.INVALID_ARGUMENT", message)
+
+    # Not served: NOT_FOUND with REST's 404 message.
+    got = grpc_error("image", [photo], model_version="not-a-version")
+    r = rest(server, "POST", f"/v2/models/{model.name}/versions/not-a-version/infer", json={})
+    assert r.status_code == 404 and (got.status(), got.message()) == ("StatusCode.NOT_FOUND", r.json()["error"])
+    assert grpc_error("image", [photo], model_name="nope").status() == "StatusCode.NOT_FOUND"
+
+    # A message over TUNESERVE_MAX_REQUEST_BYTES is refused by gRPC itself.
+    assert grpc_error("image", [b"x" * MAX_REQUEST_BYTES]).status() == "StatusCode.RESOURCE_EXHAUSTED"
+
+    # No key, no inference; the answer says which key.
+    tensor = triton.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([photo], dtype=np.object_))
+    with pytest.raises(triton.InferenceServerException) as e:
+        client.infer(model.name, [tensor])
+    assert e.value.status() == "StatusCode.UNAUTHENTICATED" and "TUNESERVE_API_KEY" in e.value.message()
+    client.close()
+    assert "Traceback" not in Path(server[2]).read_text()  # every error above was a RequestError, answered as such
+
+
+def test_asyncio_client_and_paced_refusal(server, model, reference):
+    import tritonclient.grpc.aio as triton_aio
+    from tritonclient.grpc import InferenceServerException
+
+    def images(n: int) -> triton_aio.InferInput:
+        tensor = triton_aio.InferInput("image", [n], "BYTES")
+        tensor.set_data_from_numpy(np.resize(jpeg_bytes(), n))
+        return tensor
+
+    async def refused(client) -> tuple[float, InferenceServerException]:
+        started = time.monotonic()
+        try:
+            await client.infer(model.name, [images(MAX_BATCH_IMAGES)], headers=auth())
+        except InferenceServerException as e:
+            return time.monotonic() - started, e
+        raise AssertionError(f"{MAX_BATCH_IMAGES} images with TUNESERVE_MAX_IN_FLIGHT={MAX_IN_FLIGHT} were taken")
+
+    async def use() -> tuple[list[np.ndarray], tuple[float, InferenceServerException]]:
+        async with triton_aio.InferenceServerClient(server[1]) as client:
+            assert await client.is_server_ready() and await client.is_model_ready(model.name, headers=auth())
+            assert (await client.get_model_metadata(model.name, headers=auth())).versions == [model.version]
+            # A refusal is held until the latency bound, as REST holds it, while other requests are answered.
+            held = asyncio.ensure_future(refused(client))
+            answers = [await client.infer(model.name, [images(len(PHOTOS))], headers=auth()) for _ in range(3)]
+            return [a.as_numpy("probabilities") for a in answers], await held
+
+    answers, (waited, error) = asyncio.run(use())
+    for probs in answers:
+        np.testing.assert_allclose(probs, reference, atol=1e-6)
+    assert error.status() == "StatusCode.UNAVAILABLE" and "server overloaded" in error.message()
+    assert f"TUNESERVE_MAX_IN_FLIGHT={MAX_IN_FLIGHT}" in error.message()
+    assert waited >= 0.9 * LATENCY_MS / 1000, waited
+
+
+def test_every_worker_serves_the_port(server, model):
+    """Both workers listen on the one port (SO_REUSEPORT) and the kernel gives each some of the connections."""
+    import tritonclient.grpc as triton
+
+    port = int(server[1].rsplit(":", 1)[1])
+    started = [line for line in Path(server[2]).read_text().splitlines() if "Open Inference Protocol over gRPC on" in line]
+    assert len(started) == 2 and all(f"127.0.0.1:{port}" in line for line in started), started
+
+    # A channel of its own per client (gRPC shares connections between like channels otherwise).
+    clients = [triton.InferenceServerClient(server[1], channel_args=[("grpc.use_local_subchannel_pool", 1)])
+               for _ in range(16)]
+    try:
+        assert all(c.is_model_ready(model.name, headers=auth()) for c in clients)
+        sockets = [c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.pid]
+        listening = {c.pid for c in sockets if c.status == psutil.CONN_LISTEN}
+        answering = {c.pid for c in sockets if c.status == psutil.CONN_ESTABLISHED}
+        assert len(listening) == 2 and answering == listening, (listening, answering)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_second_server_on_the_port_is_refused(server, model):
+    """SO_REUSEPORT would let another server take half of this one's gRPC connections: it must not start."""
+    import subprocess
+    import sys
+
+    port = server[1].rsplit(":", 1)[1]
+    code = ("import sys; sys.argv = ['bentoml', 'serve', '--host', '127.0.0.1']; "
+            "import tuneserve.service.service")
+    env = {**__import__("os").environ, "TUNESERVE_MODELS": model.tag, "TUNESERVE_GRPC_PORT": port}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"error: cannot serve gRPC on 127.0.0.1:{port} (TUNESERVE_GRPC_PORT={port})" in out.stderr, out.stderr
