@@ -2,7 +2,6 @@
 about, with where it looked (top_losses.png), and the photos whose label is likely wrong (label_issues.png)."""
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,8 @@ def thumbnail(path: str) -> Image.Image:
 
 
 def _short(text: str, width: int = 28) -> str:
-    return textwrap.shorten(text, width=width, placeholder="…")
+    """At most `width` characters: long class and file names would run into the next panel's title."""
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def plot_top_losses(mistakes: list[Mistake], path: Path, per_row: int = 2) -> Path:

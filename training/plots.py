@@ -30,7 +30,10 @@ def curves_figure(history: list[dict[str, Any]]):
     if any("val_top5" in h for h in history):
         ax_acc.plot(epochs, [h.get("val_top5", np.nan) for h in history], "o--", label="validation top-5")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.5
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False, fontsize="small")
     fig.tight_layout()
@@ -58,13 +61,13 @@ def confusion_figure(confusion: list[list[int]], classes: list[str]):
     plt = _pyplot()
     cm = np.asarray(confusion)
     shares = row_shares(cm)
-    size = min(20.0, 3.0 + 0.45 * len(classes))
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    size = min(20.0, 3.5 + 0.45 * len(classes))
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's images (diagonal: recall)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row (diagonal: recall)")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), [f"{c} ({int(n)})" for c, n in zip(classes, cm.sum(axis=1))])
-    ax.set(xlabel="predicted", ylabel="true (images)", title="Validation confusion matrix (counts; colour: row share)")
+    ax.set(xlabel="predicted", ylabel="true (images)", title="Validation confusion matrix\ncounts; colour: share of the row")
     if len(classes) <= 30:
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
