@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tuneserve.service.config import ServiceConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
 
@@ -35,8 +37,9 @@ def test_every_manifest_is_listed_in_the_kustomization(manifests):
 
 def test_deployment_serves_bentoml_port_with_its_probes_and_one_gpu(manifests):
     c = _container(manifests)
-    (port,) = c["ports"]
-    assert port["containerPort"] == 3000 and port["name"] == "http"  # BentoML's port, EXPOSEd by the image
+    http, grpc = c["ports"]
+    assert http["containerPort"] == 3000 and http["name"] == "http"  # BentoML's port, EXPOSEd by the image
+    assert (grpc["name"], grpc["containerPort"]) == ("grpc", ServiceConfig().grpc_port)  # the service's gRPC default
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
@@ -63,8 +66,9 @@ def test_service_and_autoscaler_point_at_the_deployment(manifests):
     dep, svc, hpa = manifests["Deployment"], manifests["Service"], manifests["HorizontalPodAutoscaler"]
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
-    (port,) = svc["spec"]["ports"]
-    assert port["targetPort"] == "http"
+    http, grpc = svc["spec"]["ports"]
+    assert http["targetPort"] == "http"
+    assert (grpc["targetPort"], grpc["appProtocol"]) == ("grpc", "kubernetes.io/h2c")  # HTTP/2 without TLS
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
@@ -106,8 +110,10 @@ def test_kserve_inference_service_runs_the_same_image_with_v2_probes(manifests):
     (c,) = predictor["containers"]
     deployment = _container(manifests)
     assert c["image"] == deployment["image"] and c["name"] == "kserve-container"
-    (port,) = c["ports"]
-    assert port["containerPort"] == 3000
+    http, grpc = c["ports"]
+    assert http["containerPort"] == 3000  # KServe routes its URL to the first port
+    # Further ports get a Service port of their number, HTTP/2 (h2c) where the name holds "grpc" (KServe's rule).
+    assert "grpc" in grpc["name"] and grpc["containerPort"] == ServiceConfig().grpc_port
     assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     # The same settings, keys and hardening as the plain Deployment: the two must not drift apart.

@@ -36,7 +36,15 @@ def server(model, tmp_path_factory):
            "TUNESERVE_MAX_LATENCY_MS": str(LATENCY_MS), "TUNESERVE_MAX_BATCH_IMAGES": str(MAX_BATCH_IMAGES),
            "TUNESERVE_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT), "TUNESERVE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
     with running_server(env=env, log_path=log_path) as url:
+        # Ready means one worker serves; the tests want both (each logs its gRPC start).
+        deadline = time.monotonic() + 120
+        while len(grpc_starts(log_path)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
         yield url, f"127.0.0.1:{grpc_port}", log_path
+
+
+def grpc_starts(log_path: Path) -> list[str]:
+    return [line for line in log_path.read_text().splitlines() if "Open Inference Protocol over gRPC on" in line]
 
 
 def auth(key: str = API) -> dict[str, str]:
@@ -247,7 +255,7 @@ def test_every_worker_serves_the_port(server, model):
     import tritonclient.grpc as triton
 
     port = int(server[1].rsplit(":", 1)[1])
-    started = [line for line in Path(server[2]).read_text().splitlines() if "Open Inference Protocol over gRPC on" in line]
+    started = grpc_starts(server[2])
     assert len(started) == 2 and all(f"127.0.0.1:{port}" in line for line in started), started
 
     # A channel of its own per client (gRPC shares connections between like channels otherwise).
@@ -265,14 +273,16 @@ def test_every_worker_serves_the_port(server, model):
 
 
 def test_a_second_server_on_the_port_is_refused(server, model):
-    """SO_REUSEPORT would let another server take half of this one's gRPC connections: it must not start."""
+    """SO_REUSEPORT would let another server take half of this one's gRPC connections: `tuneserve serve` on
+    the same --grpc-port says where it would serve, then stops with the reason."""
+    import os
     import subprocess
     import sys
 
     port = server[1].rsplit(":", 1)[1]
-    code = ("import sys; sys.argv = ['bentoml', 'serve', '--host', '127.0.0.1']; "
-            "import tuneserve.service.service")
-    env = {**__import__("os").environ, "TUNESERVE_MODELS": model.tag, "TUNESERVE_GRPC_PORT": port}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "tuneserve", "serve", "--model", model.tag, "--port", str(free_port()),
+                          "--grpc-port", port], env={**os.environ, "TUNESERVE_API_KEY": API},
+                         capture_output=True, text=True, timeout=180)
+    assert f"; Open Inference Protocol over gRPC on 127.0.0.1:{port}" in out.stdout, out.stdout
     assert out.returncode == 1
-    assert f"error: cannot serve gRPC on 127.0.0.1:{port} (TUNESERVE_GRPC_PORT={port})" in out.stderr, out.stderr
+    assert f"error: cannot serve gRPC on 127.0.0.1:{port} (TUNESERVE_GRPC_PORT={port})" in out.stderr, out.stderr[-2000:]

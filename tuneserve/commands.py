@@ -175,7 +175,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     plan.check()
     env = {**os.environ, **plan.to_env()}
     print(f"serving {', '.join(m.tag for m in plan.models)} on http://{host}:{port}  (POST /classify, "
-          f"POST /models/NAME/classify, GET /models, docs at /)", flush=True)
+          f"POST /models/NAME/classify, GET /models, docs at /)"
+          + (f"; Open Inference Protocol over gRPC on {host}:{cfg.grpc_port}" if cfg.grpc_port else ""), flush=True)
     # exec: `tuneserve serve` becomes `bentoml serve`, so Ctrl-C, SIGTERM and the exit code are bentoml's own.
     cmd = serve_command(host, port)
     os.execve(cmd[0], cmd, env)
