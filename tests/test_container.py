@@ -53,7 +53,7 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
 
     image = f"localhost/tuneserve-test:{uuid.uuid4().hex[:8]}"
     name = f"tuneserve-test-{uuid.uuid4().hex[:8]}"
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     try:
         cs.containerize(bento_tag, image, uv_folder, tmp_path, env)
 
@@ -65,7 +65,8 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
         installed = set(json.loads(probe.stdout))
         assert not installed & {"torch", "torchvision", "timm", "triton"}, installed
         assert {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "uvloop", "httptools", "nvidia-nvimgcodec-cu13",
-                "nvidia-nvjpeg"} <= installed
+                "nvidia-nvjpeg", "grpcio", "protobuf"} <= installed
+        assert "tritonclient" not in installed  # gRPC's stubs are the service's own (service/edges/oip_proto)
         # The GPU JPEG decoder loads in the image's Python (used only where a GPU is visible).
         nvimgcodec = _in_image(image, "from nvidia import nvimgcodec; print(nvimgcodec.__version__)", podman)
         assert nvimgcodec.returncode == 0 and nvimgcodec.stdout.strip(), nvimgcodec.stderr
@@ -75,7 +76,8 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
         key = secrets.token_hex(16)
         flags = cs.podman_flags_like_kubernetes(cs.deployment_manifest(), {"tuneserve-keys": {"api-key": key}})
         assert "--read-only" in flags and "--cap-drop=ALL" in flags
-        subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", *flags, image],
+        subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000",
+                        "-p", f"127.0.0.1:{grpc_port}:8001", *flags, image],
                        env=podman, check=True, capture_output=True, timeout=120)
         url = f"http://127.0.0.1:{port}"
         cs.wait_ready(url)
@@ -123,6 +125,14 @@ def test_image_builds_runs_and_classifies_like_the_model(podman, tmp_path, hymen
         tensor.set_data_from_numpy(np.array([photo.read_bytes()], dtype=np.object_))
         v2_probs = v2.infer(model.name, [tensor], headers={"Authorization": f"Bearer {key}"}).as_numpy("probabilities")[0]
         np.testing.assert_allclose(v2_probs[order], probs[order], atol=1e-4)
+        v2.close()
+        import tritonclient.grpc as triton_grpc  # and over gRPC, on the port the manifests name
+
+        v2 = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        tensor = triton_grpc.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([photo.read_bytes()], dtype=np.object_))
+        grpc_probs = v2.infer(model.name, [tensor], headers={"authorization": f"Bearer {key}"}).as_numpy("probabilities")[0]
+        np.testing.assert_allclose(grpc_probs[order], probs[order], atol=1e-4)
         v2.close()
 
         # The Deployment's probe and scrape paths answer on the running image, without the key.
