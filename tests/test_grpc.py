@@ -286,3 +286,89 @@ def test_a_second_server_on_the_port_is_refused(server, model):
     assert f"; Open Inference Protocol over gRPC on 127.0.0.1:{port}" in out.stdout, out.stdout
     assert out.returncode == 1
     assert f"error: cannot serve gRPC on 127.0.0.1:{port} (TUNESERVE_GRPC_PORT={port})" in out.stderr, out.stderr[-2000:]
+
+
+# -- the codec alone: the ways a ModelInferRequest can carry a tensor, and REST's checks on each ---------------
+
+def infer_request(datatype: str, shape: list[int], name: str = "pixels", raw: bytes | None = None,
+                  outputs: list | None = None, **contents):
+    from tuneserve.service.edges.oip_proto import grpc_service_pb2 as pb
+
+    tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape,
+                                                   contents=pb.InferTensorContents(**contents))
+    return pb.ModelInferRequest(model_name="m", inputs=[tensor], raw_input_contents=[] if raw is None else [raw],
+                                outputs=outputs or [])
+
+
+def test_codec_reads_typed_contents_as_it_reads_raw_bytes():
+    from tuneserve.service.edges import grpc_codec, oip
+    from tuneserve.service.engine.errors import RequestError
+
+    uint8 = oip.PixelsSpec("UINT8", (4, 4, 3))
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    parse = lambda request, spec=uint8: grpc_codec.parse_model_infer(request, spec, 4, 1000)  # noqa: E731
+    raw = parse(infer_request("UINT8", [2, 4, 4, 3], raw=pixels.tobytes())).pixels
+    typed = parse(infer_request("UINT8", [2, 4, 4, 3], uint_contents=pixels.ravel().tolist())).pixels
+    np.testing.assert_array_equal(raw, pixels)
+    np.testing.assert_array_equal(typed, pixels)
+
+    fp32 = oip.PixelsSpec("FP32", (3, 2, 2))  # models exported before pixel input
+    values = np.linspace(-2, 2, 12, dtype=np.float32)
+    got = parse(infer_request("FP32", [1, 3, 2, 2], fp32_contents=values.tolist()), fp32).pixels
+    np.testing.assert_array_equal(got, values.reshape(1, 3, 2, 2))
+
+    def message(request, spec=uint8) -> str:
+        with pytest.raises(RequestError) as e:
+            parse(request, spec)
+        assert e.value.status == 400
+        return e.value.message
+
+    # REST's messages for the same faults (oip.py)
+    assert message(infer_request("UINT8", [1, 4, 4, 3], uint_contents=[256] * 48)) == (
+        "input 'pixels': shape [1, 4, 4, 3] needs 48 integers 0..255, got 48 values")
+    assert message(infer_request("FP32", [1, 3, 2, 2], fp32_contents=[float("nan")] * 12), fp32) == (
+        "input 'pixels': every value must be finite (no NaN or infinity)")
+    assert message(infer_request("UINT8", [1, 4, 4, 3], raw=b"\0" * 47)) == (
+        "input 'pixels': shape [1, 4, 4, 3] needs 48 bytes of UINT8, got 47")
+    # gRPC's own ways to be wrong
+    assert message(infer_request("UINT8", [1, 4, 4, 3])) == "input 'pixels' has neither raw_input_contents nor contents"
+    assert message(infer_request("UINT8", [1, 4, 4, 3], raw=b"\0" * 48, uint_contents=[0] * 48)) == (
+        "input 'pixels': its elements are in raw_input_contents, so its contents must be empty, got uint_contents")
+    two_raw = infer_request("UINT8", [1, 4, 4, 3], raw=b"\0" * 48)
+    two_raw.raw_input_contents.append(b"")
+    assert message(two_raw) == "raw_input_contents holds 2 tensors for 1 input: one entry per input"
+
+
+def test_codec_classification_parameter_and_answer():
+    from tuneserve.service.edges import grpc_codec, oip
+    from tuneserve.service.edges.oip_proto import grpc_service_pb2 as pb
+    from tuneserve.service.engine.errors import RequestError
+
+    def output(name: str = "probabilities", **param):
+        out = pb.ModelInferRequest.InferRequestedOutputTensor(name=name)
+        if param:
+            out.parameters["classification"].CopyFrom(pb.InferParameter(**param))
+        return out
+
+    spec = oip.PixelsSpec("UINT8", (1, 1, 3))
+    parse = lambda outputs: grpc_codec.parse_model_infer(  # noqa: E731
+        infer_request("UINT8", [1, 1, 1, 3], raw=b"\1\2\3", outputs=outputs), spec, 4, 1000)
+    assert parse([output(int64_param=2)]).classification == 2
+    assert parse([output()]).classification == 0
+    for bad, message in (([output(bool_param=True)], "'classification' must be an integer >= 1 (0: probabilities), "
+                                                     "got True"),
+                         ([output("logits")], "output 'logits' does not exist: the model's output is 'probabilities'"),
+                         ([output(), output()], "'outputs' may name one output, 'probabilities'")):
+        with pytest.raises(RequestError) as e:
+            parse(bad)
+        assert e.value.status == 400 and e.value.message.endswith(message), e.value.message
+
+    probs = np.array([[0.1, 0.7, 0.2]], dtype=np.float32)
+    answer = grpc_codec.model_infer_response("m", "v1", parse([output(int64_param=2)]), probs, ["a", "b", "c"])
+    (out,) = answer.outputs
+    assert (out.name, out.datatype, list(out.shape)) == ("probabilities", "BYTES", [1, 2])
+    raw = answer.raw_output_contents[0]  # REST's binary form: 4-byte length, then the text, per element
+    first = int.from_bytes(raw[:4], "little")
+    assert raw[4:4 + first].decode() == f"{float(probs[0, 1])!r}:1:b"
+    plain = grpc_codec.model_infer_response("m", "v1", parse([]), probs, ["a", "b", "c"])
+    np.testing.assert_array_equal(np.frombuffer(plain.raw_output_contents[0], "<f4"), probs.ravel())

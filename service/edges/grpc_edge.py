@@ -12,9 +12,9 @@ and ServerReady, which stay open for probes as /v2/health/* do.
 
 The stubs are generated from Triton's published protocol files and committed (oip_proto/), rather than taken
 from tritonclient, which ships the same generated modules: in the serving image that would add a client library
-and what it pulls in (python-rapidjson, urllib3, ml-dtypes, packaging) for three generated files, its
-`grpc` extra caps protobuf below 7 where onnxruntime and BentoML take 7, and its own modules' import runs its
-whole client. Generated here, the image needs grpcio and protobuf only (protobuf is onnxruntime's already).
+and what it pulls in (python-rapidjson, urllib3, ml-dtypes, packaging) for three generated files, importing them
+runs its whole client package first, and its `grpc` extra caps protobuf below 7 (this project's environment
+runs 7). Generated here, the image needs grpcio and protobuf only (protobuf comes with onnxruntime already).
 """
 from __future__ import annotations
 
