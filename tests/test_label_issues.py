@@ -83,3 +83,22 @@ def test_every_run_ends_with_top_losses_and_label_issues(three_shades):
     for name in ("top_losses.png", "label_issues.png"):
         with Image.open(run_dir / name) as img:
             assert img.format == "PNG" and img.size[0] >= 600
+
+
+def test_inspect_with_a_registered_model_uses_its_weights_and_draws_its_mistakes(three_shades, tmp_path, capsys):
+    """The model knows the folder's classes (alpha, beta, gamma): its kept PyTorch weights give the features,
+    and its own most confident mistakes are drawn too."""
+    from support import write_image
+
+    data = tmp_path / "data"
+    for c, cls in enumerate(["alpha", "beta", "gamma"]):
+        for i in range(5):
+            write_image(data / cls / f"{i}.png", seed=c * 100 + i, size=(48, 40))
+    out = tmp_path / "inspected"
+    assert main(["inspect", str(data), "--model", three_shades.tag, "--output-dir", str(out), "--device", "cpu",
+                 "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"features of {three_shades.tag}" in printed
+    assert {p.name for p in out.iterdir()} == {"label_issues.csv", "label_issues.png", "top_losses.png"}
+    assert main(["inspect", str(data), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
