@@ -77,12 +77,18 @@ class ReadyProbe:
         self._thread.join()
 
 
-def wrk(url: str, body: Path, connections: int, seconds: float, out: Path) -> dict:
-    """One wrk run; the Lua script's per-status counts and 200 latencies, summarised."""
-    env = {**os.environ, "GOODPUT_BODY": str(body), "GOODPUT_CONTENT_TYPE": compare.CONTENT_TYPE,
-           "GOODPUT_OUT": str(out)}
+def wrk(url: str, body: Path, connections: int, seconds: float, out: Path, path: str = "/classify",
+        content_type: str = compare.CONTENT_TYPE, headers: dict[str, str] | None = None) -> dict:
+    """One wrk run POSTing `body` to url + `path` (with `headers` besides Content-Type); the Lua script's
+    per-status counts and 200 latencies, summarised."""
+    env = {**os.environ, "GOODPUT_BODY": str(body), "GOODPUT_CONTENT_TYPE": content_type, "GOODPUT_OUT": str(out)}
+    if headers:  # the Lua script splits them on "|"
+        bad = [f"{k}: {v}" for k, v in headers.items() if "|" in k + v or ":" in k]
+        if bad:
+            raise ValueError(f"wrk headers cannot hold '|' (or ':' in a name), got {bad}")
+        env["GOODPUT_HEADERS"] = "|".join(f"{k}: {v}" for k, v in headers.items())
     cmd = ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{seconds:g}s", "--timeout", "30s",
-           "-s", str(LUA), f"{url}/classify"]
+           "-s", str(LUA), f"{url}{path}"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=seconds + 120)
     raw = json.loads(out.read_text())
     statuses: dict[str, int] = {}

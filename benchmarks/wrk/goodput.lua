@@ -4,6 +4,9 @@
 --   GOODPUT_BODY=body.bin GOODPUT_CONTENT_TYPE='multipart/form-data; boundary=...' GOODPUT_OUT=out.json \
 --     wrk -t 64 -c 64 -d 20s -s benchmarks/wrk/goodput.lua http://127.0.0.1:3000/classify
 --
+-- GOODPUT_HEADERS (optional) adds headers, "Name: value|Name2: value2", for requests that need more than a
+-- Content-Type, such as the Open Inference Protocol's Inference-Header-Content-Length (protocols_load.py).
+--
 -- One connection per wrk thread (-t equal to -c): request() and response() then alternate in each thread,
 -- so the time between them is that request's latency (wrk's Lua API names no connection). The clock is
 -- clock_gettime(CLOCK_MONOTONIC) through LuaJIT's ffi.
@@ -33,6 +36,11 @@ function init(args)
   wrk.headers["Content-Type"] = os.getenv("GOODPUT_CONTENT_TYPE") or "application/octet-stream"
   local key = os.getenv("GOODPUT_API_KEY")
   if key and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end
+  for pair in string.gmatch(os.getenv("GOODPUT_HEADERS") or "", "[^|]+") do
+    local name, value = string.match(pair, "^%s*([^:]-)%s*:%s*(.-)%s*$")
+    assert(name and name ~= "", "GOODPUT_HEADERS: expected 'Name: value', got '" .. pair .. "'")
+    wrk.headers[name] = value
+  end
   req = wrk.format()
   statuses = {}
   ok_ms = {}   -- latency of each 200, in ms (one thread's answers)
