@@ -101,3 +101,24 @@ def overlay_png(photo: Image.Image, cam: np.ndarray, pp: Preprocessing, alpha: f
                 max_side: int | None = DEFAULT_MAX_SIDE) -> bytes:
     """`overlay` as PNG bytes (what the service sends, base64 in JSON or as image/png)."""
     return png_bytes(overlay(photo, cam, pp, alpha, max_side))
+
+
+def explained_top_k(photo: Image.Image, logits: np.ndarray, cams: np.ndarray, labels: list[str], pp: Preprocessing,
+                    k: int, overlays: bool = True) -> list[dict]:
+    """One image's answer to explain: logits float32 (C,) and cams float32 (C, h, w) from
+    OnnxClassifier.explain, `photo` the decoded photo as sent -> the k best classes, best first, as
+    [{"label", "score", "heatmap": (h, w) nested lists of the class's per-location logits, "overlay_png": the
+    overlay as base64 PNG (left out with overlays=False)}]: the JSON `tuneserve predict --explain` reads."""
+    import base64
+
+    from tuneserve.models.runtime import softmax, top_k  # runtime imports this module's CAM_OUTPUT
+
+    if cams.shape[0] != logits.shape[0] or cams.ndim != 3:
+        raise ValueError(f"cams must be (classes, h, w) for {logits.shape[0]} classes, got shape {cams.shape}")
+    predictions = top_k(softmax(logits), labels, k)
+    for p in predictions:
+        cam = cams[labels.index(p["label"])]
+        p["heatmap"] = np.round(cam.astype(np.float64), 5).tolist()
+        if overlays:
+            p["overlay_png"] = base64.b64encode(overlay_png(photo, cam, pp)).decode("ascii")
+    return predictions

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from tuneserve.cli import main
-from tuneserve.models.explain import colourise, crop_box, normalise_heatmap, overlay, overlay_png
+from tuneserve.models.explain import colourise, crop_box, explained_top_k, normalise_heatmap, overlay, overlay_png
 from tuneserve.models.preprocessing import Preprocessing, decode, eval_pixels
-from tuneserve.models.runtime import OnnxClassifier, softmax, top_k
+from tuneserve.models.runtime import OnnxClassifier
 from support import photo, photo_path
 
 PP = Preprocessing(input_size=224, resize_size=256, interpolation="bilinear",
@@ -85,11 +85,7 @@ class ExplainContract(BaseHTTPRequestHandler):
         k = int(parse_qs(url.query).get("top_k", ["3"])[0])
         image = decode(self.rfile.read(int(self.headers["content-length"])), self.pp)
         logits, cams = self.session.explain(eval_pixels(image, self.pp)[None])
-        predictions = top_k(softmax(logits[0]), self.labels, k)
-        for p in predictions:
-            c = self.labels.index(p["label"])
-            p["heatmap"] = cams[0, c].tolist()
-            p["overlay_png"] = base64.b64encode(overlay_png(image, cams[0, c], self.pp)).decode()
+        predictions = explained_top_k(image, logits[0], cams[0], self.labels, self.pp, k)
         body = json.dumps({"model": "imagenet:1", "predictions": predictions}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -120,9 +116,25 @@ def test_predict_explain_writes_one_overlay_per_prediction(model, tmp_path, caps
                      "--url", url, "--output-dir", str(out_dir)]) == 0
         (answer,) = json.loads(capsys.readouterr().out)
         assert "overlay_png" not in answer["predictions"][0] and len(answer["predictions"][0]["heatmap"]) == 7
+        heatmap = np.array(answer["predictions"][0]["heatmap"])  # the class's per-location logits: mean = logit
+        logits, _ = handler.session.explain(eval_pixels(decode(photo("chelsea.png"), handler.pp), handler.pp)[None])
+        assert heatmap.mean() == pytest.approx(logits[0].max(), abs=1e-3)
         # A service without the route: the error and exit code 1, no file.
         assert main(["predict", str(photo_path("coffee.png")), "--explain", "--model", "other", "--url", url,
                      "--output-dir", str(tmp_path / "none")]) == 1
         assert "HTTP 404" in capsys.readouterr().err and not (tmp_path / "none").exists()
     finally:
         server.shutdown()
+
+
+def test_explained_top_k_is_the_answer_contract():
+    logits = np.array([0.5, 2.0, -1.0], np.float32)
+    cams = np.stack([np.full((2, 2), v, np.float32) for v in logits]) + np.array([[0.5, -0.5], [0, 0]], np.float32)
+    answer = explained_top_k(Image.new("RGB", (64, 48)), logits, cams, ["a", "b", "c"], PP, k=2)
+    assert [p["label"] for p in answer] == ["b", "a"] and answer[0]["score"] > answer[1]["score"]
+    assert answer[0]["heatmap"] == [[2.5, 1.5], [2.0, 2.0]]
+    assert Image.open(io.BytesIO(base64.b64decode(answer[0]["overlay_png"]))).size == (64, 48)
+    assert "overlay_png" not in explained_top_k(Image.new("RGB", (8, 8)), logits, cams, ["a", "b", "c"], PP, 1,
+                                                overlays=False)[0]
+    with pytest.raises(ValueError, match=r"cams must be \(classes, h, w\) for 3 classes, got shape \(2, 2, 2\)"):
+        explained_top_k(Image.new("RGB", (8, 8)), logits, cams[:2], ["a", "b", "c"], PP, 1)
