@@ -107,8 +107,9 @@ def explained_top_k(photo: Image.Image, logits: np.ndarray, cams: np.ndarray, la
                     k: int, overlays: bool = True) -> list[dict]:
     """One image's answer to explain: logits float32 (C,) and cams float32 (C, h, w) from
     OnnxClassifier.explain, `photo` the decoded photo as sent -> the k best classes, best first, as
-    [{"label", "score", "heatmap": (h, w) nested lists of the class's per-location logits, "overlay_png": the
-    overlay as base64 PNG (left out with overlays=False)}]: the JSON `tuneserve predict --explain` reads."""
+    [{"label", "score", "heatmap": the class's (h, w) map min-max normalised to [0, 1] (normalise_heatmap, 4
+    decimals, as the service answers), "overlay_png": the overlay as base64 PNG (left out with
+    overlays=False)}]: the JSON `tuneserve predict --explain` reads."""
     import base64
 
     from tuneserve.models.runtime import softmax, top_k  # runtime imports this module's CAM_OUTPUT
@@ -118,7 +119,7 @@ def explained_top_k(photo: Image.Image, logits: np.ndarray, cams: np.ndarray, la
     predictions = top_k(softmax(logits), labels, k)
     for p in predictions:
         cam = cams[labels.index(p["label"])]
-        p["heatmap"] = np.round(cam.astype(np.float64), 5).tolist()
+        p["heatmap"] = np.round(normalise_heatmap(cam), 4).tolist()
         if overlays:
             p["overlay_png"] = base64.b64encode(overlay_png(photo, cam, pp)).decode("ascii")
     return predictions
