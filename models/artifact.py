@@ -17,6 +17,10 @@ ONNX_FILE = "model.onnx"
 FP16_ONNX_FILE = "model.fp16.onnx"  # optional half-precision variant (same input, fp32 logits), for GPUs
 INT8_ONNX_FILE = "model.int8.onnx"  # optional INT8 variant (QDQ, static quantization), for CPUs
 VARIANT_FILES = {"fp16": FP16_ONNX_FILE, "int8": INT8_ONNX_FILE}  # precision -> its graph; fp32 is ONNX_FILE
+# The fp32 graph with the class activation map output beside the logits (card.explain_output names it). A graph
+# of its own because onnxruntime runs every node of a graph whatever outputs a call asks for: in model.onnx the
+# maps would cost every classification their compute (1000-class Lite0 on CPU: 10-14% of its img/s).
+EXPLAIN_ONNX_FILE = "model.explain.onnx"
 # The trained PyTorch weights (safetensors: no pickle), so that training can continue from a registered model
 # (`tuneserve train --init-from TAG`). Absent in models registered before it existed.
 WEIGHTS_FILE = "weights.safetensors"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tuneserve.models.artifact import CARD_FILE, ONNX_FILE, ModelCard
+from tuneserve.models.artifact import CARD_FILE, EXPLAIN_ONNX_FILE, ONNX_FILE, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,15 @@ class StoredModel:
     @property
     def onnx_path(self) -> Path:
         return self.path / ONNX_FILE
+
+    @property
+    def explain_path(self) -> Path | None:
+        """The graph that also answers class activation maps (card.explain_output), or None: the model cannot
+        explain (exported before maps). Exports of one development version kept them in model.onnx itself."""
+        if self.card.explain_output is None:
+            return None
+        separate = self.path / EXPLAIN_ONNX_FILE
+        return separate if separate.is_file() else self.onnx_path
 
     def __repr__(self) -> str:  # the card's 1,000 labels are not worth printing
         return f"StoredModel({self.tag!r}, {str(self.path)!r})"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tuneserve.models.architectures import BUILTIN_NAME
-from tuneserve.models.artifact import ONNX_FILE, VARIANT_FILES
+from tuneserve.models.artifact import EXPLAIN_ONNX_FILE, ONNX_FILE, VARIANT_FILES
 from tuneserve.models.precision import choose_precision
 from tuneserve.models.runtime import gpu_present
 from tuneserve.models.store import (
@@ -69,7 +69,7 @@ class ModelChoice:
         from tuneserve.models.runtime import OnnxClassifier
 
         try:
-            verify(self.stored, files=(ONNX_FILE, *VARIANT_FILES.values()))
+            verify(self.stored, files=(ONNX_FILE, EXPLAIN_ONNX_FILE, *VARIANT_FILES.values()))
         except ModelIntegrityError as e:
             raise ModelUnusable(f"cannot serve {e}") from None
         try:

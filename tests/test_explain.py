@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tuneserve.models.architectures import ARCHITECTURES, get_architecture
-from tuneserve.models.artifact import FP16_ONNX_FILE, INT8_ONNX_FILE
+from tuneserve.models.artifact import EXPLAIN_ONNX_FILE, FP16_ONNX_FILE, INT8_ONNX_FILE
 from tuneserve.models.explain import CAM_OUTPUT
 from tuneserve.models.preprocessing import normalise
 from tuneserve.models.runtime import OnnxClassifier
@@ -133,18 +133,22 @@ def test_classifying_asks_for_logits_alone_and_old_graphs_keep_classifying(tmp_p
     assert set(bound._bound[(4, *pixels.shape[1:])]) == {("logits",), ("logits", CAM_OUTPUT)}
 
 
-def test_the_registered_model_has_the_cam_output_in_every_precision(model):
-    """The built-in model (export_and_register: parity gate, fp16 and INT8 variants) says so on its card."""
+def test_the_registered_model_explains_from_its_own_graph_and_classifies_without_the_maps(model):
+    """The built-in model (export_and_register: parity gate, fp16 and INT8 variants): model.explain.onnx has the
+    maps beside the logits; model.onnx and its variants are the same graph without the maps' branch (onnxruntime
+    computes every node whatever a call asks for), with the same logits to the bit."""
     card = model.card
-    assert card.explain_output == CAM_OUTPUT
+    assert card.explain_output == CAM_OUTPUT and model.explain_path == model.path / EXPLAIN_ONNX_FILE
     assert card.parity["cam_max_abs_diff"] <= CAM_TOLERANCE and card.parity["cam_shape"] == [1000, 7, 7]
+    assert EXPLAIN_ONNX_FILE in card.files  # checked against its sha256 like the other graphs
     pixels = load_parity_images([str(p) for p in sample_photos()], card.preprocessing)
-    fp32 = OnnxClassifier(model.onnx_path, device="cpu")
-    logits, cams = fp32.explain(pixels)
+    explainer = OnnxClassifier(model.explain_path, device="cpu")
+    logits, cams = explainer.explain(pixels)
     assert card.labels[int(logits[0].argmax())] in ("espresso", "cup", "coffee mug")  # coffee.png
+    classifier = OnnxClassifier(model.onnx_path, device="cpu")
+    assert not classifier.can_explain and [o.name for o in classifier.session.get_outputs()] == ["logits"]
+    assert np.array_equal(classifier(pixels), logits)
     for variant in (FP16_ONNX_FILE, INT8_ONNX_FILE):
         session = OnnxClassifier(model.path / variant, device="cpu")
-        assert session.can_explain
-        v_logits, v_cams = session.explain(pixels)
-        assert v_cams.shape == cams.shape and v_cams.dtype == np.float32
-        assert (v_logits.argmax(1) == logits.argmax(1)).all()
+        assert not session.can_explain
+        assert (session(pixels).argmax(1) == logits.argmax(1)).all()

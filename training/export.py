@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tuneserve.models.artifact import FP16_ONNX_FILE, INT8_ONNX_FILE, WEIGHTS_FILE, ModelCard
+from tuneserve.models.artifact import EXPLAIN_ONNX_FILE, FP16_ONNX_FILE, INT8_ONNX_FILE, WEIGHTS_FILE, ModelCard
 from tuneserve.models.explain import CAM_OUTPUT
 from tuneserve.models.precision import MIN_INT8_TOP1_AGREEMENT, agreement_report, convert_fp16, convert_int8, onnx_logits
 from tuneserve.models.preprocessing import Preprocessing, normalise, normaliser, preprocess_pixels
@@ -183,6 +183,10 @@ def export_and_register(
         )
         check_parity(report)
         extra = dict(extra_files or {})
+        if cam_arch:  # the gated graph explains; classification (and its variants) gets it without the maps
+            explain_path = onnx_path.replace(Path(tmp) / EXPLAIN_ONNX_FILE)
+            onnx_path = logits_only(explain_path, Path(tmp) / "model.onnx", images, pp)
+            extra[EXPLAIN_ONNX_FILE] = explain_path
         extra[WEIGHTS_FILE] = save_weights(model, Path(tmp) / WEIGHTS_FILE)
         reference = onnx_logits(onnx_path, images, pp)  # (N, C): what each variant must agree with
         variants = {"fp16": fp16_variant(onnx_path, Path(tmp) / FP16_ONNX_FILE, images, reference, pp)}
@@ -197,6 +201,27 @@ def export_and_register(
                          data_fingerprint=data_fingerprint, input_name=INPUT_NAME,
                          explain_output=CAM_OUTPUT if cam_arch else None)
         return save_model(name, card, onnx_path, extra)
+
+
+def logits_only(explain_path: Path, out_path: Path, images: np.ndarray, pp: Preprocessing) -> Path:
+    """The graph at `explain_path` cut down to what the logits need (onnx's Extractor drops the class activation
+    map branch; onnxruntime would run it for every call), written to `out_path`; RuntimeError unless its logits
+    on `images` are the full graph's to the bit."""
+    import onnx
+    from onnx.utils import Extractor
+
+    full = onnx.load(str(explain_path))
+    pruned = Extractor(full).extract_model([i.name for i in full.graph.input], ["logits"])
+    pruned.ir_version = full.ir_version  # as exported: the onnxruntime that serves it reads this IR version
+    del pruned.opset_import[:]
+    pruned.opset_import.extend(full.opset_import)
+    onnx.save(pruned, str(out_path))
+    full_session, alone = OnnxClassifier(explain_path, device="cpu"), OnnxClassifier(out_path, device="cpu")
+    x = alone.inputs(images, pp)
+    diff = float(np.abs(alone(x) - full_session(x)).max())
+    if diff > 0:
+        raise RuntimeError(f"the logits-only graph differs from the gated one by {diff:.3g} on the parity images")
+    return out_path
 
 
 def save_weights(model: nn.Module, path: Path) -> Path:

@@ -75,7 +75,7 @@ class ModelVersion:
         self.precision = choice.precision
         # Buckets up to the largest call the batcher makes: a full batch, or one /classify_batch request alone.
         # spin=False on CPU: onnxruntime's idle threads must not busy-wait on the cores decoding needs.
-        self.session = OnnxClassifier(choice.onnx_path, device=plan.config.device, intra_op_threads=plan.ort_threads,
+        self.session = OnnxClassifier(choice.onnx_path, device=plan.device, intra_op_threads=plan.ort_threads,
                                       max_batch=max(plan.max_batch_size, plan.config.max_batch_images),
                                       spin=plan.device == "cuda")
         name, version = self.model.name, self.model.version
@@ -83,7 +83,8 @@ class ModelVersion:
             self.session, plan.max_batch_size, executor=shared.engine,
             on_batch=lambda n, seconds: metrics.batch(name, version, n, seconds),
             on_wait=lambda seconds: metrics.engine_wait(name, version, seconds),
-            explain_run=self.session.explain if self.session.can_explain else None)
+            explain_run=self._explain if self.model.explain_path is not None else None)
+        self._explainer: OnnxClassifier | None = None  # the explain graph, loaded by the first explain batch
         self._active = 0  # requests using this version now: an old version is closed when they are done
         self._idle: asyncio.Event | None = None
         self._warm_up()
@@ -176,8 +177,20 @@ class ModelVersion:
 
     @property
     def can_explain(self) -> bool:
-        """The graph has the class activation map output (models exported before it do not)."""
-        return self.session.can_explain
+        """The model has a graph with the class activation map output (models exported before it do not)."""
+        return self.model.explain_path is not None
+
+    def _explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """On the engine thread: (logits, cams) for a batch holding an explain request, from the fp32 explain graph
+        (model.explain.onnx), loaded and warmed the first time (~0.5 s for Lite0 on CPU): a version that is never
+        asked to explain never holds it in memory."""
+        if self._explainer is None:
+            plan = self.shared.plan
+            self._explainer = OnnxClassifier(self.model.explain_path, device=plan.device,
+                                             intra_op_threads=plan.ort_threads, spin=plan.device == "cuda",
+                                             max_batch=max(plan.max_batch_size, plan.config.max_batch_images))
+            log.info("loaded the explain graph of %s", self.tag)
+        return self._explainer.explain(batch)
 
     async def classify(self, arrays: list[np.ndarray], deadline: Deadline, explain: bool = False):
         """Probabilities float32 (N, classes) for images as `preprocess` makes them, run together with whatever
