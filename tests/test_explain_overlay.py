@@ -98,7 +98,7 @@ class ExplainContract(BaseHTTPRequestHandler):
 
 
 def test_predict_explain_writes_one_overlay_per_prediction(model, tmp_path, capsys):
-    handler = type("Handler", (ExplainContract,), {"session": OnnxClassifier(model.onnx_path, device="cpu"),
+    handler = type("Handler", (ExplainContract,), {"session": OnnxClassifier(model.explain_path, device="cpu"),
                                                    "labels": model.card.labels, "pp": model.card.preprocessing})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
