@@ -355,10 +355,12 @@ def test_codec_classification_parameter_and_answer():
         infer_request("UINT8", [1, 1, 1, 3], raw=b"\1\2\3", outputs=outputs), spec, 4, 1000)
     assert parse([output(int64_param=2)]).classification == 2
     assert parse([output()]).classification == 0
+    assert parse([output(), output("cams")]).outputs == ("probabilities", "cams")  # the maps beside the scores
     for bad, message in (([output(bool_param=True)], "'classification' must be an integer >= 1 (0: probabilities), "
                                                      "got True"),
-                         ([output("logits")], "output 'logits' does not exist: the model's output is 'probabilities'"),
-                         ([output(), output()], "'outputs' may name one output, 'probabilities'")):
+                         ([output("logits")], "output 'logits' does not exist: the model's outputs are 'probabilities' "
+                                              "and 'cams' (class activation maps, for models that have them)"),
+                         ([output(), output()], "'outputs' names an output twice: ['probabilities', 'probabilities']")):
         with pytest.raises(RequestError) as e:
             parse(bad)
         assert e.value.status == 400 and e.value.message.endswith(message), e.value.message

@@ -59,7 +59,8 @@ def test_server_and_model_metadata(client, model):
     assert meta["name"] == model.name and meta["versions"] == [model.version] and meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]},
                               {"name": "pixels", "datatype": "UINT8", "shape": [-1, 224, 224, 3]}]
-    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]},
+                               {"name": "cams", "datatype": "FP32", "shape": [-1, 1000, 7, 7]}]  # the maps: /explain's
     assert client.get(f"/v2/models/{model.name}/versions/{model.version}").json() == meta
     assert client.get(f"/v2/models/{model.name}/ready").status_code == 200
     assert client.get(f"/v2/models/{model.name}/versions/{model.version}/ready").status_code == 200

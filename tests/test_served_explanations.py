@@ -90,3 +90,42 @@ def test_a_model_without_maps_classifies_and_explains_with_a_422(served, without
     assert r.status_code == 422 and "tuneserve export RUN_DIR" in r.json()["error"], r.text
     assert client.get(f"/models/{without_cams.name}").json()["version"] == without_cams.version
     assert client.post("/explain", content=b"not an image").status_code == 400
+
+
+def test_v2_infer_answers_the_maps_as_an_extra_output(served, model, without_cams):
+    """The Open Inference Protocol: output `cams` (FP32 [N, classes, h, w]) beside `probabilities`, from the same
+    engine call; the model's metadata lists it; a model without maps answers 422 for it and still classifies."""
+    import json
+
+    from tuneserve.service.edges import oip
+
+    client, _ = served
+    meta = client.get(f"/v2/models/{model.name}").json()
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "cams"]
+    assert meta["outputs"][1]["shape"] == [-1, 1000, 7, 7]
+    assert [o["name"] for o in client.get(f"/v2/models/{without_cams.name}").json()["outputs"]] == ["probabilities"]
+    data = photo("coffee.png")
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(data) + 4}}],
+                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}},
+                                     {"name": "cams", "parameters": {"binary_data": True}}]}).encode()
+    body = header + len(data).to_bytes(4, "little") + data
+    r = client.post(f"/v2/models/{model.name}/infer", content=body,
+                    headers={oip.HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    n = int(r.headers[oip.HEADER_LENGTH])
+    answer, raw = json.loads(r.content[:n]), r.content[n:]
+    (probs_out, cams_out) = answer["outputs"]
+    assert probs_out["name"] == "probabilities" and cams_out == {
+        "name": "cams", "datatype": "FP32", "shape": [1, 1000, 7, 7], "parameters": {"binary_data_size": 4 * 1000 * 49}}
+    probs = np.frombuffer(raw[:4000], "<f4")
+    cams = np.frombuffer(raw[4000:], "<f4").reshape(1, 1000, 7, 7)
+    logits, expected = OnnxClassifier(model.explain_path, "cpu").explain(
+        preprocess_pixels(data, model.card.preprocessing)[None])
+    np.testing.assert_allclose(cams, expected, atol=1e-4)
+    assert model.card.labels[int(probs.argmax())] == "espresso"
+    image = [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}]
+    r = client.post(f"/v2/models/{without_cams.name}/infer", json={"inputs": image, "outputs": [{"name": "cams"}]})
+    assert r.status_code == 422 and "tuneserve export RUN_DIR" in r.json()["error"]
+    r = client.post(f"/v2/models/{model.name}/infer", json={"inputs": image, "outputs": [{"name": "maps"}]})
+    assert r.status_code == 400 and "'probabilities' and 'cams'" in r.json()["error"]

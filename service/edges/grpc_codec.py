@@ -63,7 +63,8 @@ def parse_model_infer(request: pb.ModelInferRequest, pixels: oip.PixelsSpec, max
     name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
     oip.check_shape(name, shape)
     data = _tensor_data(request, tensor)
-    out = oip.InferRequest(id=request.id or None, classification=_classification(request))
+    out = oip.InferRequest(id=request.id or None, classification=_classification(request),
+                           outputs=oip.check_output_names([o.name for o in request.outputs]))
     out.images, out.pixels = oip.read_input(name, datatype, shape, data, pixels, max_images, max_image_bytes)
     return out
 
@@ -77,20 +78,23 @@ def payload_bytes(request: pb.ModelInferRequest) -> int:
 
 
 def model_infer_response(model_name: str, version: str, request: oip.InferRequest, probs: np.ndarray,
-                         labels: list[str]) -> pb.ModelInferResponse:
-    output, raw, _ = oip.output_tensor(request, probs, labels)
+                         labels: list[str], cams: np.ndarray | None = None) -> pb.ModelInferResponse:
+    tensors = oip.output_tensors(request, probs, labels, cams)
     return pb.ModelInferResponse(
         model_name=model_name, model_version=version, id=request.id or "",
-        outputs=[pb.ModelInferResponse.InferOutputTensor(**output)], raw_output_contents=[raw])
+        outputs=[pb.ModelInferResponse.InferOutputTensor(**output) for output, _, _ in tensors],
+        raw_output_contents=[raw for _, raw, _ in tensors])
 
 
 def server_metadata(version: str) -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(name="tuneserve", version=version, extensions=EXTENSIONS)
 
 
-def model_metadata(name: str, version: str, pixels: oip.PixelsSpec, num_classes: int) -> pb.ModelMetadataResponse:
+def model_metadata(name: str, version: str, pixels: oip.PixelsSpec, num_classes: int,
+                   cam_grid: list[int] | None = None) -> pb.ModelMetadataResponse:
     """REST's GET /v2/models/{name} answer, field for field."""
-    return json_format.ParseDict(oip.model_metadata(name, [version], pixels, num_classes), pb.ModelMetadataResponse())
+    return json_format.ParseDict(oip.model_metadata(name, [version], pixels, num_classes, cam_grid),
+                                 pb.ModelMetadataResponse())
 
 
 def model_config(name: str, version: str, pixels: oip.PixelsSpec, num_classes: int,
@@ -127,13 +131,11 @@ def _tensor_data(request: pb.ModelInferRequest, tensor: pb.ModelInferRequest.Inf
 
 def _classification(request: pb.ModelInferRequest) -> int:
     """k of the classification extension (0: probabilities), from the one requested output's parameters."""
-    if len(request.outputs) > 1:
-        raise RequestError(400, f"'outputs' may name one output, {oip.OUTPUT!r}")
     k = 0
     for output in request.outputs:
         oip.check_output(output.name, 0)
         if "classification" in output.parameters:
             param = output.parameters["classification"]
             kind = param.WhichOneof("parameter_choice")
-            k = oip.check_output(oip.OUTPUT, getattr(param, kind) if kind else None)
+            k = oip.check_output(output.name, getattr(param, kind) if kind else None) or k
     return k

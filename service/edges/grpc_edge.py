@@ -182,7 +182,8 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc()
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
         model = self._served(request.name, request.version)
-        return grpc_codec.model_metadata(model.name, model.version, _pixels(model), len(model.labels))
+        return grpc_codec.model_metadata(model.name, model.version, _pixels(model), len(model.labels),
+                                         model.cam_grid)
 
     @rpc()
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
@@ -204,9 +205,10 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         parsed = await asyncio.to_thread(parse) if big else parse()
         images = parsed.pixels if parsed.pixels is not None else [
             ImageInput(str(i), data) for i, data in enumerate(parsed.images)]
-        result = await self.engine.classify(model.name, images, version=model.version)
+        result = await self.engine.classify(model.name, images, version=model.version, explain=parsed.wants_cams)
         probs = np.stack(result.results)  # (N, classes): an image that fails fails the request
-        return grpc_codec.model_infer_response(model.name, model.version, parsed, probs, model.labels)
+        cams = np.stack(result.cams) if parsed.wants_cams else None  # (N, classes, h, w)
+        return grpc_codec.model_infer_response(model.name, model.version, parsed, probs, model.labels, cams)
 
 
 def _pixels(model: ModelVersion) -> oip.PixelsSpec:

@@ -36,6 +36,7 @@ HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor data
 IMAGE_INPUT = "image"
 PIXELS_INPUT = "pixels"
 OUTPUT = "probabilities"
+CAMS_OUTPUT = "cams"  # FP32 [N, classes, h, w]: each class's logit at every location (POST /explain's maps)
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
 _NUMPY_DTYPE = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
@@ -69,6 +70,11 @@ class InferRequest:
     pixels: np.ndarray | None = None  # (N, *PixelsSpec.dims), the model's input
     classification: int = 0  # k of the classification extension; 0: probabilities
     binary_output: bool = False
+    outputs: tuple[str, ...] = (OUTPUT,)  # what to answer, in order: OUTPUT and/or CAMS_OUTPUT
+
+    @property
+    def wants_cams(self) -> bool:
+        return CAMS_OUTPUT in self.outputs
 
     @property
     def count(self) -> int:
@@ -138,9 +144,14 @@ def read_input(name: Any, datatype: Any, shape: list[int], data: bytes | list[An
 
 def check_output(name: Any, classification: Any) -> int:
     """The classification extension's k asked of output `name` (0: probabilities); RequestError 400 for
-    another output or a k that is not an integer >= 0."""
+    another output, a k on the maps, or a k that is not an integer >= 0."""
+    if name == CAMS_OUTPUT:
+        if classification:
+            raise RequestError(400, f"output {CAMS_OUTPUT!r} takes no 'classification': it is every class's map")
+        return 0
     if name != OUTPUT:
-        raise RequestError(400, f"output {name!r} does not exist: the model's output is {OUTPUT!r}")
+        raise RequestError(400, f"output {name!r} does not exist: the model's outputs are {OUTPUT!r} and "
+                                f"{CAMS_OUTPUT!r} (class activation maps, for models that have them)")
     if not isinstance(classification, int) or isinstance(classification, bool) or classification < 0:
         raise RequestError(400, f"output {OUTPUT!r}: 'classification' must be an integer >= 1 (0: "
                              f"probabilities), got {classification!r}")
@@ -148,18 +159,36 @@ def check_output(name: Any, classification: Any) -> int:
 
 
 def encode_infer_response(model_name: str, version: str, request: InferRequest, probs: np.ndarray,
-                          labels: list[str]) -> tuple[bytes, dict[str, str]]:
-    """probs float32 (N, classes) -> (body, headers) of the v2 answer: JSON, or JSON + binary tensor."""
-    output, raw, values = output_tensor(request, probs, labels)
-    response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": [output]}
+                          labels: list[str], cams: np.ndarray | None = None) -> tuple[bytes, dict[str, str]]:
+    """probs float32 (N, classes) (and cams float32 (N, classes, h, w) when asked for) -> (body, headers) of the
+    v2 answer: JSON, or JSON + binary tensors in the outputs' order."""
+    tensors = output_tensors(request, probs, labels, cams)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": [o for o, _, _ in tensors]}
     if request.id is not None:
         response["id"] = request.id
     if not request.binary_output:
-        output["data"] = values
+        for output, _, values in tensors:
+            output["data"] = values
         return json.dumps(response).encode(), {"content-type": "application/json"}
-    output["parameters"] = {"binary_data_size": len(raw)}
+    for output, raw, _ in tensors:
+        output["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps(response).encode()
-    return header + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+    return header + b"".join(raw for _, raw, _ in tensors), {"content-type": "application/octet-stream",
+                                                              HEADER_LENGTH: str(len(header))}
+
+
+def output_tensors(request: InferRequest, probs: np.ndarray, labels: list[str],
+                   cams: np.ndarray | None = None) -> list[tuple[dict[str, Any], bytes, list[Any]]]:
+    """Every output the request asked for, in its order (output_tensor's form); the maps as FP32 [N, C, h, w]."""
+    out = []
+    for name in request.outputs:
+        if name == CAMS_OUTPUT:
+            raw = np.ascontiguousarray(cams, dtype="<f4").tobytes()
+            out.append(({"name": CAMS_OUTPUT, "datatype": "FP32", "shape": list(cams.shape)}, raw,
+                        cams.astype(np.float32).ravel().tolist()))
+        else:
+            out.append(output_tensor(request, probs, labels))
+    return out
 
 
 def output_tensor(request: InferRequest, probs: np.ndarray, labels: list[str]) -> tuple[dict[str, Any], bytes, list[Any]]:
@@ -177,12 +206,16 @@ def output_tensor(request: InferRequest, probs: np.ndarray, labels: list[str]) -
             probs.astype(np.float32).ravel().tolist())
 
 
-def model_metadata(name: str, versions: list[str], pixels: PixelsSpec, num_classes: int) -> dict[str, Any]:
-    """GET /v2/models/{name}: what the model takes and gives."""
+def model_metadata(name: str, versions: list[str], pixels: PixelsSpec, num_classes: int,
+                   cam_grid: list[int] | None = None) -> dict[str, Any]:
+    """GET /v2/models/{name}: what the model takes and gives (`cam_grid` [h, w]: it also gives the maps)."""
+    outputs = [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, num_classes]}]
+    if cam_grid:
+        outputs.append({"name": CAMS_OUTPUT, "datatype": "FP32", "shape": [-1, num_classes, *cam_grid]})
     return {"name": name, "versions": versions, "platform": PLATFORM,
             "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
                        {"name": PIXELS_INPUT, "datatype": pixels.datatype, "shape": [-1, *pixels.dims]}],
-            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, num_classes]}]}
+            "outputs": outputs}
 
 
 def model_config(name: str, version: str, pixels: PixelsSpec, num_classes: int, max_batch_size: int) -> dict[str, Any]:
@@ -228,17 +261,28 @@ def _outputs(request: dict[str, Any]) -> dict[str, Any]:
     binary = params.get("binary_data_output", False) is True
     classification = 0
     outputs = request.get("outputs")
+    names: tuple[str, ...] = (OUTPUT,)
     if outputs is not None:
-        if not isinstance(outputs, list) or len(outputs) > 1 or not all(isinstance(o, dict) for o in outputs):
-            raise RequestError(400, f"'outputs' may name one output, {OUTPUT!r}")
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise RequestError(400, f"'outputs' must be a list of outputs, {OUTPUT!r} and/or {CAMS_OUTPUT!r}")
+        names = check_output_names([o.get("name") for o in outputs])
         for o in outputs:
-            check_output(o.get("name"), 0)
             p = o.get("parameters") or {}
             if not isinstance(p, dict):
-                raise RequestError(400, f"output {OUTPUT!r}: 'parameters' must be a JSON object")
+                raise RequestError(400, f"output {o.get('name')!r}: 'parameters' must be a JSON object")
             binary = p.get("binary_data", binary) is True
-            classification = check_output(OUTPUT, p.get("classification", 0))
-    return {"classification": classification, "binary_output": binary}
+            k = check_output(o.get("name"), p.get("classification", 0))
+            classification = k or classification
+    return {"classification": classification, "binary_output": binary, "outputs": names}
+
+
+def check_output_names(names: list[Any]) -> tuple[str, ...]:
+    """The requested outputs in order: each of OUTPUT and CAMS_OUTPUT at most once (none listed: OUTPUT)."""
+    for name in names:
+        check_output(name, 0)
+    if len(set(names)) != len(names):
+        raise RequestError(400, f"'outputs' names an output twice: {names}")
+    return tuple(names) or (OUTPUT,)
 
 
 def _check_count(n: int, max_images: int) -> None:

@@ -41,7 +41,8 @@ class OipHandlers:
 
     async def model_metadata(self, request: Request) -> Response:
         model = self._served(request)
-        return JSONResponse(oip.model_metadata(model.name, [model.version], _pixels(model), len(model.labels)))
+        return JSONResponse(oip.model_metadata(model.name, [model.version], _pixels(model), len(model.labels),
+                                               model.cam_grid))
 
     async def model_ready(self, request: Request) -> Response:
         model = self._served(request)  # a model that is not served is a 404, as the protocol asks
@@ -66,9 +67,10 @@ class OipHandlers:
         parsed = await asyncio.to_thread(parse) if len(body) > 256 * 1024 else parse()
         images = parsed.pixels if parsed.pixels is not None else [
             ImageInput(str(i), data) for i, data in enumerate(parsed.images)]
-        result = await self.engine.classify(model.name, images, version=model.version)
+        result = await self.engine.classify(model.name, images, version=model.version, explain=parsed.wants_cams)
         probs = np.stack(result.results)  # (N, classes): an image that fails fails the request
-        content, headers = oip.encode_infer_response(model.name, model.version, parsed, probs, model.labels)
+        cams = np.stack(result.cams) if parsed.wants_cams else None  # (N, classes, h, w)
+        content, headers = oip.encode_infer_response(model.name, model.version, parsed, probs, model.labels, cams)
         return Response(content, headers=headers)
 
 

@@ -180,6 +180,12 @@ class ModelVersion:
         """The model has a graph with the class activation map output (models exported before it do not)."""
         return self.model.explain_path is not None
 
+    @property
+    def cam_grid(self) -> list[int] | None:
+        """[h, w] of the class activation maps (the export's parity report measured them), or None."""
+        shape = self.model.card.parity.get("cam_shape") if self.can_explain else None
+        return list(shape[1:]) if shape else None
+
     def _explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """On the engine thread: (logits, cams) for a batch holding an explain request, from the fp32 explain graph
         (model.explain.onnx), loaded and warmed the first time (~0.5 s for Lite0 on CPU): a version that is never
