@@ -29,7 +29,7 @@ from tuneserve.service.config import ServiceConfig, check_exposure
 from tuneserve.service.edges import grpc_edge, http_protocol
 from tuneserve.service.edges.front import Front, Keys, header_checks
 from tuneserve.service.edges.route_table import CLIENT_ROUTES, RouteTable
-from tuneserve.service.edges.routes import batch_results, create_app, predictions
+from tuneserve.service.edges.routes import batch_results, create_app, parse_top_k, predictions
 from tuneserve.service.engine.decode_budget import limit_malloc_arenas
 from tuneserve.service.engine.engine import Engine, ImageInput, admission_for
 from tuneserve.service.engine.errors import RequestError, too_large
@@ -137,8 +137,7 @@ class _Classifier:
         try:
             if not paths:
                 raise RequestError(400, "no image was given")
-            if top_k < 1:
-                raise RequestError(400, f"top_k={top_k} is out of range; send an integer >= 1")
+            top_k = parse_top_k(str(top_k), cfg.top_k, len(self.engine.model(None).labels))
             if batch and len(paths) > cfg.max_batch_images:
                 raise RequestError(413, f"too many images in one request: the limit is {cfg.max_batch_images} "
                                         "(server setting TUNESERVE_MAX_BATCH_IMAGES)")

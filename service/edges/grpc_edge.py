@@ -27,7 +27,6 @@ import time
 from typing import Any, Awaitable, Callable
 
 import grpc
-import numpy as np
 
 import tuneserve
 from tuneserve.service.edges import grpc_codec, oip
@@ -35,7 +34,7 @@ from tuneserve.service.edges.front import Keys
 from tuneserve.service.edges.oip_proto import grpc_service_pb2 as pb
 from tuneserve.service.edges.oip_proto import grpc_service_pb2_grpc as pb_grpc
 from tuneserve.service.edges.route_table import API
-from tuneserve.service.engine.engine import Engine, ImageInput
+from tuneserve.service.engine.engine import Engine
 from tuneserve.service.engine.errors import RequestError
 from tuneserve.service.engine.model_version import ModelVersion
 
@@ -182,13 +181,13 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc()
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
         model = self._served(request.name, request.version)
-        return grpc_codec.model_metadata(model.name, model.version, _pixels(model), len(model.labels),
+        return grpc_codec.model_metadata(model.name, model.version, oip.pixels_spec(model), len(model.labels),
                                          model.cam_grid)
 
     @rpc()
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         model = self._served(request.name, request.version)
-        return grpc_codec.model_config(model.name, model.version, _pixels(model), len(model.labels),
+        return grpc_codec.model_config(model.name, model.version, oip.pixels_spec(model), len(model.labels),
                                        self.engine.config.max_batch_images)
 
     @rpc()
@@ -199,17 +198,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             self.on_refused(f"/{SERVICE}/ModelInfer")
             raise refused
         model, cfg = self._served(request.model_name, request.model_version), self.engine.config
-        parse = functools.partial(grpc_codec.parse_model_infer, request, _pixels(model), cfg.max_batch_images,
+        parse = functools.partial(grpc_codec.parse_model_infer, request, oip.pixels_spec(model), cfg.max_batch_images,
                                   cfg.max_image_bytes)
         big = grpc_codec.payload_bytes(request) > PARSE_OFF_LOOP_BYTES
         parsed = await asyncio.to_thread(parse) if big else parse()
-        images = parsed.pixels if parsed.pixels is not None else [
-            ImageInput(str(i), data) for i, data in enumerate(parsed.images)]
-        result = await self.engine.classify(model.name, images, version=model.version, explain=parsed.wants_cams)
-        probs = np.stack(result.results)  # (N, classes): an image that fails fails the request
-        cams = np.stack(result.cams) if parsed.wants_cams else None  # (N, classes, h, w)
+        probs, cams = await oip.infer(self.engine, model, parsed)
         return grpc_codec.model_infer_response(model.name, model.version, parsed, probs, model.labels, cams)
-
-
-def _pixels(model: ModelVersion) -> oip.PixelsSpec:
-    return oip.PixelsSpec.of(model.input_size, model.takes_pixels)

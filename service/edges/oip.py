@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from tuneserve.service.engine.engine import Engine, ImageInput
 from tuneserve.service.engine.errors import RequestError
+from tuneserve.service.engine.model_version import ModelVersion
 
 HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor data extension
 IMAGE_INPUT = "image"
@@ -79,6 +81,21 @@ class InferRequest:
     @property
     def count(self) -> int:
         return len(self.pixels) if self.pixels is not None else len(self.images)
+
+
+def pixels_spec(model: ModelVersion) -> PixelsSpec:
+    """The `pixels` input `model` takes."""
+    return PixelsSpec.of(model.input_size, model.takes_pixels)
+
+
+async def infer(engine: Engine, model: ModelVersion, request: InferRequest) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one engine call of a v2 inference request, whichever transport carried it (REST or gRPC):
+    (probabilities float32 (N, classes), the maps float32 (N, classes, h, w) when asked for, else None). An
+    image that fails fails the request."""
+    images = request.pixels if request.pixels is not None else [
+        ImageInput(str(i), data) for i, data in enumerate(request.images)]
+    result = await engine.classify(model.name, images, version=model.version, explain=request.wants_cams)
+    return np.stack(result.results), (np.stack(result.cams) if request.wants_cams else None)
 
 
 def parse_infer_request(body: bytes, header_length: str | None, pixels: PixelsSpec, max_images: int,

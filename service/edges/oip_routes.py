@@ -9,14 +9,13 @@ import asyncio
 import functools
 from typing import Callable
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import tuneserve
 from tuneserve.service.edges import oip
 from tuneserve.service.edges.routes import read_body
-from tuneserve.service.engine.engine import Engine, ImageInput
+from tuneserve.service.engine.engine import Engine
 from tuneserve.service.engine.errors import RequestError
 from tuneserve.service.engine.model_version import ModelVersion
 
@@ -41,7 +40,7 @@ class OipHandlers:
 
     async def model_metadata(self, request: Request) -> Response:
         model = self._served(request)
-        return JSONResponse(oip.model_metadata(model.name, [model.version], _pixels(model), len(model.labels),
+        return JSONResponse(oip.model_metadata(model.name, [model.version], oip.pixels_spec(model), len(model.labels),
                                                model.cam_grid))
 
     async def model_ready(self, request: Request) -> Response:
@@ -50,7 +49,7 @@ class OipHandlers:
 
     async def model_config(self, request: Request) -> Response:
         model = self._served(request)
-        return JSONResponse(oip.model_config(model.name, model.version, _pixels(model), len(model.labels),
+        return JSONResponse(oip.model_config(model.name, model.version, oip.pixels_spec(model), len(model.labels),
                                              self.engine.config.max_batch_images))
 
     async def infer(self, request: Request) -> Response:
@@ -63,17 +62,8 @@ class OipHandlers:
         # The JSON form of a batch of images is base64 text (4/3 of the bytes) inside JSON: parsing it is
         # the request's own CPU, so it runs off the event loop when it is large.
         parse = functools.partial(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH),
-                                  _pixels(model), cfg.max_batch_images, cfg.max_image_bytes)
+                                  oip.pixels_spec(model), cfg.max_batch_images, cfg.max_image_bytes)
         parsed = await asyncio.to_thread(parse) if len(body) > 256 * 1024 else parse()
-        images = parsed.pixels if parsed.pixels is not None else [
-            ImageInput(str(i), data) for i, data in enumerate(parsed.images)]
-        result = await self.engine.classify(model.name, images, version=model.version, explain=parsed.wants_cams)
-        probs = np.stack(result.results)  # (N, classes): an image that fails fails the request
-        cams = np.stack(result.cams) if parsed.wants_cams else None  # (N, classes, h, w)
+        probs, cams = await oip.infer(self.engine, model, parsed)
         content, headers = oip.encode_infer_response(model.name, model.version, parsed, probs, model.labels, cams)
         return Response(content, headers=headers)
-
-
-def _pixels(model: ModelVersion) -> oip.PixelsSpec:
-    """The `pixels` input `model` takes."""
-    return oip.PixelsSpec.of(model.input_size, model.takes_pixels)

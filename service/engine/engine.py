@@ -146,22 +146,16 @@ class Engine:
         if errors and not per_image_errors:
             raise errors[0]
         good = [p for p in prepared if isinstance(p, np.ndarray)]
-        probs, cams = [], []
+        answers: list[tuple[np.ndarray, np.ndarray | None]] = []
         if good:
             out = await model.classify(good, deadline, explain=explain)
-            probs, cams = (list(out[0]), list(out[1])) if explain else (list(out), [])
+            answers = list(zip(*out)) if explain else [(probs, None) for probs in out]
         if deadline.expired():
             raise deadline.late("before the answer was ready")
-        results, maps, ok = [], [], iter(zip(probs, cams if explain else [None] * len(probs)))
-        for p in prepared:
-            if isinstance(p, RequestError):
-                results.append(p)
-                maps.append(None)
-            else:
-                prob, cam = next(ok)
-                results.append(prob)
-                maps.append(cam)
-        return Classification(model, results, maps if explain else None)
+        # Each image's (probabilities, maps), or (its error, None), in the request's order.
+        answered = iter(answers)
+        per_image = [(p, None) if isinstance(p, RequestError) else next(answered) for p in prepared]
+        return Classification(model, [r for r, _ in per_image], [m for _, m in per_image] if explain else None)
 
     async def _prepare(self, model: ModelVersion, image: ImageInput, deadline) -> np.ndarray | RequestError:
         limit = self.config.max_image_bytes
