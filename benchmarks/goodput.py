@@ -117,14 +117,9 @@ def main() -> None:
                     help="any of tuneserve, tuneserve-before (needs --before-dir), litserve-same-pre")
     ap.add_argument("--before-dir", type=Path, default=None,
                     help="an older checkout (git worktree) served as tuneserve-before, for before/after in one run")
-    ap.add_argument("--photo", type=Path, default=None, help="the JPEG every request sends (default: a hymenoptera "
-                    "validation photo, or a generated 500x375 JPEG without ../shared)")
-    ap.add_argument("--bentoml-home", type=Path, default=None, help="model store holding (or to get) the built-in "
-                    "model; default: a temporary one (~20 s to export it)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON results (benchmarks/results_io.py)")
+    add_load_arguments(ap)
     args = ap.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("error: wrk is not installed (Debian: apt-get install wrk)")
+    require_wrk()
     levels = [int(x) for x in args.levels.split(",")]
     servers = args.servers.split(",")
     unknown = set(servers) - {"tuneserve", "tuneserve-before", "litserve-same-pre"}
@@ -139,13 +134,7 @@ def main() -> None:
     body = work / "body.bin"
     body.write_bytes(compare.multipart(photo))
     runs: list[dict] = []
-    if args.bentoml_home:
-        os.environ["BENTOML_HOME"] = str(args.bentoml_home)
-    else:
-        os.environ["BENTOML_HOME"] = str(work / "bentoml")
-    from tuneserve.training.builtin import ensure_builtin_model
-
-    model = ensure_builtin_model()
+    model = builtin_model(args.bentoml_home or work / "bentoml")
     spec = work / "model-spec.json"
     spec.write_text(json.dumps({"onnx": str(model.onnx_path), "labels": model.card.labels,
                                 "preprocessing": model.card.preprocessing.to_dict()}))
@@ -175,6 +164,28 @@ def main() -> None:
     if args.out:
         write_result(args.out, levels=levels, seconds=args.seconds, warmup=args.warmup, runs=runs,
                      versions=compare.versions())
+
+
+def add_load_arguments(ap: argparse.ArgumentParser) -> None:
+    """--photo, --bentoml-home and --out, as the wrk-driven benchmarks (this one, protocols_load.py) take them."""
+    ap.add_argument("--photo", type=Path, default=None, help="the JPEG every request sends (default: a hymenoptera "
+                    "validation photo, or a generated 500x375 JPEG without ../shared)")
+    ap.add_argument("--bentoml-home", type=Path, default=None, help="model store holding (or to get) the built-in "
+                    "model; default: a temporary one (~20 s to export it)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON results (benchmarks/results_io.py)")
+
+
+def require_wrk() -> None:
+    if shutil.which("wrk") is None:
+        sys.exit("error: wrk is not installed (Debian: apt-get install wrk)")
+
+
+def builtin_model(home: Path):
+    """The built-in model, registered (once) in the model store at `home`, which this process then uses."""
+    os.environ["BENTOML_HOME"] = str(home)
+    from tuneserve.training.builtin import ensure_builtin_model
+
+    return ensure_builtin_model()
 
 
 def register_builtin(checkout: Path, home: Path) -> Path:

@@ -33,9 +33,7 @@ import asyncio
 import importlib.metadata
 import json
 import math
-import os
 import resource
-import shutil
 import statistics
 import struct
 import subprocess
@@ -66,25 +64,18 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each measurement")
     ap.add_argument("--tasks-per-channel", type=int, default=4, help="gRPC tasks per channel, i.e. per HTTP/2 "
                     "connection (default 4: 16 tasks get 4 connections for the kernel to spread over the workers)")
-    ap.add_argument("--photo", type=Path, default=None, help="the JPEG every request sends (default: a hymenoptera "
-                    "validation photo, or a generated 500x375 JPEG without ../shared)")
-    ap.add_argument("--bentoml-home", type=Path, default=None, help="model store holding (or to get) the built-in "
-                    "model; default: a temporary one (~20 s to export it)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON results (benchmarks/results_io.py)")
+    goodput.add_load_arguments(ap)
     args = ap.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("error: wrk is not installed (Debian: apt-get install wrk)")
+    goodput.require_wrk()
     levels = parse_levels(args.levels)
     if args.rounds < 1 or args.seconds <= 0 or args.warmup < 0 or args.tasks_per_channel < 1:
         sys.exit(f"error: --rounds and --tasks-per-channel must be >= 1, --seconds > 0 and --warmup >= 0, got "
                  f"{args.rounds}, {args.tasks_per_channel}, {args.seconds} and {args.warmup}")
     photo = args.photo.read_bytes() if args.photo else goodput.compare_photo()
     work = Path(tempfile.mkdtemp(prefix="tuneserve-protocols-load-"))
-    os.environ["BENTOML_HOME"] = str(args.bentoml_home or work / "bentoml")
-    from tuneserve.training.builtin import ensure_builtin_model
+    goodput.builtin_model(args.bentoml_home or work / "bentoml")
     from tuneserve.service.process import free_port, running_server
 
-    ensure_builtin_model()
     port, grpc_port = free_port(), free_port()
     runs: list[dict] = []
     with running_server(env={"TUNESERVE_GRPC_PORT": str(grpc_port)}, port=port, log_path=work / "server.log") as url:

@@ -357,3 +357,12 @@ def front_app(engine, api_key: str | None = None, admin_key: str | None = None):
     return Front(create_app(lambda: engine, management=management), table=RouteTable(management=management),
                  keys=Keys(api_key, admin_key), health=lambda: {"workers": {"alive": 1, "expected": 1}, "live": True},
                  model=lambda: engine.plan.model.tag)
+
+
+def assert_classification_extension(top, reference, labels: list[str]) -> None:
+    """Triton's classification extension answer `top` (BYTES (N, k) of "score:index:label", best first) says
+    what the probabilities `reference` (N, classes) do: the best class's index, label and score (within 1e-6)."""
+    for row, want in zip(top, reference):
+        score, index, label = row[0].decode().split(":", 2)
+        assert int(index) == want.argmax() and label == labels[want.argmax()]
+        assert abs(float(score) - want.max()) <= 1e-6

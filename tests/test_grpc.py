@@ -15,7 +15,7 @@ import pytest
 
 from tuneserve.models.preprocessing import preprocess_pixels
 from tuneserve.service.process import free_port, running_server
-from support import photo_path
+from support import assert_classification_extension, photo_path
 
 pytestmark = pytest.mark.slow
 
@@ -132,10 +132,7 @@ def test_infer_equals_rest(server, model, reference):
     top = client.infer(model.name, [image], headers=auth(), model_version=model.version,
                        outputs=[triton.InferRequestedOutput("probabilities", class_count=3)]).as_numpy("probabilities")
     assert top.shape == (len(PHOTOS), 3)
-    for row, want in zip(top, reference):
-        score, index, label = row[0].decode().split(":", 2)
-        assert int(index) == want.argmax() and label == model.card.labels[want.argmax()]
-        assert abs(float(score) - want.max()) <= 1e-6
+    assert_classification_extension(top, reference, model.card.labels)
 
     # Clients that preprocess themselves: UINT8 [N, S, S, 3].
     pixels = np.stack([preprocess_pixels(photo_path(n), model.card.preprocessing) for n in PHOTOS])
