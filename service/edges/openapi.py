@@ -86,8 +86,8 @@ def _described(cfg: ServiceConfig, served: list[str], versions: list[str], manag
                                                         name)},
         "/explain": {"post": _explain(classify("tuneserve__explain", "the default model"))},
         "/models/{name}/explain": {"post": _explain(classify("tuneserve__models_name_explain", "model `name`", name))},
-        # The routes BentoML's clients call (service/service.py's @bentoml.api functions), answered by the two
-        # above (service/routes.py, CLIENT_ROUTES): the same operations.
+        # The routes BentoML's clients call (service/service.py's @bentoml.api functions), answered by /classify
+        # and /classify_batch (the front maps them: route_table.CLIENT_ROUTES): the same operations.
         "/bentoml/classify": {"post": classify("classify", "the default model (BentoML's clients)")},
         "/bentoml/classify_batch": {"post": batch("classify_batch", "the default model (BentoML's clients)")},
     }

@@ -84,8 +84,10 @@ class RouteTable:
     def __init__(self, routes: tuple[Route, ...] = ROUTES, management: bool = False):
         self.routes = tuple(r for r in routes if management or not r.management)
         self._compiled = [(compile_path(r.path)[0], r) for r in self.routes]
-        # One expression for the question asked of every request (named groups dropped: names repeat).
-        self._known = re.compile("|".join(re.sub(r"\(\?P<\w+>", "(?:", rx.pattern) for rx, _ in self._compiled))
+        # One expression per question the HTTP protocol asks of every request (named groups dropped: names repeat).
+        self._known = _one_expression(rx for rx, _ in self._compiled)
+        self._classify = {method: _one_expression(rx for rx, r in self._compiled if r.classify and r.method == method)
+                          for method in {r.method for r in self.routes if r.classify}}
 
     def matching(self, path: str) -> list[Route]:
         return [r for rx, r in self._compiled if rx.match(path)]
@@ -95,7 +97,8 @@ class RouteTable:
         return self._known.match(path) is not None
 
     def is_classify(self, method: str, path: str) -> bool:
-        return any(r.classify and r.method == method for r in self.matching(path))
+        rx = self._classify.get(method)
+        return rx is not None and rx.match(path) is not None
 
     def access(self, path: str) -> str:
         """The key a request to `path` needs; API for a path no route serves (it is answered 404 anyway)."""
@@ -105,3 +108,7 @@ class RouteTable:
     def handled(self) -> list[Route]:
         """The routes the app's own handlers answer, in table order."""
         return [r for r in self.routes if r.handler is not None]
+
+
+def _one_expression(compiled) -> re.Pattern:
+    return re.compile("|".join(re.sub(r"\(\?P<\w+>", "(?:", rx.pattern) for rx in compiled))

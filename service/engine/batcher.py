@@ -62,7 +62,7 @@ class DynamicBatcher:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         # One model call at a time: a second concurrent call would only compete for the same device. A
-        # worker's batchers (one per model) share its one engine thread (service/worker.py).
+        # worker's batchers (one per model) share its one engine thread (engine.py, model_version.Shared).
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer")
 
