@@ -29,7 +29,8 @@ from tuneserve.training.config import TrainConfig
 from tuneserve.training.data import Sample
 from tuneserve.training.distributed import DistEnv, cleanup, setup
 from tuneserve.training.loaders import EvalTransform, ImageDataset
-from tuneserve.training.loop import lr_factor, train_one_epoch
+from tuneserve.training.loop import train_one_epoch
+from tuneserve.training.schedule import fixed_factor
 
 
 # --- images and models ------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def equivalence_steps(env: DistEnv, samples: list[Sample], batch: int, accum: in
     assert steps * accum == len(loader) and len(dataset) == steps * accum * batch * env.world_size, "no ragged tail"
     optimizer = torch.optim.AdamW(_param_groups(model, head, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, steps_per_epoch=steps, head_epochs=0, epochs=1, warmup_epochs=cfg.warmup_epochs))
+        fixed_factor, steps_per_epoch=steps, head_epochs=0, epochs=1, warmup_epochs=cfg.warmup_epochs))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # a mean over the local batch
     ddp_model = _prepare_phase(model, head, "full", env)

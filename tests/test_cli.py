@@ -18,7 +18,9 @@ from support import shadowing_packages
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "/no/such/folder"], "error: data folder '/no/such/folder' does not exist"),
     (["train"], "error: --data DIR is required"),
-    (["train", "--data", ".", "--epochs", "0"], "error: epochs must be >= 1, got 0"),
+    (["train", "--data", ".", "--epochs", "-1"], "error: epochs must be 0 (adaptive) or >= 1, got -1"),
+    (["train", "--data", ".", "--time-budget", "20"], "error: time budget '20' is not a duration; give a number with a "
+                                                      "unit: 90s, 20m, 1h30m, 1.5h"),
     (["train", "--data", ".", "--config", "missing.yaml"], "error: config file 'missing.yaml' does not exist"),
     (["train", "--data", "TINY", "--weights", "nothere.pth"], "error: --weights 'nothere.pth' is not a file"),
     (["evaluate", "no-such-model", "--data", "."], "error: model 'no-such-model' is not in the BentoML model store"),

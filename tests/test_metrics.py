@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from tuneserve.training.loop import lr_factor
 from tuneserve.training.metrics import summarize
 
 
@@ -18,14 +17,6 @@ def test_summarize_known_confusion():
     assert m["macro_f1"] == pytest.approx((0.75 + 0.8 + 0.0) / 3)
     assert "top5" not in m
     assert summarize(cm, 0.0, 6, ["a", "b", "c"])["top5"] == pytest.approx(6 / 7)
-
-
-def test_lr_schedule_warms_up_and_decays_per_phase():
-    f = [lr_factor(s, steps_per_epoch=10, head_epochs=2, epochs=6, warmup_epochs=0.5) for s in range(60)]
-    assert f[0] < f[2] < f[4] < f[5] == pytest.approx(1.0)  # linear warm-up over 5 steps, then the peak
-    assert f[19] < 0.05  # head phase decays to ~0
-    assert f[20] < f[24] < f[25] == pytest.approx(1.0)  # the full phase warms up again
-    assert all(x >= y for x, y in zip(f[25:], f[26:]))  # then decays monotonically
 
 
 def test_batch_size_histogram_is_read_from_prometheus_text():

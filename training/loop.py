@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from typing import Any, Callable, Iterable
 
@@ -15,19 +14,6 @@ from tqdm import tqdm
 from tuneserve.training.tracking import LOG_EVERY
 from tuneserve.training.distributed import DistEnv, all_reduce_sum
 from tuneserve.training.metrics import TOP_K, reports_top_k, summarize
-
-
-def lr_factor(step: int, steps_per_epoch: int, head_epochs: int, epochs: int, warmup_epochs: float) -> float:
-    """Per optimizer step: each phase (head-only, then full) warms up linearly, then decays on a cosine to 0."""
-    head_steps = head_epochs * steps_per_epoch
-    total_steps = epochs * steps_per_epoch
-    start, length = (0, head_steps) if step < head_steps else (head_steps, total_steps - head_steps)
-    t = step - start
-    warm = min(int(warmup_epochs * steps_per_epoch), length // 2)
-    if t < warm:
-        return (t + 1) / (warm + 1)
-    progress = (t - warm) / max(1, length - warm)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def batch_mixer(num_classes: int, mixup: float, cutmix: float) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:

@@ -42,9 +42,10 @@ def summarize(confusion: np.ndarray, loss_sum: float, top5_correct: int | None, 
     return out
 
 
-# live_*: with --ema, the live (not averaged) model's, beside the EMA's val_*
+# live_*: with --ema, the live (not averaged) model's, beside the EMA's val_*; schedule: what the adaptive schedule
+# decided after that epoch, and why
 SCALAR_COLUMNS = ["epoch", "phase", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_macro_f1",
-                  "live_val_loss", "live_val_top1", "seconds", "images_per_s"]
+                  "live_val_loss", "live_val_top1", "seconds", "images_per_s", "schedule"]
 
 
 def write_history(history: list[dict[str, Any]], run_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""`train(cfg)`: check the data, fine-tune in two phases, keep the best epoch, export it to ONNX, register it.
+"""`train(cfg)`: check the data, fit the new head on the frozen features, fine-tune everything for as long as
+validation improves (training/schedule.py), keep the best epoch, export it to ONNX, register it.
 
 Runs as one process or as one rank of `torchrun` (DDP). Rank 0 alone logs, writes checkpoints, metrics and
 plots, and exports; every rank trains and evaluates its shard. Each epoch starts from RNG seeds derived from
@@ -48,9 +49,11 @@ from tuneserve.training.distributed import DistEnv, LocalSGD, barrier, cleanup, 
 from tuneserve.training.sharding import (EvenBatches, FullStateTrainables, is_sharded, replicated, shard_model,
                                          update_ema)
 from tuneserve.training.export import export_checkpoint, load_weights
-from tuneserve.training.loop import batch_mixer, evaluate, lr_factor, train_one_epoch
+from tuneserve.training.head_probe import fit_head
+from tuneserve.training.loop import batch_mixer, evaluate, train_one_epoch
 from tuneserve.training.metrics import write_history, write_report
 from tuneserve.training.progress import Progress
+from tuneserve.training.schedule import Adaptive, fixed_factor
 from tuneserve.training.tracking import Trackers, check_installed, open_trackers, parse_report_to
 from tuneserve.training.plots import plot_confusion, plot_curves
 
@@ -78,6 +81,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict[str, Any]], None] 
 
 
 def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
+    run_started = time.perf_counter()  # a time budget counts everything: data checks and the head's fit included
     resume = ckpt_io.load(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = _resumed_config(cfg, resume)
@@ -129,8 +133,16 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     amp_dtype = _amp_dtype(cfg, env)
     train_loader, val_loader, train_sampler = make_loaders(ds, pp, cfg, env)
     steps_per_epoch = -(-len(train_loader) // cfg.grad_accum_steps)
+    weights = _class_weights(ds, cfg, env)
+    probed = None
+    if resume is None and cfg.probes_head():
+        # Before the EMA copies the model and FSDP shards it: the head is a plain nn.Linear on every rank here.
+        probed = fit_head(model, arch.head, _probe_loader(val_loader, ds, pp, cfg, env), env, len(ds.classes),
+                          weights, cfg.label_smoothing, cfg.seed, channels_last)
+        _broadcast_from_rank0(head_parameters(model, cfg.arch), env)
+    length = cfg.epochs or cfg.max_epochs  # the most epochs this run can take
     # The EMA copies the model before sharding and is sharded the same way (its updates pair the shards).
-    ema = _make_ema(model, cfg, steps_per_epoch * cfg.epochs, env) if cfg.ema else None
+    ema = _make_ema(model, cfg, steps_per_epoch * length, env) if cfg.ema else None
     if sharded:
         # in place; before the optimizer, which must hold the sharded parameters
         shard_model(model, env, mixed_precision=amp_dtype)
@@ -140,13 +152,15 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
 
     head = set(id(p) for p in head_parameters(model, cfg.arch))
     optimizer = torch.optim.AdamW(_param_groups(model, head, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, steps_per_epoch=steps_per_epoch, head_epochs=cfg.head_epochs, epochs=cfg.epochs,
+    adaptive = None if cfg.epochs else Adaptive(steps_per_epoch, cfg.head_epochs, cfg.warmup_epochs, cfg.patience,
+                                                cfg.max_epochs, cfg.time_budget_seconds())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, adaptive.factor if adaptive else functools.partial(
+        fixed_factor, steps_per_epoch=steps_per_epoch, head_epochs=cfg.head_epochs, epochs=cfg.epochs,
         warmup_epochs=cfg.warmup_epochs))
     # fp16: a rank sees only its gradient shards, so whether to skip a step must be agreed on (all-reduced).
     scaler_type = ShardedGradScaler if sharded else torch.amp.GradScaler
     scaler = scaler_type(env.device.type, enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(weight=_class_weights(ds, cfg, env), label_smoothing=cfg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     mixer = batch_mixer(len(ds.classes), cfg.mixup, cfg.cutmix)
 
     # --shard fsdp checkpoints hold full state dicts and name-keyed optimizer states, whatever the world size.
@@ -157,6 +171,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         trainables.load(resume)
         progress = Progress.from_checkpoint(resume)
         ckpt_io.set_rng_state(resume["rng"])
+        if adaptive is not None:
+            adaptive.restore(progress.history)
         if env.is_main:
             log.info("resumed %s after epoch %d", run_dir, progress.epoch)
     run_meta = ckpt_io.RunMeta(arch=cfg.arch, classes=ds.classes, preprocessing=pp.to_dict(), config=cfg.to_dict(),
@@ -174,9 +190,15 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     stopped_early = False
     ddp_model: nn.Module = model
     phase = None
-    epochs_bar = tqdm(range(progress.epoch, cfg.epochs), desc="epochs", unit="epoch", disable=None if env.is_main else True,
-                      initial=progress.epoch, total=cfg.epochs)
+    if env.is_main and adaptive is not None:
+        log.info("schedule: adaptive, %d optimizer steps an epoch; the peak learning rate while validation improves "
+                 "(patience %d epochs), then a decay; at most %d epochs%s", steps_per_epoch, cfg.patience,
+                 cfg.max_epochs, f", within {cfg.time_budget}" if cfg.time_budget else "")
+    started = run_started - (progress.history[-1].get("elapsed_s", 0.0) if progress.history else 0.0)
+    epochs_bar = tqdm(range(progress.epoch, length), desc="epochs", unit="epoch", disable=None if env.is_main else True,
+                      initial=progress.epoch, total=length)
     for epoch in epochs_bar:
+        epoch_started = time.perf_counter()
         new_phase = "head" if epoch < cfg.head_epochs else "full"
         if new_phase != phase:
             phase = new_phase
@@ -188,7 +210,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         lr_now = optimizer.param_groups[-1]["lr"]
         stats = train_one_epoch(
             ddp_model, train_loader, optimizer, scheduler, scaler, criterion, env, amp_dtype, channels_last,
-            cfg.grad_accum_steps, cfg.grad_clip, desc=f"epoch {epoch + 1}/{cfg.epochs} ({phase})", after_step=after_step,
+            cfg.grad_accum_steps, cfg.grad_clip, desc=f"epoch {epoch + 1}/{length} ({phase})", after_step=after_step,
             on_step=trackers.step if trackers else None, mixer=mixer,
         )
         if local_sgd is not None:
@@ -200,12 +222,21 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         row = {"epoch": epoch + 1, "phase": phase, "lr": lr_now, **stats,
                **{f"val_{k}": v for k, v in val.items() if k in ("loss", "top1", "top5", "macro_f1")},
                **live, "val": val}
+        stop, why = False, ""
+        if adaptive is not None:
+            # Every rank decides from the same history; the time budget from rank 0's clock, broadcast.
+            elapsed = _agreed(time.perf_counter() - started, env)
+            stop, why = adaptive.after_epoch([*progress.history, row], scheduler.last_epoch, elapsed,
+                                             _agreed(time.perf_counter() - epoch_started, env))
+            row.update(adaptive.state(), elapsed_s=elapsed, **({"schedule": why} if why else {}))
+        if probed is not None and epoch == 0:
+            row["probe_head"] = probed
         improved = progress.record(row)
         epochs_bar.set_postfix(val_top1=f"{val['top1']:.3f}", best=f"{progress.best_top1:.3f}")
         trainables.gather()  # collective with --shard fsdp: every rank takes part, rank 0 keeps the full state
         if env.is_main:
             log.info("epoch %d/%d %s: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f%s%s | %.0f img/s%s",
-                     epoch + 1, cfg.epochs, phase, stats["train_loss"], stats["train_top1"], val["loss"], val["top1"],
+                     epoch + 1, length, phase, stats["train_loss"], stats["train_top1"], val["loss"], val["top1"],
                      f" top-5 {val['top5']:.3f}" if "top5" in val else "",
                      f" (EMA; live model: loss {live['live_val_loss']:.4f} top-1 {live['live_val_top1']:.3f})"
                      if live else "", stats["images_per_s"], " *best*" if improved else "")
@@ -215,7 +246,14 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
                 trackers.epoch(epoch + 1, row, run_dir / "confusion_epoch.png")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
-        if cfg.patience and progress.since_best >= cfg.patience and epoch + 1 >= cfg.head_epochs:
+        if why and env.is_main:
+            log.info("schedule: %s", why)
+            with (run_dir / "config.yaml").open("a") as f:  # YAML comments: the file stays a valid --config
+                f.write(f"# schedule, epoch {epoch + 1}: {why}\n")
+        if stop:
+            stopped_early = epoch + 1 < length
+            break
+        if adaptive is None and cfg.patience and progress.since_best >= cfg.patience and epoch + 1 >= cfg.head_epochs:
             stopped_early = epoch + 1 < cfg.epochs
             if env.is_main and stopped_early:
                 log.info("early stop: no validation top-1 gain for %d epochs", cfg.patience)
@@ -234,6 +272,27 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         trackers.finish(best_row["val"], run_dir, result.model.path if result.model else None)
     barrier(env)
     return result
+
+
+def _probe_loader(val_loader: Any, ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv) -> Any:
+    """The training photos through the eval transform (no augmentation), each rank its shard: what the head probe
+    fits on."""
+    from torch.utils.data import DataLoader
+
+    from tuneserve.training.loaders import EvalTransform, ImageDataset, ShardSampler
+
+    photos = ImageDataset(ds.train, pp, EvalTransform(pp))
+    return DataLoader(photos, batch_size=val_loader.batch_size, sampler=ShardSampler(len(photos), env.rank, env.world_size),
+                      num_workers=val_loader.num_workers, pin_memory=val_loader.pin_memory)
+
+
+def _agreed(value: float, env: DistEnv) -> float:
+    """rank 0's `value` on every rank (the schedule's decisions must agree)."""
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    torch.distributed.broadcast(t, src=0)
+    return float(t.item())
 
 
 def _preprocessing(pp: Preprocessing, image_size: int) -> Preprocessing:
