@@ -20,6 +20,7 @@ never into the project):
   answers the dominant class for everything scores its share).
 - <set>-grey: the photos in greyscale (saved as RGB), as industrial and medical cameras give them.
 Variants combine: rsscn7-64px-dominant. `--limit TRAIN,VAL` keeps at most that many photos per class of each
+split, for every set; `SET@TRAIN/VAL` (rsscn7-64px@80/40) for that set only
 split (quick sweeps; the figures recorded in docs/benchmarks.md say when they are from such a subset).
 Folder-per-class sets are split as `tuneserve train` splits them (20% per class, seed 0), and the derived ones
 are written with that split as train/ and val/ folders, so the probe and the recipe see the same photos.
@@ -183,6 +184,39 @@ def linear_probe(folder: Path, arch: str) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def flip_tta(run_dir: Path, folder: Path) -> dict[str, float]:
+    """Validation top-1 and macro-F1 of the run's best checkpoint with the softmax averaged over the photo and its
+    mirror image (test-time augmentation), beside the plain figure from the same pass: does TTA pay?"""
+    import numpy as np
+    import torch
+
+    from tuneserve.models.preprocessing import Preprocessing, preprocess
+    from tuneserve.models.weights import build_model
+    from tuneserve.training.checkpoint import deployed_weights
+    from tuneserve.training.metrics import summarize
+
+    ck = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    net = build_model(ck["arch"], len(ck["classes"]), "none")
+    net.load_state_dict(deployed_weights(ck))
+    net.eval()
+    pp = Preprocessing.from_dict(ck["preprocessing"])
+    val = split_of(folder).val
+    plain, mirrored = [], []
+    with torch.no_grad():
+        for i in range(0, len(val), 32):
+            x = torch.from_numpy(np.stack([preprocess(s.path, pp) for s in val[i:i + 32]]))  # (B, 3, S, S)
+            plain.append(net(x).softmax(1))
+            mirrored.append(net(x.flip(3)).softmax(1))
+    y = np.array([s.label for s in val])
+    c = len(ck["classes"])
+    out = {}
+    for key, probs in (("plain", torch.cat(plain)), ("flip", (torch.cat(plain) + torch.cat(mirrored)) / 2)):
+        cm = np.bincount(y * c + probs.argmax(1).numpy(), minlength=c * c).reshape(c, c)
+        m = summarize(cm, 0.0, None, ck["classes"])
+        out[f"{key}_top1"], out[f"{key}_macro_f1"] = round(m["top1"], 4), round(m["macro_f1"], 4)
+    return out
+
+
 def fine_tune(folder: Path, arch: str, overrides: dict[str, str], runs: Path, name: str) -> dict[str, Any]:
     """The default recipe (`tuneserve train` with only --data, plus `overrides`): best validation metrics, wall time."""
     from tuneserve.training.config import make_config
@@ -204,6 +238,7 @@ def fine_tune(folder: Path, arch: str, overrides: dict[str, str], runs: Path, na
             "val_loss_per_epoch": [round(r["val_loss"], 4) for r in result.history],
             "val_top1_per_epoch": [round(r["val_top1"], 4) for r in result.history],
             "schedule": [f"{r['epoch']}: {r['schedule']}" for r in result.history if r.get("schedule")],
+            "tta": flip_tta(result.run_dir, folder),
             # the INT8 variant made at export: its top-1 agreement with fp32 on the parity images, and whether kept
             "int8_agreement": int8.get("top1_agreement"), "int8_kept": int8.get("kept")}
 
@@ -255,12 +290,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuneserve-accuracy-") as tmp:
         work = Path(tmp)
         for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
-            folder = derive(name, work, limit)
+            name, _, own = name.partition("@")
+            folder = derive(name, work, tuple(int(n) for n in own.split("/")) if own else limit)
+            name += f"@{own}" if own else ""
             row: dict[str, Any] = {"set": name, "published": PUBLISHED.get(name)}  # derived sets have none
             if not args.no_probe:
                 row["probe"] = linear_probe(folder, args.arch)
             if not args.probe_only:
-                run_name = name.replace("_", "-")
+                run_name = name.replace("_", "-").replace("@", "-").replace("/", "-")
                 if baseline is not None:  # interleaved, set by set: the two wall times saw the same machine
                     row["baseline"] = fine_tune(folder, args.arch, {**overrides, **baseline}, work / "runs", run_name)
                 row["recipe"] = fine_tune(folder, args.arch, overrides, work / "runs", run_name)

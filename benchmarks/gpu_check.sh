@@ -32,15 +32,16 @@ dry=${GPU_CHECK_DRY:-0}
 model=gpu-check-resnet50
 
 if [ "$dry" = 1 ]; then
-  # The same steps and files in seconds on a CPU: tiny photos and model, three-second loads. Not a measurement.
-  arch=resnet18; size_flag="--image-size 64"
-  photo_flags="--train 48 --val 16 --classes 4 --scale 0.3"
+  # The same steps and files in seconds on a CPU: tiny photos and model, two-second loads after a one-second
+  # warm-up. Not a measurement.
+  arch=resnet18; model_flags="--image-size 64 --parity-images 8"
+  photo_flags="--train 32 --val 16 --classes 4 --scale 0.3"
   engine_flags="--batch-sizes 1,8 --seconds 0.2"
-  load_flags="--duration 3 --warmup 3 --processes 1 --engine-seconds 0.1"
+  load_flags="--duration 2 --warmup 1 --processes 1 --engine-seconds 0.1"
   train_flags="--arch $arch --weights none --image-size 64 --epochs 1 --head-epochs 0 --batch-size 8 --no-export"
   load_timeout=60
 else
-  arch=resnet50; size_flag=""
+  arch=resnet50; model_flags=""
   photo_flags="--train 8192 --val 512 --classes 8"
   engine_flags="--batch-sizes 1,32,64,128,256 --seconds 2"
   # 4 generator processes: one tops out at a few thousand requests/s (benchmarks/serve_load.py).
@@ -53,7 +54,7 @@ photos=$scratch/photos
 
 step machine 60 "$py" benchmarks/machine_info.py --out "$out/machine.json"
 photos_step $photo_flags
-model_step "$model" "$arch" $size_flag
+model_step "$model" "$arch" $model_flags
 step engine 120 "$py" benchmarks/engine.py --model "$model" --precisions served --io-binding on --nhwc on \
   $engine_flags --out "$out/engine.json"
 step train 150 "$py" benchmarks/train_check.py --data "$photos" --runs "$scratch/runs" --log "$out/train-run.log" \

@@ -68,7 +68,7 @@ def test_local_sgd_ranks_agree_after_each_averaging_and_differ_between(intra_nod
     period, warmup = 3, 2
     cfg = dict(data=str(tiny_folder), epochs=3, head_epochs=1, batch_size=2, loader_workers=0, export=False,
                output_dir=str(tmp_path / "runs"), local_sgd_period=period, local_sgd_warmup_steps=warmup,
-               local_sgd_intra_node=intra_node)
+               local_sgd_intra_node=intra_node, image_size=64)  # 64 px: 12x less compute than 224, same steps
     _spawn(local_sgd_rank, cfg, 2 if intra_node else 1, str(tmp_path))  # ranks per node: 2, or 1 (two "nodes")
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert len(rank0["steps"]) == len(rank1["steps"]) == 12  # 15 images -> 8 per rank, batch 2: 4 steps x 3 epochs
@@ -161,7 +161,8 @@ def test_two_hosts_torchrun_c10d(two_hosts, tiny_folder, tmp_path):
                "--rdzv-id", run_id, "--rdzv-conf", f"is_host={int(addr == addr_a)},join_timeout=120",
                "--local-addr", addr,
                "-m", "tuneserve", "train", "--data", str(tiny_folder), "--epochs", "2", "--batch-size", "2",
-               "--loader-workers", "0", "--output-dir", str(tmp_path / "runs"), "--no-export", "--device", "cpu"]
+               "--loader-workers", "0", "--output-dir", str(tmp_path / "runs"), "--no-export", "--device", "cpu",
+               "--image-size", "64"]
         with open(tmp_path / f"{ns}.out", "w") as out, open(tmp_path / f"{ns}.err", "w") as err:  # no pipe to fill
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, cwd=tmp_path,
                                           env={**os.environ, "GLOO_SOCKET_IFNAME": dev}))

@@ -45,7 +45,7 @@ def test_dry_run_runs_every_step_and_writes_the_gpu_runs_files(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and len(summary["serve"]) == 4
     assert all(row["precision"] == summary["engine"]["precision"] == "fp32" for row in summary["serve"])
-    # Two shared cores do not answer 16-image requests from 256 connections within a three-second window; the
+    # Two shared cores do not answer 16-image requests from 256 connections within a two-second window; the
     # loads they do answer have every figure, the ratio against the engine in the served precision among them.
     answered = [row for row in summary["serve"] if row["images_per_s"] > 0]
     assert answered and all(row["p99_ms"] >= row["p50_ms"] > 0 for row in answered)

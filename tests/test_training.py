@@ -21,6 +21,7 @@ from tuneserve.training.train import train
 from tuneserve.cli import main as cli_main
 
 FAST = dict(batch_size=4, loader_workers=0, head_epochs=1)
+SMALL_INPUT = 64  # image_size for runs whose checks do not depend on it: 12x less compute than the default 224
 
 
 def test_tiny_run_writes_everything_and_registers(tiny_folder, tmp_path):
@@ -63,7 +64,7 @@ def test_mixup_and_cutmix_mix_batches_into_soft_targets():
 
 def test_a_run_with_mixup_and_cutmix_trains_and_registers(tiny_folder, tmp_path):
     result = train(TrainConfig(data=str(tiny_folder), epochs=2, output_dir=str(tmp_path / "runs"), name="mixed",
-                               mixup=0.8, cutmix=1.0, **FAST))
+                               mixup=0.8, cutmix=1.0, image_size=SMALL_INPUT, **FAST))
     assert result.model is not None and result.model.card.train_config["cutmix"] == 1.0
     assert all(np.isfinite(h["train_loss"]) for h in result.history)
     with pytest.raises(ValueError, match="mixup and cutmix must be >= 0"):
@@ -74,7 +75,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_folder, tmp_path):
     """Same seed on CPU: stop after epoch 2 of 3 (Ctrl-C), resume, and end with identical weights."""
     # On the CPU: cuDNN's autotuned kernels and bf16 are not bit-reproducible, which is what this compares.
     common = dict(data=str(tiny_folder), epochs=3, head_epochs=1, batch_size=4, loader_workers=1, export=False, seed=7,
-                  device="cpu")
+                  device="cpu", image_size=SMALL_INPUT)
     full = train(TrainConfig(output_dir=str(tmp_path / "a"), **common))
 
     def interrupt(epoch, row):
@@ -154,7 +155,8 @@ def test_torchrun_two_cpu_ranks(tiny_folder, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
          "--data", str(tiny_folder), "--epochs", "2", "--batch-size", "2", "--loader-workers", "0",
-         "--output-dir", str(tmp_path / "runs"), "--no-export", "--device", "cpu"],  # CPU ranks on a CUDA host too
+         "--output-dir", str(tmp_path / "runs"), "--no-export", "--device", "cpu",  # CPU ranks on a CUDA host too
+         "--image-size", str(SMALL_INPUT)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
