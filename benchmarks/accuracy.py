@@ -217,6 +217,21 @@ def flip_tta(run_dir: Path, folder: Path) -> dict[str, float]:
     return out
 
 
+def first_cycle(history: list[dict[str, Any]], seconds: float) -> dict[str, Any] | None:
+    """What the run had at the end of the adaptive schedule's first cycle, which trains exactly as the fixed 8-epoch
+    recipe (same steps, same seeds): its best epoch's figures, and the wall time a run stopping there would have
+    taken (the time to that epoch plus what followed the last: export and diagnostics)."""
+    from tuneserve.training.schedule import FIRST_CYCLE_EPOCHS
+
+    if not history or "cycles" not in history[-1]:
+        return None  # a fixed-length run
+    rows = history[:FIRST_CYCLE_EPOCHS]
+    best = max(rows, key=lambda r: (r["val_top1"], -r["val_loss"]))
+    return {"top1": best["val_top1"], "macro_f1": best["val_macro_f1"], "best_epoch": best["epoch"], "epochs": len(rows),
+            "min_class_recall": min(c["recall"] for c in best["val"]["per_class"].values()),
+            "seconds": round(rows[-1]["elapsed_s"] + seconds - history[-1]["elapsed_s"], 1)}
+
+
 def fine_tune(folder: Path, arch: str, overrides: dict[str, str], runs: Path, name: str) -> dict[str, Any]:
     """The default recipe (`tuneserve train` with only --data, plus `overrides`): best validation metrics, wall time."""
     from tuneserve.training.config import make_config
@@ -239,6 +254,7 @@ def fine_tune(folder: Path, arch: str, overrides: dict[str, str], runs: Path, na
             "val_top1_per_epoch": [round(r["val_top1"], 4) for r in result.history],
             "schedule": [f"{r['epoch']}: {r['schedule']}" for r in result.history if r.get("schedule")],
             "tta": flip_tta(result.run_dir, folder),
+            "first_cycle": first_cycle(result.history, seconds),
             # the INT8 variant made at export: its top-1 agreement with fp32 on the parity images, and whether kept
             "int8_agreement": int8.get("top1_agreement"), "int8_kept": int8.get("kept")}
 

@@ -14,11 +14,12 @@ def test_file_then_overrides(tmp_path):
     assert make_config(str(tmp_path / "c.toml")).lr == 3e-4
 
 
-def test_head_epochs_default_follows_the_head():
-    assert TrainConfig(epochs=10).head_epochs == 0  # the head is fitted on the frozen features instead
-    assert TrainConfig(epochs=1, probe_head=False).head_epochs == 0
-    assert TrainConfig(epochs=2, probe_head=False).head_epochs == 1
-    assert TrainConfig(epochs=10, probe_head=False).head_epochs == 2
+def test_head_epochs_default_follows_epochs_and_the_head():
+    assert TrainConfig(epochs=1).head_epochs == 0
+    assert TrainConfig(epochs=2).head_epochs == 1
+    assert TrainConfig(epochs=10).head_epochs == 2
+    assert TrainConfig(max_epochs=2).head_epochs == 1  # adaptive: of its first cycle
+    assert TrainConfig(epochs=10, probe_head=True).head_epochs == 0  # fitted on the frozen features instead
 
 
 @pytest.mark.parametrize("text, message", [

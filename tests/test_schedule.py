@@ -11,7 +11,7 @@ import yaml
 from tuneserve.training.config import TrainConfig, make_config
 from tuneserve.training.distributed import DistEnv
 from tuneserve.training.head_probe import fit_head
-from tuneserve.training.schedule import Adaptive, fixed_factor, parse_duration, stalled_for
+from tuneserve.training.schedule import Adaptive, fixed_factor, parse_duration
 from tuneserve.training.train import train
 
 SPE = 10  # optimizer steps per epoch in the unit tests
@@ -29,49 +29,78 @@ def test_fixed_schedule_warms_up_and_decays_per_phase():
     assert all(x >= y for x, y in zip(f[25:], f[26:]))  # then decays monotonically
 
 
-def test_adaptive_holds_the_peak_while_validation_improves_then_decays_and_stops():
-    s = Adaptive(SPE, head_epochs=0, warmup_epochs=0.5, patience=3, max_epochs=30)
-    assert s.factor(0) < s.factor(4) < s.factor(5) == 1.0 == s.factor(10 * SPE)  # warm-up, then flat
-    history = rows((1.0, 0.5), (0.8, 0.6), (0.7, 0.7), (0.69, 0.7), (0.71, 0.69), (0.7, 0.7), (0.695, 0.7))
-    for epoch in range(1, 7):  # the 4th epoch's loss gain (1.4%) counts; then two epochs without: not yet
-        assert s.after_epoch(history[:epoch], epoch * SPE, 0.0, 1.0) == (False, "")
-    stop, why = s.after_epoch(history, 7 * SPE, 0.0, 1.0)  # under 1% better and a top-1 tie: the third stalled epoch
-    assert not stop and "stopped improving" in why and "decaying over 2 epochs" in why  # max(2, ceil(7 / 4))
-    assert s.state() == {"decay_start": 70, "decay_steps": 20}
-    assert s.factor(70) == 1.0 and s.factor(80) == pytest.approx(0.5) and s.factor(90) == pytest.approx(0.0)
-    assert s.after_epoch(history + rows((0.6, 0.8)), 80, 0.0, 1.0) == (False, "")
-    stop, why = s.after_epoch(history + rows((0.6, 0.8), (0.6, 0.8)), 90, 0.0, 1.0)
-    assert stop and "decay ended after epoch 9" in why
+def cycle(*top1: float, loss_from: float = 1.0) -> list[dict]:
+    """Rows with the given validation top-1s and a loss falling 0.2% an epoch (under LOSS_MIN_DELTA: noise)."""
+    return rows(*[(loss_from * (1 - 0.002 * i), t) for i, t in enumerate(top1)])
 
 
-def test_noise_in_the_loss_is_not_learning():
-    assert stalled_for(rows((1.0, 0.5), (0.995, 0.5), (0.992, 0.5))) == 2  # under 1% of the best loss
-    assert stalled_for(rows((1.0, 0.5), (1.2, 0.52))) == 0  # a better top-1 is
+def test_the_first_cycle_is_the_fixed_recipe():
+    s = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=30)
+    assert [s.factor(i) for i in range(80)] == [fixed_factor(i, SPE, 2, 8, 0.5) for i in range(80)]
 
 
-def test_max_epochs_leaves_room_for_the_decay():
-    s = Adaptive(SPE, head_epochs=0, warmup_epochs=0.5, patience=3, max_epochs=6)
-    improving = rows(*[(1.0 - 0.1 * i, 0.5 + 0.05 * i) for i in range(4)])
-    assert s.after_epoch(improving[:3], 30, 0.0, 1.0) == (False, "")
-    stop, why = s.after_epoch(improving, 40, 0.0, 1.0)
-    assert not stop and "max_epochs 6" in why and s.state() == {"decay_start": 40, "decay_steps": 20}
+def test_a_run_still_learning_at_the_end_of_a_cycle_gets_another():
+    s = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=30)
+    late_best = cycle(0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.8)  # the best top-1 at the last epoch
+    assert s.after_epoch(late_best[:7], 70, 0.0, 1.0) == (False, "")
+    stop, why = s.after_epoch(late_best, 80, 0.0, 1.0)
+    assert not stop and "improved its top-1" in why and "another cycle of 3 epochs at 0.5x" in why
+    assert s.cycles[-1] == [80, 30, 5, 0.5]  # half the first cycle's 6 full-phase epochs, half the peak
+    assert s.factor(80) < s.factor(85) and s.factor(85) == pytest.approx(0.5)  # a warm restart at half the peak
+    assert 0.5 > s.factor(100) > s.factor(109)
+    flat = late_best + cycle(0.78, 0.79, 0.79, loss_from=0.9)
+    assert s.after_epoch(flat[:10], 100, 0.0, 1.0) == (False, "")
+    stop, why = s.after_epoch(flat, 110, 0.0, 1.0)
+    assert stop and "cycle 2 ended and validation did not improve" in why
 
 
-def test_the_time_budget_fits_the_decay_then_stops():
-    s = Adaptive(SPE, head_epochs=0, warmup_epochs=0.5, patience=3, max_epochs=30, time_budget_s=600)
-    improving = rows(*[(1.0 - 0.1 * i, 0.5 + 0.05 * i) for i in range(5)])
-    # 540 s usable (10% kept for export), 300 spent, epochs of 100 s: room for 2, the decay's minimum
-    stop, why = s.after_epoch(improving[:3], 30, 300.0, 100.0)
-    assert not stop and "time budget" in why and "room for 2 more" in why and s.decay_steps == 20
-    late = Adaptive(SPE, head_epochs=0, warmup_epochs=0.5, patience=3, max_epochs=30, time_budget_s=600)
-    stop, why = late.after_epoch(improving[:3], 30, 500.0, 100.0)
+def test_a_falling_loss_is_learning_too_but_not_at_full_marks():
+    s = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=30)
+    falling = cycle(0.5, 0.6, 0.7, 0.7, 0.7, 0.7) + rows((0.9, 0.7), (0.8, 0.7))
+    stop, why = s.after_epoch(falling, 80, 0.0, 1.0)
+    assert not stop and "lowered its loss" in why
+    perfect = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=30)
+    stop, why = perfect.after_epoch(cycle(0.5, 0.6, 1.0, 1.0, 1.0, 1.0) + rows((0.9, 1.0), (0.8, 1.0)), 80, 0.0, 1.0)
+    assert stop and "100% top-1" in why  # nothing left to gain: the time a second cycle takes is wasted
+
+
+def test_a_run_done_in_its_first_cycle_stops_as_the_fixed_recipe_did():
+    s = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=30)
+    early = cycle(0.5, 0.9, 0.8, 0.8, 0.8, 0.8)  # best at epoch 2, then four epochs without
+    assert s.after_epoch(early[:5], 50, 0.0, 1.0) == (False, "")
+    stop, why = s.after_epoch(early, 60, 0.0, 1.0)
+    assert stop and "early stop" in why
+    done = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=0, max_epochs=30)
+    stop, why = done.after_epoch(cycle(0.5, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8), 80, 0.0, 1.0)
+    assert stop and "did not improve" in why
+
+
+def test_max_epochs_bounds_the_cycles():
+    s = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=9)
+    stop, why = s.after_epoch(cycle(0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.8), 80, 0.0, 1.0)
+    assert not stop and "another cycle of 1 epoch " in why  # 3 wanted, 1 left
+    short = Adaptive(SPE, head_epochs=1, warmup_epochs=0.5, patience=4, max_epochs=3)
+    assert short.cycles == [[10, 20, 5, 1.0]]  # a first cycle of max_epochs
+    stop, why = short.after_epoch(cycle(0.5, 0.6, 0.8), 30, 0.0, 1.0)
+    assert stop and "max_epochs 3 is reached" in why
+
+
+def test_the_time_budget_compresses_the_cycle_then_stops():
+    s = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=30, time_budget_s=600)
+    # 540 s usable (10% kept for export), 300 spent, epochs of 100 s: room for 2 of the 5 epochs left
+    at = s.factor(30)
+    stop, why = s.after_epoch(cycle(0.5, 0.6, 0.7), 30, 300.0, 100.0)
+    assert not stop and "room for 2 of the cycle's 5 epochs left" in why
+    assert s.cycles[-1] == [30, 20, 0, at] and s.factor(30) == at and s.factor(49) < 0.01  # the rest of the cosine
+    late = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=30, time_budget_s=600)
+    stop, why = late.after_epoch(cycle(0.5, 0.6, 0.7), 30, 500.0, 100.0)
     assert stop and "no room for another epoch" in why
 
 
-def test_a_resumed_run_continues_the_decay_it_started():
-    s = Adaptive(SPE, head_epochs=0, warmup_epochs=0.5, patience=3, max_epochs=30)
-    s.restore([{"decay_start": 50, "decay_steps": 30}])
-    assert s.state() == {"decay_start": 50, "decay_steps": 30} and s.factor(65) == pytest.approx(0.5)
+def test_a_resumed_run_continues_the_cycles_it_planned():
+    s = Adaptive(SPE, head_epochs=2, warmup_epochs=0.5, patience=4, max_epochs=30)
+    s.restore([{"cycles": [[20, 60, 5, 1.0], [80, 30, 5, 0.5]]}])
+    assert s.end_step == 110 and s.factor(85) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("1h30m", 5400), ("1.5h", 5400),
@@ -91,7 +120,8 @@ def test_a_time_budget_with_fixed_epochs_is_refused():
         TrainConfig(epochs=5, time_budget="10m")
     with pytest.raises(ValueError, match="90s, 20m"):
         TrainConfig(time_budget="ten minutes")
-    assert TrainConfig().head_epochs == 0 and TrainConfig(init_from="m").head_epochs == 2  # probed / trained head
+    assert TrainConfig(probe_head=True).head_epochs == 0 and TrainConfig().head_epochs == 2  # probed / trained head
+    assert TrainConfig(probe_head=True, init_from="m").head_epochs == 2  # a parent's head is trained already
     assert TrainConfig(weights="none").probes_head() is False  # random features: nothing to fit on
 
 
@@ -111,18 +141,18 @@ def test_the_probe_fits_the_head_on_frozen_features():
     assert fitted["train_top1"] == pytest.approx(after, abs=0.02)  # the standardisation folded in exactly
 
 
-def test_a_default_run_probes_the_head_and_records_its_schedule(tiny_folder, tmp_path):
-    result = train(TrainConfig(data=str(tiny_folder), batch_size=4, loader_workers=0, max_epochs=3, patience=1,
-                               output_dir=str(tmp_path / "runs"), export=False, time_budget="1h"))
+def test_a_default_run_records_its_schedule_and_a_probed_head(tiny_folder, tmp_path):
+    result = train(TrainConfig(data=str(tiny_folder), batch_size=4, loader_workers=0, max_epochs=3, probe_head=True,
+                               output_dir=str(tmp_path / "runs"), export=False, time_budget="1h", image_size=64))
     first = result.history[0]
     assert first["probe_head"]["photos"] == 15 and first["phase"] == "full"  # 6 a class, a fifth held out
-    assert len(result.history) == 3 and result.history[-1]["decay_start"] is not None  # max_epochs leaves 1 for the decay
-    assert any("schedule" in r for r in result.history)
+    assert len(result.history) == 3 and result.history[-1]["cycles"] == [[0, 9, 1, 1.0]]  # 3 epochs of 3 steps
+    assert "schedule" in result.history[-1]  # the end of the cycle: stopped, and why
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert (saved["epochs"], saved["time_budget"], saved["max_epochs"]) == (0, "1h", 3)
     said = (result.run_dir / "config.yaml").read_text()
-    assert "# schedule, epoch" in said and "decay" in said  # what it chose and why, in the run's config
+    assert "# schedule, epoch 3: " in said  # what it chose and why, in the run's config
     assert make_config(str(result.run_dir / "config.yaml")).max_epochs == 3  # which stays a valid --config
     assert "schedule" in (result.run_dir / "history.csv").read_text().splitlines()[0]
     on_disk = json.loads((result.run_dir / "history.json").read_text())
-    assert on_disk[-1]["decay_steps"] == result.history[-1]["decay_steps"]
+    assert on_disk[-1]["cycles"] == result.history[-1]["cycles"]

@@ -1,18 +1,15 @@
 """How long a run trains and at what learning rate, chosen from the run itself.
 
-The adaptive schedule (the default, `epochs` 0) is warm-up, stable, decay (WSD: Hägele et al. 2024, "Scaling Laws
-and Compute-Optimal Training Beyond Fixed Training Durations", matches a cosine of the right length without
-knowing the length in advance):
-
-- warm-up: linear over `warmup_epochs` of the first full-phase epoch(s);
-- stable: the peak learning rate for as long as validation improves: a new lowest loss (by at least
-  LOSS_MIN_DELTA of it) or a new best top-1 within the last `patience` epochs;
-- decay: once it stops improving (or `max_epochs`, or the time budget, leaves only room for it), a cosine to
-  zero over DECAY_SHARE of the epochs so far (at least MIN_DECAY_EPOCHS), then the run ends.
-
-A set that needs many steps gets them (validation keeps improving), one that learns fast stops early; no
-epoch count to guess. The decisions are a function of the history rows, where each row records the schedule
-it left (`decay_start`, `decay_steps`), so a resumed run continues the same schedule.
+The adaptive schedule (the default, `epochs` 0) runs a first cycle of FIRST_CYCLE_EPOCHS, the recipe measured on
+seven kinds of photo set (head-only epochs, then everything, each phase a warm-up and a cosine to zero, early
+stop after `patience` epochs without a better validation top-1), then asks whether the run was still learning
+when it ended: a new best validation top-1, or a validation loss lower by LOSS_MIN_DELTA, in the cycle's last
+LATE_EPOCHS epochs, short of 100% top-1. If so it trains another cycle (a warm restart, as SGDR: Loshchilov &
+Hutter 2017) of EXTENSION_SHARE of the first cycle's full-phase epochs at EXTENSION_PEAK of the learning rate,
+and asks again, up to `max_epochs` and within the time budget. A set the first cycle suits trains exactly as
+the fixed recipe did (same steps, same wall time); one still learning at its end gets more steps, as many as
+keep paying. The decisions are a function of the history rows, where each row records the cycles so far, so a
+resumed run continues the same schedule.
 
 With `epochs` N > 0 the run has a fixed length: `fixed_factor`, a warm-up and cosine per phase over N epochs.
 """
@@ -20,23 +17,26 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-# A loss gain smaller than this share of the best loss is noise on a few hundred validation photos (one photo
-# of 262 moving from 0.6 to 0.4 confidence changes the mean loss by ~0.2%), not learning.
+# The length of the recipe measured on hymenoptera, butterflies, aerial scenes and dominant-class sets
+# (docs/benchmarks.md): the first cycle, which most sets need no more than.
+FIRST_CYCLE_EPOCHS = 8
+# "Still learning" = an improvement in the last LATE_EPOCHS of a cycle: the loss by at least LOSS_MIN_DELTA of
+# its best (one photo of 262 moving from 0.6 to 0.4 confidence changes the mean loss by ~0.2%: noise), or top-1.
+LATE_EPOCHS = 2
 LOSS_MIN_DELTA = 0.01
-# WSD's decay takes 10-20% of the run at language-model scale; here the runs are tens of epochs, and a decay of
-# a quarter of the epochs so far (at least two) is what gives the annealing gain a whole epoch of steps or more.
-DECAY_SHARE = 0.25
-MIN_DECAY_EPOCHS = 2
+# Each extension: half the first cycle's full-phase epochs (3 of 6), so a set whose accuracy the extension does
+# not move costs at most 1.5x the first cycle; at half the peak learning rate, since it restarts from a trained
+# model rather than ImageNet's.
+EXTENSION_SHARE = 0.5
+EXTENSION_PEAK = 0.5
 # Export (ONNX, parity gate, INT8 calibration) and the diagnostics after training take a share of a time
 # budget: ~20 s of a 3.7 min run on hymenoptera (2 cores).
 AFTER_TRAINING_SHARE = 0.1
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
-
-
 def parse_duration(text: str) -> float:
     """'20m', '1h30m', '90s', '1.5h' -> seconds; ValueError naming the accepted forms."""
     m = _DURATION.match(text or "")
@@ -71,85 +71,101 @@ class Adaptive:
     """The adaptive schedule's state: the LR factor per optimizer step, and the decision after each epoch."""
 
     steps_per_epoch: int
-    head_epochs: int  # head-only epochs first, each phase its own warm-up and (for the head) cosine
+    head_epochs: int  # of the first cycle
     warmup_epochs: float
-    patience: int
+    patience: int  # first cycle: stop after this many epochs without a better validation top-1
     max_epochs: int
     time_budget_s: float | None = None
-    decay_start: int | None = None  # optimizer step at which the decay began
-    decay_steps: int = 0
+    # Full-phase cycles after the head phase: [start step, length, warm-up steps, peak factor]; the first is
+    # planned here, the others by after_epoch.
+    cycles: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.cycles:
+            length = (min(FIRST_CYCLE_EPOCHS, self.max_epochs) - self.head_epochs) * self.steps_per_epoch
+            self.cycles = [[self.head_steps, length, self._warm(length), 1.0]]
 
     @property
     def head_steps(self) -> int:
         return self.head_epochs * self.steps_per_epoch
 
+    @property
+    def end_step(self) -> int:
+        return int(self.cycles[-1][0] + self.cycles[-1][1])
+
+    def _warm(self, length: int) -> int:
+        return min(int(self.warmup_epochs * self.steps_per_epoch), length // 2)
+
     def factor(self, step: int) -> float:
         if step < self.head_steps:
-            return _warm_cosine(step, self.head_steps, min(int(self.warmup_epochs * self.steps_per_epoch),
-                                                           self.head_steps // 2))
-        if self.decay_start is not None and step >= self.decay_start:
-            return 0.5 * (1.0 + math.cos(math.pi * min((step - self.decay_start) / max(1, self.decay_steps), 1.0)))
-        warm = max(1, int(self.warmup_epochs * self.steps_per_epoch))
-        t = step - self.head_steps
-        return (t + 1) / (warm + 1) if t < warm else 1.0
+            return _warm_cosine(step, self.head_steps, self._warm(self.head_steps))
+        start, length, warm, peak = next(c for c in reversed(self.cycles) if step >= c[0])
+        return peak * _warm_cosine(int(step - start), int(length), int(warm))
 
     def state(self) -> dict[str, Any]:
-        return {"decay_start": self.decay_start, "decay_steps": self.decay_steps}
+        return {"cycles": [list(c) for c in self.cycles]}
 
     def restore(self, history: list[dict[str, Any]]) -> None:
         """The schedule an interrupted run had left after its last completed epoch."""
-        if history:
-            self.decay_start = history[-1].get("decay_start")
-            self.decay_steps = history[-1].get("decay_steps", 0)
+        if history and history[-1].get("cycles"):
+            self.cycles = [list(c) for c in history[-1]["cycles"]]
 
     def after_epoch(self, history: list[dict[str, Any]], step: int, elapsed_s: float,
                     epoch_s: float) -> tuple[bool, str]:
         """After the epoch that ended at optimizer `step` (history includes its row): (stop now?, why; "" when
-        nothing changed). Starts the decay when validation has stopped improving or the limits leave only room for
-        it; stops when the decay is over or the time budget has no room for another epoch."""
+        nothing changed)."""
         epoch = len(history)
-        if self.decay_start is not None:
-            if step >= self.decay_start + self.decay_steps:
-                return True, f"the decay ended after epoch {epoch}"
-            return False, ""
-        if epoch < self.head_epochs:
-            return False, ""
-        decay_epochs = max(MIN_DECAY_EPOCHS, math.ceil(DECAY_SHARE * epoch))
-        reason = ""
-        stalled = stalled_for(history[self.head_epochs:])
-        if self.patience and stalled >= self.patience:
-            reason = (f"validation stopped improving (no new lowest loss or best top-1 for {stalled} epochs): "
-                      f"decaying over {_epochs(decay_epochs)}")
-        if not reason and epoch + decay_epochs >= self.max_epochs:
-            decay_epochs = max(1, self.max_epochs - epoch)
-            reason = f"max_epochs {self.max_epochs} leaves room for the decay only: decaying over {_epochs(decay_epochs)}"
+        room = None
         if self.time_budget_s is not None:
             room = int((self.time_budget_s * (1 - AFTER_TRAINING_SHARE) - elapsed_s) // max(epoch_s, 1e-9))
             if room < 1:
                 return True, (f"the time budget ({self.time_budget_s / 60:.1f} min) has no room for another epoch of "
                               f"{epoch_s:.0f} s")
-            if room <= decay_epochs:
-                decay_epochs = room
-                reason = (f"the time budget ({self.time_budget_s / 60:.1f} min, {elapsed_s / 60:.1f} spent, epochs of "
-                          f"{epoch_s:.0f} s) leaves room for {room} more: decaying over them")
-        if reason:
-            self.decay_start, self.decay_steps = step, decay_epochs * self.steps_per_epoch
-        return False, reason
+        if step < self.end_step:
+            if len(self.cycles) == 1 and self.patience and epochs_since_best(history) >= self.patience:
+                return True, f"early stop: no better validation top-1 for {self.patience} epochs"
+            left = -(-(self.end_step - step) // self.steps_per_epoch)
+            if room is not None and room < left and step >= self.head_steps:
+                # the rest of this cycle's cosine, compressed into the epochs the budget leaves
+                self.cycles.append([step, room * self.steps_per_epoch, 0, self.factor(step)])
+                return False, (f"the time budget ({self.time_budget_s / 60:.1f} min, {elapsed_s / 60:.1f} spent, "
+                               f"epochs of {epoch_s:.0f} s) leaves room for {room} of the cycle's {left} epochs left: "
+                               "decaying over them")
+            return False, ""
+        learning, evidence = still_learning(history)
+        if not learning:
+            return True, f"cycle {len(self.cycles)} ended and validation {evidence}: done"
+        length = max(1, math.ceil(EXTENSION_SHARE * (self.cycles[0][1] / self.steps_per_epoch)))
+        length = min(length, self.max_epochs - epoch, room if room is not None else length)
+        if length < 1:
+            return True, f"validation {evidence}, but max_epochs {self.max_epochs} is reached"
+        self.cycles.append([step, length * self.steps_per_epoch, self._warm(length * self.steps_per_epoch),
+                            EXTENSION_PEAK])
+        return False, (f"validation {evidence} at the end of cycle {len(self.cycles) - 1}: another cycle of "
+                       f"{length} epoch{'s' if length > 1 else ''} at {EXTENSION_PEAK:g}x the learning rate")
 
 
-def _epochs(n: int) -> str:
-    return f"{n} epoch" if n == 1 else f"{n} epochs"
-
-
-def stalled_for(rows: list[dict[str, Any]]) -> int:
-    """Epochs since the last that improved on every earlier one: a loss lower by LOSS_MIN_DELTA of the best,
-    or a higher top-1."""
-    best_loss, best_top1, since = float("inf"), -1.0, 0
+def epochs_since_best(rows: list[dict[str, Any]]) -> int:
+    """Epochs since the best one as training/progress.py picks it: the higher top-1, the lower loss on a tie."""
+    best, since = (-1.0, float("inf")), 0
     for row in rows:
-        loss, top1 = row["val_loss"], row["val_top1"]
-        if loss < best_loss * (1 - LOSS_MIN_DELTA) or top1 > best_top1:
-            since = 0
-        else:
-            since += 1
-        best_loss, best_top1 = min(best_loss, loss), max(best_top1, top1)
+        better = row["val_top1"] > best[0] or (row["val_top1"] == best[0] and row["val_loss"] < best[1])
+        since = 0 if better else since + 1
+        best = (row["val_top1"], row["val_loss"]) if better else best
     return since
+
+
+def still_learning(rows: list[dict[str, Any]]) -> tuple[bool, str]:
+    """(did validation improve in the last LATE_EPOCHS rows: a better top-1, or a loss lower by LOSS_MIN_DELTA of
+    the best before, with top-1 short of 100%?, what it did, in words)."""
+    before, late = rows[:-LATE_EPOCHS], rows[-LATE_EPOCHS:]
+    best_top1 = max((r["val_top1"] for r in before), default=-1.0)
+    best_loss = min((r["val_loss"] for r in before), default=float("inf"))
+    if max(r["val_top1"] for r in rows) >= 1.0:
+        return False, "is at 100% top-1"
+    top1, loss = max(r["val_top1"] for r in late), min(r["val_loss"] for r in late)
+    if top1 > best_top1:
+        return True, f"improved its top-1 in the last {LATE_EPOCHS} epochs ({best_top1:.3f} -> {top1:.3f})"
+    if loss < best_loss * (1 - LOSS_MIN_DELTA):
+        return True, f"lowered its loss in the last {LATE_EPOCHS} epochs ({best_loss:.4f} -> {loss:.4f})"
+    return False, f"did not improve in the last {LATE_EPOCHS} epochs"

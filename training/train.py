@@ -1,5 +1,5 @@
-"""`train(cfg)`: check the data, fit the new head on the frozen features, fine-tune everything for as long as
-validation improves (training/schedule.py), keep the best epoch, export it to ONNX, register it.
+"""`train(cfg)`: check the data, train the new head, then everything for as long as validation improves
+(training/schedule.py), keep the best epoch, export it to ONNX, register it.
 
 Runs as one process or as one rank of `torchrun` (DDP). Rank 0 alone logs, writes checkpoints, metrics and
 plots, and exports; every rank trains and evaluates its shard. Each epoch starts from RNG seeds derived from
@@ -191,9 +191,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     ddp_model: nn.Module = model
     phase = None
     if env.is_main and adaptive is not None:
-        log.info("schedule: adaptive, %d optimizer steps an epoch; the peak learning rate while validation improves "
-                 "(patience %d epochs), then a decay; at most %d epochs%s", steps_per_epoch, cfg.patience,
-                 cfg.max_epochs, f", within {cfg.time_budget}" if cfg.time_budget else "")
+        log.info("schedule: adaptive, %d optimizer steps an epoch: a first cycle of %d epochs, then shorter ones "
+                 "while validation still improves at the end of the last; at most %d epochs%s", steps_per_epoch,
+                 cfg.first_cycle_epochs(), cfg.max_epochs, f", within {cfg.time_budget}" if cfg.time_budget else "")
     started = run_started - (progress.history[-1].get("elapsed_s", 0.0) if progress.history else 0.0)
     epochs_bar = tqdm(range(progress.epoch, length), desc="epochs", unit="epoch", disable=None if env.is_main else True,
                       initial=progress.epoch, total=length)
