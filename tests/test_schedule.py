@@ -48,10 +48,14 @@ def test_a_run_still_learning_at_the_end_of_a_cycle_gets_another():
     assert s.cycles[-1] == [80, 30, 5, 0.5]  # half the first cycle's 6 full-phase epochs, half the peak
     assert s.factor(80) < s.factor(85) and s.factor(85) == pytest.approx(0.5)  # a warm restart at half the peak
     assert 0.5 > s.factor(100) > s.factor(109)
-    flat = late_best + cycle(0.78, 0.79, 0.79, loss_from=0.9)
-    assert s.after_epoch(flat[:10], 100, 0.0, 1.0) == (False, "")
-    stop, why = s.after_epoch(flat, 110, 0.0, 1.0)
-    assert stop and "cycle 2 ended and validation did not improve" in why
+    better = late_best + cycle(0.78, 0.79, 0.81)
+    assert s.after_epoch(better[:10], 100, 0.0, 1.0) == (False, "")
+    stop, why = s.after_epoch(better, 110, 0.0, 1.0)
+    assert not stop and "improved its top-1 in the last cycle (0.800 -> 0.810)" in why
+    # after an extension only top-1 counts: a lower loss alone does not buy another cycle
+    flat = better + rows((0.5, 0.8), (0.4, 0.8), (0.3, 0.81))
+    stop, why = s.after_epoch(flat, 140, 0.0, 1.0)
+    assert stop and "cycle 3 ended and validation did not improve its top-1 in the last cycle (best 0.810)" in why
 
 
 def test_a_falling_loss_is_learning_too_but_not_at_full_marks():

@@ -6,7 +6,7 @@ stop after `patience` epochs without a better validation top-1), then asks wheth
 when it ended: a new best validation top-1, or a validation loss lower by LOSS_MIN_DELTA, in the cycle's last
 LATE_EPOCHS epochs, short of 100% top-1. If so it trains another cycle (a warm restart, as SGDR: Loshchilov &
 Hutter 2017) of EXTENSION_SHARE of the first cycle's full-phase epochs at EXTENSION_PEAK of the learning rate,
-and asks again, up to `max_epochs` and within the time budget. A set the first cycle suits trains exactly as
+and another after each that raised the best top-1, up to `max_epochs` and within the time budget. A set the first cycle suits trains exactly as
 the fixed recipe did (same steps, same wall time); one still learning at its end gets more steps, as many as
 keep paying. The decisions are a function of the history rows, where each row records the cycles so far, so a
 resumed run continues the same schedule.
@@ -132,7 +132,10 @@ class Adaptive:
                                f"epochs of {epoch_s:.0f} s) leaves room for {room} of the cycle's {left} epochs left: "
                                "decaying over them")
             return False, ""
-        learning, evidence = still_learning(history)
+        if len(self.cycles) == 1:
+            learning, evidence = still_learning(history)
+        else:
+            learning, evidence = extension_paid(history, int(self.cycles[-1][1] // self.steps_per_epoch))
         if not learning:
             return True, f"cycle {len(self.cycles)} ended and validation {evidence}: done"
         length = max(1, math.ceil(EXTENSION_SHARE * (self.cycles[0][1] / self.steps_per_epoch)))
@@ -153,6 +156,17 @@ def epochs_since_best(rows: list[dict[str, Any]]) -> int:
         since = 0 if better else since + 1
         best = (row["val_top1"], row["val_loss"]) if better else best
     return since
+
+
+def extension_paid(rows: list[dict[str, Any]], cycle_epochs: int) -> tuple[bool, str]:
+    """(did the last cycle, of `cycle_epochs`, raise the run's best validation top-1?, in words). Only top-1 counts
+    here: on aerial scenes at 64 px a second cycle lowered the loss 3.5% and left top-1 where it was, and a third
+    would have cost 1.75x the first cycle's time for no gain."""
+    before = max((r["val_top1"] for r in rows[:-cycle_epochs]), default=-1.0)
+    after = max(r["val_top1"] for r in rows[-cycle_epochs:])
+    if after > before:
+        return True, f"improved its top-1 in the last cycle ({before:.3f} -> {after:.3f})"
+    return False, f"did not improve its top-1 in the last cycle (best {before:.3f})"
 
 
 def still_learning(rows: list[dict[str, Any]]) -> tuple[bool, str]:
