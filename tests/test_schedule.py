@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -160,3 +161,29 @@ def test_a_default_run_records_its_schedule_and_a_probed_head(tiny_folder, tmp_p
     assert "schedule" in (result.run_dir / "history.csv").read_text().splitlines()[0]
     on_disk = json.loads((result.run_dir / "history.json").read_text())
     assert on_disk[-1]["cycles"] == result.history[-1]["cycles"]
+
+
+def test_the_probe_is_exported_when_no_epoch_beats_it(tmp_path):
+    from PIL import Image
+
+    from tuneserve.models.preprocessing import preprocess_pixels as pixels_of
+    from tuneserve.models.runtime import OnnxClassifier
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(200, 40, 40), (40, 40, 200)]):  # red and blue: the frozen features separate them
+        for i in range(10):
+            arr = np.clip(np.array(colour) + rng.integers(-30, 30, size=(48, 48, 3)), 0, 255).astype(np.uint8)
+            (tmp_path / "data" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    # A learning rate that moves nothing: the trained epoch keeps the new random head.
+    result = train(TrainConfig(data=str(tmp_path / "data"), epochs=1, head_epochs=1, lr=1e-12, batch_size=4,
+                               loader_workers=0, image_size=64, output_dir=str(tmp_path / "runs"), parity_images=4,
+                               int8_calibration_images=0))
+    assert result.best_epoch == 0 and result.best_metrics["top1"] == 1.0  # the probe, judged on the val photos
+    assert result.history[0]["val_top1"] < 1.0  # the epoch, with the new head, did not beat it
+    clf = OnnxClassifier(result.model.onnx_path, device="cpu")
+    pp = result.model.card.preprocessing
+    photos = sorted((tmp_path / "data").glob("c*/*.png"))
+    pixels = np.stack([pixels_of(str(p), pp) for p in photos])  # (N, S, S, 3) uint8
+    predicted = clf(clf.inputs(pixels, pp)).argmax(1)
+    assert (predicted == [int(p.parent.name[1]) for p in photos]).mean() >= 0.95  # the probe is what was exported

@@ -18,6 +18,13 @@ class Progress:
     best_epoch: int = 0
     since_best: int = 0  # epochs without improvement, for early stopping
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (training/train.py)
+    probe: dict[str, Any] | None = None  # the linear probe's row ("epoch" 0), the first model to beat
+
+    def offer_probe(self, row: dict[str, Any]) -> None:
+        """The frozen backbone with a fitted head, judged before any training: the best model until an epoch
+        beats it (epoch 0)."""
+        self.probe = row
+        self.best_top1, self.best_loss, self.best_epoch = row["val"]["top1"], row["val"]["loss"], 0
 
     def record(self, row: dict[str, Any]) -> bool:
         """Add epoch `row` (with its validation metrics under "val"); True when it is the new best."""
@@ -33,6 +40,8 @@ class Progress:
 
     @property
     def best_row(self) -> dict[str, Any]:
+        if self.best_epoch == 0 and self.probe is not None:
+            return self.probe
         return next(r for r in self.history if r["epoch"] == self.best_epoch)
 
     def to_dict(self) -> dict[str, Any]:
@@ -40,4 +49,4 @@ class Progress:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any]) -> "Progress":
-        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls) if f.name in ckpt})

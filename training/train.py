@@ -134,12 +134,25 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     train_loader, val_loader, train_sampler = make_loaders(ds, pp, cfg, env)
     steps_per_epoch = -(-len(train_loader) // cfg.grad_accum_steps)
     weights = _class_weights(ds, cfg, env)
-    probed = None
-    if resume is None and cfg.probes_head():
+    probed, probe_row, probe_weights = None, None, None
+    if resume is None and cfg.fits_probe():
         # Before the EMA copies the model and FSDP shards it: the head is a plain nn.Linear on every rank here.
+        # No RNG drawn here matters: every epoch reseeds, and the new head was initialised above.
+        head_module = model.get_submodule(arch.head)
+        new_head = {k: v.clone() for k, v in head_module.state_dict().items()}
         probed = fit_head(model, arch.head, _probe_loader(val_loader, ds, pp, cfg, env), env, len(ds.classes),
                           weights, cfg.label_smoothing, cfg.seed, channels_last)
         _broadcast_from_rank0(head_parameters(model, cfg.arch), env)
+        if cfg.probe_candidate:
+            val0 = evaluate(model, val_loader, env, amp_dtype, channels_last, ds.classes, desc="val (probe)")
+            probe_row = {"epoch": 0, "phase": "probe", "probe_head": probed, "val": val0,
+                         **{f"val_{k}": v for k, v in val0.items() if k in ("loss", "top1", "top5", "macro_f1")}}
+            probe_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if env.is_main else None
+            if env.is_main:
+                log.info("linear probe (frozen backbone, fitted head): val loss %.4f top-1 %.3f: the model to beat",
+                         val0["loss"], val0["top1"])
+        if not cfg.probe_head:
+            head_module.load_state_dict(new_head)  # the recipe's own head phase starts from the new head
     length = cfg.epochs or cfg.max_epochs  # the most epochs this run can take
     # The EMA copies the model before sharding and is sharded the same way (its updates pair the shards).
     ema = _make_ema(model, cfg, steps_per_epoch * length, env) if cfg.ema else None
@@ -177,6 +190,12 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
             log.info("resumed %s after epoch %d", run_dir, progress.epoch)
     run_meta = ckpt_io.RunMeta(arch=cfg.arch, classes=ds.classes, preprocessing=pp.to_dict(), config=cfg.to_dict(),
                                run_dir=str(run_dir))
+    if probe_row is not None:
+        progress.offer_probe(probe_row)
+        if env.is_main:  # best.pt until an epoch beats it
+            ckpt_io.save_atomic({**dataclasses.asdict(run_meta), "epoch": 0, "model": probe_weights,
+                                 "metrics": probe_row["val"]}, run_dir / "best.pt")
+        probe_weights = None
     if env.is_main and env.distributed:
         log.info("%s: %d ranks x batch %d x %d accumulation step(s) = effective batch %d; lr %g as given",
                  "FSDP (sharded)" if sharded else "DDP", env.world_size, cfg.batch_size, cfg.grad_accum_steps,
@@ -229,8 +248,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
             stop, why = adaptive.after_epoch([*progress.history, row], scheduler.last_epoch, elapsed,
                                              _agreed(time.perf_counter() - epoch_started, env))
             row.update(adaptive.state(), elapsed_s=elapsed, **({"schedule": why} if why else {}))
-        if probed is not None and epoch == 0:
-            row["probe_head"] = probed
+        if probed is not None and epoch == 0:  # what the probe fitted, and (as a candidate) scored
+            row["probe_head"] = {**probed, **({"val_top1": probe_row["val_top1"], "val_loss": probe_row["val_loss"]}
+                                              if probe_row is not None else {})}
         improved = progress.record(row)
         epochs_bar.set_postfix(val_top1=f"{val['top1']:.3f}", best=f"{progress.best_top1:.3f}")
         trainables.gather()  # collective with --shard fsdp: every rank takes part, rank 0 keeps the full state
