@@ -50,7 +50,7 @@ class TrainConfig:
     time_budget: str = _opt("", "adaptive schedule: finish within this wall time (90s, 20m, 1h30m), export included; "
                             "the cycles are fitted to what is left")
     # Off: on hymenoptera the probed head then fine-tuning ended at the probe's own 94.8% top-1, where two
-    # head-only epochs reached 96.7% (docs/benchmarks.md, "The head: probed or trained").
+    # head-only epochs reached 96.7% (docs/benchmarks.md, "The adaptive schedule").
     probe_head: bool = _opt(False, "fit the new head as a logistic regression on the frozen backbone's features "
                             "before fine-tuning (LP-FT) instead of head-only epochs; not with --init-from, whose head "
                             "is already trained, nor --weights none")
