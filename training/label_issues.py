@@ -77,7 +77,11 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, paths: list[str]
     local = np.array([remap[c] for c in labels])
     local_probs = probs[:, present]
     local_probs = local_probs / local_probs.sum(axis=1, keepdims=True)
-    flagged = cleanlab.filter.find_label_issues(local, local_probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's worker pool reads globals set before it forks, and under the spawn start method (a
+    # torchrun rank, a process started by multiprocessing's spawn) they are missing: NameError
+    # 'pred_probs_by_class'. The result is the same for any n_jobs (cleanlab's docs); one process is plenty here.
+    flagged = cleanlab.filter.find_label_issues(local, local_probs, return_indices_ranked_by="self_confidence",
+                                                n_jobs=1)
     quality = cleanlab.rank.get_label_quality_scores(local, local_probs, method="self_confidence")
     log.info("label issues: %d of %d photos flagged (cleanlab on %d-fold out-of-sample probabilities)",
              len(flagged), len(labels), min(MAX_FOLDS, int(np.bincount(local).min())))
