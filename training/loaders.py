@@ -96,9 +96,17 @@ def make_loaders(ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv)
         train_loader = cached_train_loader(ds, pp, cfg, env, sampler, drop_last)
     else:
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
-    val_set = ImageDataset(ds.val, pp, EvalTransform(pp))
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, sampler=ShardSampler(len(val_set), env.rank, env.world_size), **common)
-    return train_loader, val_loader, train_sampler
+    return train_loader, eval_loader(ds.val, pp, cfg, env), train_sampler
+
+
+def eval_loader(samples: list[Sample], pp: Preprocessing, cfg: TrainConfig, env: DistEnv) -> DataLoader:
+    """`samples` through the eval transform (no augmentation), each rank its shard: validation, and the training
+    photos the head probe fits on."""
+    workers = cfg.effective_loader_workers(env.world_size)
+    extra = {"prefetch_factor": 4} if workers > 0 else {}
+    photos = ImageDataset(samples, pp, EvalTransform(pp))
+    return DataLoader(photos, batch_size=cfg.batch_size * 2, sampler=ShardSampler(len(photos), env.rank, env.world_size),
+                      num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=False, **extra)
 
 
 def resolve_pipeline(pipeline: str, env: DistEnv) -> str:

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def is_better(top1: float, loss: float, best_top1: float, best_loss: float) -> bool:
+    """The best epoch's rule: the higher validation top-1, the lower loss on a tie."""
+    return top1 > best_top1 or (top1 == best_top1 and loss < best_loss)
+
+
 @dataclass
 class Progress:
     epoch: int = 0  # epochs completed
@@ -31,7 +36,7 @@ class Progress:
         val = row["val"]
         self.history.append(row)
         self.epoch = row["epoch"]
-        improved = val["top1"] > self.best_top1 or (val["top1"] == self.best_top1 and val["loss"] < self.best_loss)
+        improved = is_better(val["top1"], val["loss"], self.best_top1, self.best_loss)
         if improved:
             self.best_top1, self.best_loss, self.best_epoch, self.since_best = val["top1"], val["loss"], self.epoch, 0
         else:

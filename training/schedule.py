@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneserve.training.progress import is_better
+
 # The length of the recipe measured on hymenoptera, butterflies, aerial scenes and dominant-class sets
 # (docs/benchmarks.md): the first cycle, which most sets need no more than.
 FIRST_CYCLE_EPOCHS = 8
@@ -27,9 +29,9 @@ FIRST_CYCLE_EPOCHS = 8
 # its best (one photo of 262 moving from 0.6 to 0.4 confidence changes the mean loss by ~0.2%: noise), or top-1.
 LATE_EPOCHS = 2
 LOSS_MIN_DELTA = 0.01
-# Each extension: half the first cycle's full-phase epochs (3 of 6), so a set whose accuracy the extension does
-# not move costs at most 1.5x the first cycle; at half the peak learning rate, since it restarts from a trained
-# model rather than ImageNet's.
+# Each extension: half the first cycle's full-phase epochs (3 of 6), and only one more after an extension that did
+# not raise top-1, so a set whose accuracy it does not move costs at most 11 epochs for 8 (1.4x); at half the peak
+# learning rate, since it restarts from a trained model rather than ImageNet's.
 EXTENSION_SHARE = 0.5
 EXTENSION_PEAK = 0.5
 # Export (ONNX, parity gate, INT8 calibration) and the diagnostics after training take a share of a time
@@ -37,6 +39,8 @@ EXTENSION_PEAK = 0.5
 AFTER_TRAINING_SHARE = 0.1
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+
+
 def parse_duration(text: str) -> float:
     """'20m', '1h30m', '90s', '1.5h' -> seconds; ValueError naming the accepted forms."""
     m = _DURATION.match(text or "")
@@ -152,7 +156,7 @@ def epochs_since_best(rows: list[dict[str, Any]]) -> int:
     """Epochs since the best one as training/progress.py picks it: the higher top-1, the lower loss on a tie."""
     best, since = (-1.0, float("inf")), 0
     for row in rows:
-        better = row["val_top1"] > best[0] or (row["val_top1"] == best[0] and row["val_loss"] < best[1])
+        better = is_better(row["val_top1"], row["val_loss"], *best)
         since = 0 if better else since + 1
         best = (row["val_top1"], row["val_loss"]) if better else best
     return since

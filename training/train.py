@@ -44,7 +44,7 @@ from tuneserve.training.compilation import check_compile, compiled
 from tuneserve.training.data import Dataset, discover
 from tuneserve.training.diagnostics import after_training
 from tuneserve.training.ema import make_ema, resolve_decay
-from tuneserve.training.loaders import make_loaders
+from tuneserve.training.loaders import eval_loader, make_loaders
 from tuneserve.training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
 from tuneserve.training.sharding import (EvenBatches, FullStateTrainables, is_sharded, replicated, shard_model,
                                          update_ema)
@@ -140,7 +140,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         # No RNG drawn here matters: every epoch reseeds, and the new head was initialised above.
         head_module = model.get_submodule(arch.head)
         new_head = {k: v.clone() for k, v in head_module.state_dict().items()}
-        probed = fit_head(model, arch.head, _probe_loader(val_loader, ds, pp, cfg, env), env, len(ds.classes),
+        probed = fit_head(model, arch.head, eval_loader(ds.train, pp, cfg, env), env, len(ds.classes),
                           weights, cfg.label_smoothing, cfg.seed, channels_last)
         _broadcast_from_rank0(head_parameters(model, cfg.arch), env)
         if cfg.probe_candidate:
@@ -292,18 +292,6 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         trackers.finish(best_row["val"], run_dir, result.model.path if result.model else None)
     barrier(env)
     return result
-
-
-def _probe_loader(val_loader: Any, ds: Dataset, pp: Preprocessing, cfg: TrainConfig, env: DistEnv) -> Any:
-    """The training photos through the eval transform (no augmentation), each rank its shard: what the head probe
-    fits on."""
-    from torch.utils.data import DataLoader
-
-    from tuneserve.training.loaders import EvalTransform, ImageDataset, ShardSampler
-
-    photos = ImageDataset(ds.train, pp, EvalTransform(pp))
-    return DataLoader(photos, batch_size=val_loader.batch_size, sampler=ShardSampler(len(photos), env.rank, env.world_size),
-                      num_workers=val_loader.num_workers, pin_memory=val_loader.pin_memory)
 
 
 def _agreed(value: float, env: DistEnv) -> float:
