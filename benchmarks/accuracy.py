@@ -131,6 +131,7 @@ def linear_probe(folder: Path, arch: str) -> dict[str, Any]:
     from tuneserve.models.architectures import get_architecture
     from tuneserve.models.preprocessing import preprocess
     from tuneserve.models.weights import build_model
+    from tuneserve.training.head_probe import fit_linear
     from tuneserve.training.metrics import summarize
 
     started = time.perf_counter()
@@ -153,29 +154,18 @@ def linear_probe(folder: Path, arch: str) -> dict[str, Any]:
     xtr, xva = (xtr - mean) / std, (xva - mean) / std
     classes = len(ds.classes)
 
-    def fit(x, y, l2: float) -> nn.Linear:
-        head = nn.Linear(x.shape[1], classes).double()
-        opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(head(x), y) + l2 * head.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return head
+    def fit(x, y, l2: float):
+        w, b = fit_linear(x, y, classes, l2, None, 0.0)  # the run's own probe fit (training/head_probe.py)
+        return lambda feats: feats @ w.T + b
 
     def top1(head, x, y) -> float:
-        with torch.no_grad():
-            return float((head(x).argmax(1) == y).double().mean())
+        return float((head(x).argmax(1) == y).double().mean())
 
     order = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
     hold, keep = order[: len(order) // 5], order[len(order) // 5:]
     grid = (1e-4, 1e-3, 1e-2, 1e-1)
     chosen = max(grid, key=lambda l2: top1(fit(xtr[keep], ytr[keep], l2), xtr[hold], ytr[hold]))
-    with torch.no_grad():
-        predicted = fit(xtr, ytr, chosen)(xva).argmax(1).numpy()
+    predicted = fit(xtr, ytr, chosen)(xva).argmax(1).numpy()
     confusion = np.bincount(yva.numpy() * classes + predicted, minlength=classes * classes).reshape(classes, classes)
     val = summarize(confusion, 0.0, None, ds.classes)
     return {"top1": val["top1"], "macro_f1": val["macro_f1"],
