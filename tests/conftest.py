@@ -16,15 +16,17 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="tuneserve-test-prometheus-"))
 
 from shared_data import HYMENOPTERA  # noqa: E402  (benchmarks/, on pytest's pythonpath)
-from support import builtin_model, hymenoptera_subset, write_image  # noqa: E402
+from support import builtin_model, hymenoptera_subset, standin_hymenoptera, write_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def hymenoptera() -> Path:
-    if not (HYMENOPTERA / "train").is_dir():
-        pytest.skip(f"real dataset not found at {HYMENOPTERA} (../shared/datasets beside the checkout, or "
-                    "$TUNESERVE_DATASETS)")
-    return HYMENOPTERA
+def hymenoptera(tmp_path_factory) -> Path:
+    """The real hymenoptera photos ({train,val}/{ants,bees}/*.jpg) where ../shared/datasets is beside the
+    checkout (or $TUNESERVE_DATASETS names it); elsewhere a stand-in with the same layout, cut from real sample
+    photos (support.standin_hymenoptera), so no test skips for want of it."""
+    if (HYMENOPTERA / "train").is_dir():
+        return HYMENOPTERA
+    return standin_hymenoptera(tmp_path_factory.mktemp("hymenoptera"))
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,40 @@ def write_image(path: Path, seed: int, size=(40, 32), fmt: str | None = None) ->
     return path
 
 
+# The real photos each stand-in class is cut from: living things for "ants", objects for "bees", so that
+# ImageNet features separate the classes as they separate real ants from bees.
+STANDIN_SOURCES = {"ants": ("chelsea.png", "astronaut.png", "grace_hopper.jpg"),
+                   "bees": ("coffee.png", "rocket.jpg")}
+STANDIN_COUNTS = {"train": 24, "val": 20}  # per class; the tests take at most 20 and 16 of each
+
+
+def standin_hymenoptera(root: Path) -> Path:
+    """A photo set laid out as hymenoptera ({train,val}/{ants,bees}/*.jpg, one GIF in train/ants) for machines
+    without ../shared: camera-sized JPEGs (500 x 375 or 375 x 500, quality 90) cut at random from real sample
+    photos that ship with installed packages, flipped and with their brightness varied. Deterministic."""
+    from PIL import ImageEnhance, ImageOps
+
+    rng = np.random.default_rng(0)
+    for cls, names in STANDIN_SOURCES.items():
+        sources = [Image.open(photo_path(n)).convert("RGB") for n in names]
+        for split, count in STANDIN_COUNTS.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                img = sources[i % len(sources)]
+                w, h = img.size
+                side = rng.uniform(0.45, 1.0)
+                cw, ch = int(w * side), int(h * side * rng.uniform(0.8, 1.0))
+                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                cut = img.crop((x, y, x + cw, y + ch)).resize((500, 375) if i % 3 else (375, 500))
+                if rng.random() < 0.5:
+                    cut = ImageOps.mirror(cut)
+                cut = ImageEnhance.Brightness(cut).enhance(rng.uniform(0.8, 1.2))
+                cut.save(folder / f"{cls}-{split}-{i:03d}.jpg", "JPEG", quality=90)
+    Image.new("P", (300, 300), 7).save(root / "train" / "ants" / "imageNotFound.gif")  # as hymenoptera has one
+    return root
+
+
 def hymenoptera_subset(hymenoptera: Path, root: Path, train: int, val: int) -> Path:
     """root/{train,val}/{ants,bees}/: the first `train` / `val` photos of each class, copied (sorted by name)."""
     for split, n in (("train", train), ("val", val)):

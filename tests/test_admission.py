@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneserve.service.engine.admission import Deadline, WorkEstimate
+from tuneserve.service.engine.admission import Admission, Deadline, Pacing, WorkEstimate
 
 
 class Clock:
@@ -81,3 +81,30 @@ def test_work_refused_after_admission_does_not_raise_the_rate():
 def test_deadline():
     d = Deadline(arrived=10.0, expires=11.0)
     assert not d.expired(now=10.5) and d.expired(now=11.01)
+
+
+def test_a_refusal_is_held_the_bound_and_longer_when_many_are_held_at_most_max_hold():
+    clock = Clock()
+    pacing = Pacing(bound_s=1.0, clock=clock, max_hold_s=4.0)
+    assert pacing.answer_at(None) == clock.now + 1.0  # nothing measured: the bound
+    assert pacing.answer_at(50.0) == clock.now + 1.0  # 1 held: served in 20 ms at 50 images/s, under the bound
+    for _ in range(98):
+        pacing.answer_at(50.0)
+    assert pacing.held() == 100
+    assert pacing.answer_at(50.0) == pytest.approx(clock.now + 2.0)  # 100 held at 50/s: each comes back in 2 s
+    for _ in range(400):
+        pacing.answer_at(50.0)
+    assert pacing.answer_at(50.0) == pytest.approx(clock.now + 4.0)  # capped
+    clock.now += 4.5  # every hold has ended: back to the bound
+    assert pacing.held() == 0 and pacing.answer_at(50.0) == pytest.approx(clock.now + 1.0)
+    assert Pacing(bound_s=10.0, clock=clock).answer_at(1.0) == clock.now + 10.0  # never shorter than the bound
+
+
+def test_admission_refuses_beyond_the_in_flight_limit_with_a_paced_answer():
+    clock = Clock()
+    admission = Admission(bound_s=1.0, max_in_flight=4, clock=clock)
+    assert admission.refusal(4) is None
+    admission.work.started(4)
+    refused = admission.refusal(1)
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    assert "TUNESERVE_MAX_IN_FLIGHT=4" in refused.message and refused.answer_at == clock.now + 1.0

@@ -11,16 +11,19 @@ new request would be finished. A request is taken when that is within ADMIT_SHAR
 rest covers the estimate's error, which under overload is large enough that taking work expected to finish
 later costs more (decoded, then shed at its deadline) than it serves.
 
-Pacing: a request refused from its headers (service/edges/http_protocol.py) gets its 503 when its latency bound
-has passed, not at once. A closed-loop client that resends the moment it is refused otherwise turns each
-refusal into another request, and the refusals' own CPU crowds out the work (0.40 of capacity at 256
-connections, docs/benchmarks.md "Goodput under a flood"); held, it waits as long as an admitted request
-would have, which is what its Retry-After asks of clients that honour it.
+Pacing: a refused request gets its 503 late, not at once (the HTTP edge holds it, service/edges/http_protocol.py;
+the gRPC edge sleeps). A closed-loop client that resends the moment it is refused otherwise turns each refusal
+into another request, and the refusals' own CPU crowds out the work (0.40 of capacity at 256 connections,
+docs/benchmarks.md "Goodput under a flood"). A refusal is held at least the latency bound, as long as an
+admitted request could have taken; and when many are held, as long as the worker would take to serve one image
+for each of them (held / rate), so that the held clients come back at about the rate the worker serves instead
+of at the rate refusals can be answered; at most MAX_HOLD_S.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -39,6 +42,10 @@ ADMIT_SHARE_OF_BOUND = 0.5
 # retry, for a change in the estimate between the two that is mostly noise.
 SECOND_LOOK_SLACK = 1.25
 RATE_WINDOW_S = 3.0  # completions this recent make the rate: long enough to average batches, short enough to follow load
+# The longest a refusal is held (unless the bound is longer: never less than the bound). Under httpx's default
+# 5 s read timeout, the shortest common client default, so that a held client gets its 503 and not a timeout
+# (which costs it a new connection as well as the retry).
+MAX_HOLD_S = 4.0
 
 
 # How much lower (nice) the decoding threads run than the event loop. On a saturated CPU the event loop then
@@ -158,6 +165,33 @@ class WorkEstimate:
             self._sums = [0, 0.0, 0.0]  # no drift from float subtraction
 
 
+class Pacing:
+    """When a refused request is answered: `answer_at(rate)` for each refusal (time.monotonic seconds).
+    Event-loop only. Counts the refusals it has timed whose answer is still to come (a client that leaves
+    early is still counted until its time: a slight overestimate, on the side of holding longer)."""
+
+    def __init__(self, bound_s: float, clock: Callable[[], float] = time.monotonic, max_hold_s: float = MAX_HOLD_S):
+        self.bound_s = bound_s
+        self.longest_s = max(bound_s, max_hold_s)
+        self.clock = clock
+        self._due: list[float] = []  # heap: answer times of the refusals not yet answered
+
+    def held(self) -> int:
+        now = self.clock()
+        while self._due and self._due[0] <= now:
+            heapq.heappop(self._due)
+        return len(self._due)
+
+    def answer_at(self, images_per_s: float | None) -> float:
+        """The time to answer a refusal made now, given the rate (images/s) this worker serves at, if measured."""
+        hold = self.bound_s
+        if images_per_s:
+            hold = min(max(hold, self.held() / images_per_s), self.longest_s)
+        at = self.clock() + hold
+        heapq.heappush(self._due, at)
+        return at
+
+
 class Admission:
     """One worker's admission: the work in flight, the latency bound, and the decision for a new request.
     Event-loop only. Made before the engine (the HTTP edge judges requests from their headers with it) and
@@ -171,6 +205,7 @@ class Admission:
         # Under more load than the rate was measured at, a worker goes faster by as many decoding threads as it
         # has, at most (WorkEstimate).
         self.work = WorkEstimate(clock=clock, parallelism=parallelism)
+        self.pacing = Pacing(bound_s, clock)
 
     def deadline(self) -> Deadline:
         """For a request arriving now: answer within the bound, or not at all."""
@@ -179,22 +214,22 @@ class Admission:
 
     def refusal(self, images: int = 1, slack: float = 1.0) -> RequestError | None:
         """The 503 a request of `images` gets now, or None when it is expected to finish within the bound
-        (its share, times `slack`) and fits under TUNESERVE_MAX_IN_FLIGHT. The 503 is to be answered when the
-        bound has passed (its `answer_at`): pacing, see above."""
-        in_flight, answer_at = self.work.in_flight, self.clock() + self.bound_s
+        (its share, times `slack`) and fits under TUNESERVE_MAX_IN_FLIGHT. The 503 is to be answered at its
+        `answer_at`: pacing, see above."""
+        in_flight = self.work.in_flight
         if in_flight + images > self.max_in_flight:
-            return RequestError(503, f"server overloaded: {in_flight} images are already being processed by this "
-                                     f"worker (limit TUNESERVE_MAX_IN_FLIGHT={self.max_in_flight}); retry shortly",
-                                {"Retry-After": "1"}, answer_at)
-        wait = self.work.wait_s(images)
-        if wait > slack * ADMIT_SHARE_OF_BOUND * self.bound_s:
+            message = (f"server overloaded: {in_flight} images are already being processed by this worker (limit "
+                       f"TUNESERVE_MAX_IN_FLIGHT={self.max_in_flight}); retry shortly")
+        elif (wait := self.work.wait_s(images)) > slack * ADMIT_SHARE_OF_BOUND * self.bound_s:
             rate = self.work.rate()
-            return RequestError(503, f"server overloaded: the {in_flight} images in flight (this worker finishes "
-                                     f"~{rate[0] if rate else 0:.0f}/s) would keep this request ~{1000 * wait:.0f} ms, "
-                                     f"too close to the latency bound (TUNESERVE_MAX_LATENCY_MS="
-                                     f"{1000 * self.bound_s:.0f}); retry after the Retry-After seconds",
-                                {"Retry-After": "1"}, answer_at)
-        return None
+            message = (f"server overloaded: the {in_flight} images in flight (this worker finishes "
+                       f"~{rate[0] if rate else 0:.0f}/s) would keep this request ~{1000 * wait:.0f} ms, too close to "
+                       f"the latency bound (TUNESERVE_MAX_LATENCY_MS={1000 * self.bound_s:.0f}); retry after the "
+                       "Retry-After seconds")
+        else:
+            return None
+        rate = self.work.rate()
+        return RequestError(503, message, {"Retry-After": "1"}, self.pacing.answer_at(rate[0] if rate else None))
 
     @contextlib.contextmanager
     def admitted(self, images: int, slack: float = SECOND_LOOK_SLACK) -> Iterator[None]:
