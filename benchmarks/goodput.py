@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,10 @@ def wrk(url: str, body: Path, connections: int, seconds: float, out: Path, path:
         env["GOODPUT_HEADERS"] = "|".join(f"{k}: {v}" for k, v in headers.items())
     cmd = ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{seconds:g}s", "--timeout", "30s",
            "-s", str(LUA), f"{url}{path}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=seconds + 120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, reaped: its CPU is in the children's total now
+    load_cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     raw = json.loads(out.read_text())
     statuses: dict[str, int] = {}
     ok: list[float] = []
@@ -100,7 +104,9 @@ def wrk(url: str, body: Path, connections: int, seconds: float, out: Path, path:
     duration = raw["duration_us"] / 1e6
     return {"ok_per_s": round(len(ok) / duration, 1), "ok_p50_ms": _r(percentile(ok, 50)),
             "ok_p99_ms": _r(percentile(ok, 99)), "answers_per_s": round(sum(statuses.values()) / duration, 1),
-            "statuses": statuses, "socket_errors": raw["socket_errors"], "seconds": round(duration, 1)}
+            "statuses": statuses, "socket_errors": raw["socket_errors"], "seconds": round(duration, 1),
+            # the load generator's own share of the machine's CPUs (over the whole wrk run, warm-up of none)
+            "load_cpu_share": round(load_cpu_s / (duration * (os.cpu_count() or 1)), 3)}
 
 
 def _r(v: float | None) -> float | None:
@@ -218,7 +224,7 @@ def print_table(runs: list[dict], levels: list[int], servers: list[str]) -> None
     """One row per (server, level): 200s per second, as a share of the server's own at the first level, their
     p50/p99, refusals per second, the slowest /readyz, and the ratio to LitServe at the same level."""
     print(f"\n{'server':<18} {'conns':>6} {'200/s':>7} {'x cap':>6} {'200 p50':>8} {'200 p99':>8} {'503/s':>7} "
-          f"{'ready max':>9}  vs litserve")
+          f"{'ready max':>9} {'wrk cpu':>7}  vs litserve")
     for r in runs:
         base = next((o["ok_per_s"] for o in runs if o["server"] == r["server"] and o["connections"] == levels[0]), None)
         lit = next((o for o in runs if o["server"] == "litserve-same-pre" and o["connections"] == r["connections"]), None)
@@ -226,7 +232,7 @@ def print_table(runs: list[dict], levels: list[int], servers: list[str]) -> None
         refused = r["statuses"].get("503", 0) / r["seconds"]
         cap = f"{r['ok_per_s'] / base:.2f}" if base else ""
         print(f"{r['server']:<18} {r['connections']:>6} {r['ok_per_s']:>7} {cap:>6} {r['ok_p50_ms']!s:>8} "
-              f"{r['ok_p99_ms']!s:>8} {refused:>7.1f} {r['ready_max_ms']!s:>9}  {ratio}")
+              f"{r['ok_p99_ms']!s:>8} {refused:>7.1f} {r['ready_max_ms']!s:>9} {r.get('load_cpu_share', '')!s:>7}  {ratio}")
 
 
 if __name__ == "__main__":
