@@ -77,7 +77,7 @@ class Engine:
             plan=plan,
             pool=ThreadPoolExecutor(plan.preprocess_threads, thread_name_prefix="tuneserve-preprocess",
                                     initializer=lower_thread_priority),
-            engine=ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer"),
+            engine=ThreadPoolExecutor(1, thread_name_prefix="tuneserve-infer", initializer=lower_thread_priority),
             decode_budget=DecodeBudget(plan.config.decode_memory_mb * 2**20, plan.preprocess_threads),
             gpu_decoder=gpu_decoder,
             decoder_status=decoder_status,
