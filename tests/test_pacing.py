@@ -1,4 +1,4 @@
-"""Admission on a real server: a request refused from its headers gets its 503 when its latency bound has passed
+"""Admission on a real server: a request refused from its headers gets its 503 once its latency bound has passed
 (pacing a client that resends at once), admitted ones are answered, and the server keeps serving."""
 from __future__ import annotations
 

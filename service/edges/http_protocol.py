@@ -18,8 +18,9 @@ uvicorn's "auto" protocol in its workers (`use_in_uvicorn`), answers
   by path, BentoML's among them, never make a series per stray path;
 - 503 for a classify request that admission would refuse anyway (service/engine/admission.py), decided from
   the request line and headers alone: the request never reaches BentoML's middleware stack, its body is read
-  and dropped, and the answer is held until the request's latency bound has passed (pacing: a client
-  that resends at once is slowed to the pace of the admitted ones instead of multiplying the load). Under a
+  and dropped, and the answer is held at least the request's latency bound, longer while many are held
+  (pacing, service/engine/admission.py: a client that resends at once is slowed to the pace of the
+  admitted ones instead of multiplying the load). Under a
   flood this is most requests, and their cost decides how much CPU is left to answer the others
   (docs/benchmarks.md, "Goodput under a flood").
 Every answer here is `{"error": "..."}` like the service's own.

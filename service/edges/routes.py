@@ -136,7 +136,7 @@ def json_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except RequestError as e:
-            if e.answer_at is not None:  # a refusal, paced: answered when the request's bound has passed
+            if e.answer_at is not None:  # a refusal, paced: answered at its time (engine/admission.py)
                 await asyncio.sleep(max(0.0, e.answer_at - time.monotonic()))
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
         except Exception:
