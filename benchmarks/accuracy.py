@@ -211,12 +211,13 @@ def first_cycle(history: list[dict[str, Any]], seconds: float) -> dict[str, Any]
     """What the run had at the end of the adaptive schedule's first cycle, which trains exactly as the fixed 8-epoch
     recipe (same steps, same seeds): its best epoch's figures, and the wall time a run stopping there would have
     taken (the time to that epoch plus what followed the last: export and diagnostics)."""
+    from tuneserve.training.progress import best_of
     from tuneserve.training.schedule import FIRST_CYCLE_EPOCHS
 
     if not history or "cycles" not in history[-1]:
         return None  # a fixed-length run
     rows = history[:FIRST_CYCLE_EPOCHS]
-    best = max(rows, key=lambda r: (r["val_top1"], -r["val_loss"]))
+    best = best_of(rows)
     return {"top1": best["val_top1"], "macro_f1": best["val_macro_f1"], "best_epoch": best["epoch"], "epochs": len(rows),
             "min_class_recall": min(c["recall"] for c in best["val"]["per_class"].values()),
             "seconds": round(rows[-1]["elapsed_s"] + seconds - history[-1]["elapsed_s"], 1)}

@@ -187,3 +187,10 @@ def test_the_probe_is_exported_when_no_epoch_beats_it(tmp_path):
     pixels = np.stack([pixels_of(str(p), pp) for p in photos])  # (N, S, S, 3) uint8
     predicted = clf(clf.inputs(pixels, pp)).argmax(1)
     assert (predicted == [int(p.parent.name[1]) for p in photos]).mean() >= 0.95  # the probe is what was exported
+
+
+def test_the_best_row_is_the_higher_top1_then_the_lower_loss_the_first_of_equals():
+    from tuneserve.training.progress import best_of
+
+    picked = best_of(rows((0.3, 0.9), (0.4, 0.95), (0.35, 0.95), (0.35, 0.95), (0.1, 0.9)))
+    assert picked["epoch"] == 3

@@ -15,6 +15,15 @@ def is_better(top1: float, loss: float, best_top1: float, best_loss: float) -> b
     return top1 > best_top1 or (top1 == best_top1 and loss < best_loss)
 
 
+def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best of history rows (with val_top1 and val_loss) by `is_better`; the first of equals."""
+    best = rows[0]
+    for row in rows[1:]:
+        if is_better(row["val_top1"], row["val_loss"], best["val_top1"], best["val_loss"]):
+            best = row
+    return best
+
+
 @dataclass
 class Progress:
     epoch: int = 0  # epochs completed

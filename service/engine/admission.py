@@ -217,19 +217,20 @@ class Admission:
         (its share, times `slack`) and fits under TUNESERVE_MAX_IN_FLIGHT. The 503 is to be answered at its
         `answer_at`: pacing, see above."""
         in_flight = self.work.in_flight
-        if in_flight + images > self.max_in_flight:
-            message = (f"server overloaded: {in_flight} images are already being processed by this worker (limit "
-                       f"TUNESERVE_MAX_IN_FLIGHT={self.max_in_flight}); retry shortly")
-        elif (wait := self.work.wait_s(images)) > slack * ADMIT_SHARE_OF_BOUND * self.bound_s:
-            rate = self.work.rate()
-            message = (f"server overloaded: the {in_flight} images in flight (this worker finishes "
-                       f"~{rate[0] if rate else 0:.0f}/s) would keep this request ~{1000 * wait:.0f} ms, too close to "
-                       f"the latency bound (TUNESERVE_MAX_LATENCY_MS={1000 * self.bound_s:.0f}); retry after the "
-                       "Retry-After seconds")
-        else:
+        over_limit = in_flight + images > self.max_in_flight
+        wait = 0.0 if over_limit else self.work.wait_s(images)
+        if not over_limit and wait <= slack * ADMIT_SHARE_OF_BOUND * self.bound_s:
             return None
         rate = self.work.rate()
-        return RequestError(503, message, {"Retry-After": "1"}, self.pacing.answer_at(rate[0] if rate else None))
+        per_s = rate[0] if rate else None  # images/s, for the message and the pacing alike
+        if over_limit:
+            message = (f"server overloaded: {in_flight} images are already being processed by this worker (limit "
+                       f"TUNESERVE_MAX_IN_FLIGHT={self.max_in_flight}); retry shortly")
+        else:
+            message = (f"server overloaded: the {in_flight} images in flight (this worker finishes ~{per_s or 0:.0f}/s) "
+                       f"would keep this request ~{1000 * wait:.0f} ms, too close to the latency bound "
+                       f"(TUNESERVE_MAX_LATENCY_MS={1000 * self.bound_s:.0f}); retry after the Retry-After seconds")
+        return RequestError(503, message, {"Retry-After": "1"}, self.pacing.answer_at(per_s))
 
     @contextlib.contextmanager
     def admitted(self, images: int, slack: float = SECOND_LOOK_SLACK) -> Iterator[None]:
