@@ -16,7 +16,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="tuneserve-test-prometheus-"))
 
 from shared_data import HYMENOPTERA  # noqa: E402  (benchmarks/, on pytest's pythonpath)
-from support import builtin_model, hymenoptera_subset, standin_hymenoptera, write_image  # noqa: E402
+from support import QUICK_EXPORT, builtin_model, hymenoptera_subset, standin_hymenoptera, write_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def ants_bees(hymenoptera, tmp_path_factory):
 
     root = hymenoptera_subset(hymenoptera, tmp_path_factory.mktemp("hym-subset"), 10, 6)
     result = train(TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0,
-                               name="e2e-hym", output_dir=str(root / "runs"), parity_images=8))
+                               name="e2e-hym", output_dir=str(root / "runs"), parity_images=8, **QUICK_EXPORT))
     assert result.model is not None
     return result.model, result.run_dir
 
@@ -71,7 +71,7 @@ def two_tones(tmp_path_factory):
         for i in range(8):
             write_image(root / cls / f"{i}.png", seed=500 + c * 100 + i, size=(48, 40))
     result = train(TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0,
-                               name="tones", output_dir=str(root.parent / "runs"), parity_images=4))
+                               name="tones", output_dir=str(root.parent / "runs"), parity_images=4, **QUICK_EXPORT))
     assert result.model is not None
     return result.model
 
@@ -88,7 +88,7 @@ def three_shades(tmp_path_factory):
         for i in range(8):
             write_image(root / cls / f"{i}.png", seed=c * 100 + i, size=(48, 40))
     result = train(TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0,
-                               name="shades", output_dir=str(root.parent / "runs"), parity_images=4))
+                               name="shades", output_dir=str(root.parent / "runs"), parity_images=4, **QUICK_EXPORT))
     assert result.model is not None
     return result.model
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from support import hymenoptera_subset, write_image
+from support import QUICK_EXPORT, QUICK_EXPORT_FLAGS, hymenoptera_subset, write_image
 from support import ARCH, equivalence_rank, equivalence_steps, local_sgd_rank
 from tuneserve.service.process import free_port
 from tuneserve.models.store import load_model
@@ -226,11 +226,12 @@ def test_two_cpu_ranks_register_a_model_as_good_as_one(hymenoptera, tmp_path):
     --nproc-per-node 2 ... tuneserve train` x batch 4: both register a model, of the same validation quality."""
     subset = hymenoptera_subset(hymenoptera, tmp_path / "hym", train=16, val=10)
     common = dict(epochs=3, head_epochs=2, loader_workers=0, lr=2e-3, device="cpu")  # CPU ranks on a CUDA host too
-    train(TrainConfig(data=str(subset), batch_size=8, output_dir=str(tmp_path / "one"), name="hym-one-rank", **common))
+    train(TrainConfig(data=str(subset), batch_size=8, output_dir=str(tmp_path / "one"), name="hym-one-rank", **common,
+                      **QUICK_EXPORT))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
          "--data", str(subset), "--batch-size", "4", "--output-dir", str(tmp_path / "two"), "--name", "hym-two-ranks",
-         *[f"--{k.replace('_', '-')}={v}" for k, v in common.items()]],
+         *[f"--{k.replace('_', '-')}={v}" for k, v in common.items()], *QUICK_EXPORT_FLAGS],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_model("hym-one-rank").card.metrics, load_model("hym-two-ranks").card.metrics

@@ -17,6 +17,8 @@ from tuneserve.training.ema import ema_weights, make_ema, resolve_decay
 from tuneserve.training.export import load_weights
 from tuneserve.training.train import train
 
+from support import QUICK_EXPORT
+
 # 15 training images in batches of 5: 3 optimizer steps per epoch, no ragged last batch (one shape to compile).
 FAST = dict(batch_size=5, loader_workers=0, image_size=64)  # 64 px: a fraction of the compute of 224, the same checks
 
@@ -72,7 +74,7 @@ def test_ema_run_checkpoints_exports_and_resumes_exactly(tiny_folder, tmp_path):
     interrupted after epoch 1 and resumed ends with the uninterrupted run's EMA, bit for bit."""
     # On the CPU: bit for bit is what CUDA's autotuned kernels and bf16 cannot promise.
     common = dict(data=str(tiny_folder), epochs=2, head_epochs=1, ema=True, ema_decay=0.5, seed=3, device="cpu", **FAST)
-    full = train(TrainConfig(output_dir=str(tmp_path / "a"), name="ema-tiny", **common))
+    full = train(TrainConfig(output_dir=str(tmp_path / "a"), name="ema-tiny", **common, **QUICK_EXPORT))
     best, last = ckpt_io.load(full.run_dir / "best.pt"), ckpt_io.load(full.run_dir / "last.pt")
     assert int(last["ema"]["n_averaged"]) == 6  # 2 epochs x 3 optimizer steps
     assert any(not torch.equal(best["model"][k], v) for k, v in ckpt_io.deployed_weights(best).items())

@@ -20,7 +20,7 @@ from tuneserve.models.weights import continue_from
 from tuneserve.training.config import TrainConfig
 from tuneserve.training.export import load_weights
 from tuneserve.training.train import train
-from support import hymenoptera_subset, model_inputs, write_image
+from support import QUICK_EXPORT, hymenoptera_subset, model_inputs, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_continuing_on_more_data_keeps_the_old_validation_accuracy(hym_parent, h
     same = [(Path(path).name, label) for path, label in val_photos(root)]
     assert same == [(Path(path).name, label) for path, label in val_photos(parent_run.parent.parent)]  # the parent's
     result = train(TrainConfig(data=str(root), init_from=parent.name, epochs=1, head_epochs=0, batch_size=8,
-                               loader_workers=0, output_dir=str(tmp_path / "runs"), parity_images=4))
+                               loader_workers=0, output_dir=str(tmp_path / "runs"), parity_images=4, **QUICK_EXPORT))
     child = result.model
     assert child.name == parent.name and child.version != parent.version  # the parent's next version
     assert child.card.parent == parent.tag and child.card.train_config["init_from"] == parent.tag
@@ -91,7 +91,7 @@ def test_a_new_class_keeps_the_old_classes_predictions(hym_parent, hymenoptera, 
         for i in range(n):
             write_image(root / split / "stripes" / f"{i}.png", seed=500 + i + 100 * (split == "val"), size=(64, 48))
     result = train(TrainConfig(data=str(root), init_from=parent.tag, name="hym-three", epochs=1, head_epochs=1,
-                               batch_size=8, loader_workers=0, output_dir=str(tmp_path / "runs"), parity_images=4))
+                               batch_size=8, loader_workers=0, output_dir=str(tmp_path / "runs"), parity_images=4, **QUICK_EXPORT))
     child = result.model
     assert child.card.labels == ["ants", "bees", "stripes"] and child.card.parent == parent.tag
     old_photos = [(p, label) for p, label in val_photos(root) if label in ("ants", "bees")]

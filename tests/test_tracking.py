@@ -13,7 +13,7 @@ import pytest
 from tuneserve.service.process import free_port
 from tuneserve.training.config import TrainConfig, make_config
 from tuneserve.training.train import train
-from support import write_image
+from support import QUICK_EXPORT, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_a_run_reports_to_tensorboard_and_a_real_mlflow_server(tmp_path, mlflow_
     cfg = TrainConfig(data=str(data), epochs=2, head_epochs=1, batch_size=2, loader_workers=0, name="tracked",
                       output_dir=str(tmp_path / "runs"), parity_images=4, report_to="tensorboard,mlflow",
                       image_size=64,  # not the default 224 px: 12x less compute, the same reports
-                      tracking_uri=mlflow_server)
+                      tracking_uri=mlflow_server, **QUICK_EXPORT)
     result = train(cfg)
     run_dir = result.run_dir
 

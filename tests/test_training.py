@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from support import hymenoptera_subset, shadowing_packages
+from support import QUICK_EXPORT, hymenoptera_subset, shadowing_packages
 import torch
 
 from tuneserve.models.store import load_model
@@ -64,7 +64,7 @@ def test_mixup_and_cutmix_mix_batches_into_soft_targets():
 
 def test_a_run_with_mixup_and_cutmix_trains_and_registers(tiny_folder, tmp_path):
     result = train(TrainConfig(data=str(tiny_folder), epochs=2, output_dir=str(tmp_path / "runs"), name="mixed",
-                               mixup=0.8, cutmix=1.0, image_size=SMALL_INPUT, **FAST))
+                               mixup=0.8, cutmix=1.0, image_size=SMALL_INPUT, **FAST, **QUICK_EXPORT))
     assert result.model is not None and result.model.card.train_config["cutmix"] == 1.0
     assert all(np.isfinite(h["train_loss"]) for h in result.history)
     with pytest.raises(ValueError, match="mixup and cutmix must be >= 0"):
@@ -131,7 +131,7 @@ def test_real_photos_finetune_and_evaluate_agree(hymenoptera, tmp_path, capsys):
     # On the CPU: training validates in fp32 there, as the served graph computes; on CUDA it validates under
     # bf16 autocast, which moves the loss by more than the 1e-3 compared below.
     result = train(TrainConfig(data=str(subset), epochs=3, head_epochs=2, batch_size=8, loader_workers=0, lr=2e-3,
-                               output_dir=str(tmp_path / "runs"), name="hym-subset", device="cpu"))
+                               output_dir=str(tmp_path / "runs"), name="hym-subset", device="cpu", **QUICK_EXPORT))
     assert result.best_metrics["top1"] >= 0.8  # ImageNet features separate ants from bees almost at once
     served = evaluate_stored(load_model(result.model.tag), str(subset))
     assert served["confusion"] == result.best_metrics["confusion"]
