@@ -1,13 +1,13 @@
 """`bentoml build` with the repository's bentofile.yaml works offline and packs the model, a Dockerfile on the
-CUDA base and torch-free requirements, from the lean template; the exported Bento archive carries the ONNX model itself."""
+CUDA base and torch-free requirements, from the lean template; the Bento carries the ONNX model itself."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
+import bentoml
 import pytest
 
 from support import builtin_model
@@ -33,22 +33,22 @@ def test_bentoml_build_offline(tmp_path):
     tag = next(line.split("__tag__:")[1].strip() for line in out.splitlines() if "__tag__:" in line)
     assert tag.startswith("tuneserve:")
 
-    archive = tmp_path / "tuneserve.bento"
-    bentoml_cli("export", tag, str(archive), env=env)
-    with tarfile.open(archive) as tar:
-        names = set(tar.getnames())
-        name, version = model.tag.split(":")
-        assert f"./models/{name}/{version}/model.onnx" in names
-        assert f"./models/{name}/{version}/tuneserve.json" in names
-        assert {"./src/tuneserve/__init__.py", "./src/service/service.py", "./src/models/preprocessing.py"} <= names
-        # Every module of the service, subpackages included: the image imports them from the Bento's source.
-        assert {f"./src/{p.relative_to(ROOT)}" for p in (ROOT / "service").rglob("*.py")} <= names
-        assert not any(n.startswith(("./src/tests", "./src/training", "./src/runs", "./src/.venv")) for n in names)
-        assert "./src/tuneserve/cli.py" not in names  # the CLI is not part of the image
-        tar.extractall(tmp_path / "bento", members=[m for m in tar.getmembers() if m.name.startswith("./src/")],
-                       filter="data")
-        dockerfile = tar.extractfile("./env/docker/Dockerfile").read().decode()
-        requirements = tar.extractfile("./env/python/requirements.txt").read().decode()
+    # The Bento's folder in this session's BentoML home (conftest) is what `bentoml export` archives and
+    # `bentoml containerize` builds from; reading it directly saves the 40 s the 64 MB archive takes to write.
+    bento = Path(os.environ["BENTOML_HOME"], "bentos", *tag.split(":"))
+    names = {f"./{p.relative_to(bento)}" for p in bento.rglob("*") if p.is_file()}
+    # The model goes in by exact version; `bentoml export` and `containerize` copy it from the store (the
+    # container test serves it from the image).
+    packed = bentoml.bentos.get(tag).info.all_models
+    assert [str(m.tag) for m in packed] == [model.tag]
+    assert {"model.onnx", "tuneserve.json"} <= {p.name for p in Path(bentoml.models.get(model.tag).path).iterdir()}
+    assert {"./src/tuneserve/__init__.py", "./src/service/service.py", "./src/models/preprocessing.py"} <= names
+    # Every module of the service, subpackages included: the image imports them from the Bento's source.
+    assert {f"./src/{p.relative_to(ROOT)}" for p in (ROOT / "service").rglob("*.py")} <= names
+    assert not any(n.startswith(("./src/tests", "./src/training", "./src/runs", "./src/.venv")) for n in names)
+    assert "./src/tuneserve/cli.py" not in names  # the CLI is not part of the image
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04" in dockerfile
     assert f"TUNESERVE_MODELS={model.tag}" in dockerfile  # the image serves exactly the packed version
     assert "uv venv -p 3.11" in dockerfile and "USER bentoml" in dockerfile  # uv's Python 3.11, run as non-root
@@ -56,7 +56,7 @@ def test_bentoml_build_offline(tmp_path):
     assert "onnxruntime-gpu==1.31.*" in requirements and "bentoml==" in requirements
     assert "torch" not in requirements
     # The Bento's own files, not this checkout's, are what `tuneserve.service` imports from its folder.
-    src = tmp_path / "bento" / "src"
+    src = bento / "src"
     code = ("import tuneserve.service.config as c, tuneserve.models.preprocessing as p; "
             "print(c.__file__); print(p.__file__)")
     r = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=60)
