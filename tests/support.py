@@ -38,7 +38,7 @@ from tuneserve.training.schedule import fixed_factor
 # Registrations whose subject is not the exporter use TorchScript's: 0.7 s for EfficientNet-Lite0 against 6 s
 # for torch.export, the default (benchmarks/results/export-time.json), some twenty times a session. The default
 # stays tested where the export is the subject: the built-in model (every served test), test_training's tiny
-# run and its re-export, the compiled run's export, the default architecture's maps in test_explain.
+# run, the compiled run's export, the default architecture's maps in test_explain.
 QUICK_EXPORT: dict[str, Any] = {"exporter": "torchscript"}
 QUICK_EXPORT_FLAGS = ["--exporter", "torchscript"]  # the same for `tuneserve train` on the command line
 

@@ -102,10 +102,17 @@ def test_ema_run_checkpoints_exports_and_resumes_exactly(tiny_folder, tmp_path):
         assert torch.equal(again[k], v), k
 
 
-def test_compiled_run_checkpoints_and_exports_the_plain_model(tiny_folder, tmp_path):
-    common = dict(data=str(tiny_folder), arch="resnet18", weights="none", epochs=1, **FAST)
+@pytest.mark.slow
+def test_compiled_run_survives_unfreezing_checkpoints_and_exports_the_plain_model(tiny_folder, tmp_path):
+    """Head phase then full phase under torch.compile (requires_grad changes, Dynamo recompiles, training goes
+    on), with an EMA; its checkpoints have the eager run's keys and the registered graph is the plain model.
+    One compiled run for all of it: on 2 cores a cold compile of both phases takes ~70 s."""
+    common = dict(data=str(tiny_folder), arch="resnet18", weights="none", epochs=2, head_epochs=1, **FAST)
     eager = train(TrainConfig(output_dir=str(tmp_path / "eager"), export=False, **common))
-    compiled = train(TrainConfig(output_dir=str(tmp_path / "compiled"), name="compiled-tiny", compile=True, **common))
+    compiled = train(TrainConfig(output_dir=str(tmp_path / "compiled"), name="compiled-tiny", compile=True, ema=True,
+                                 **common))
+    assert [h["phase"] for h in compiled.history] == ["head", "full"]
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in compiled.history)
     keys = list(ckpt_io.load(compiled.run_dir / "best.pt")["model"])
     assert keys == list(ckpt_io.load(eager.run_dir / "best.pt")["model"])
     assert not any("_orig_mod" in k for k in keys)
@@ -126,13 +133,3 @@ def test_compile_without_a_compiler_is_one_line_naming_the_flag(tiny_folder, tmp
     assert err.startswith("error: --compile cannot work on this machine (") and "C++ compiler" in err
     assert not (tmp_path / "runs").exists()  # refused before any work
     torch.compiler.reset()
-
-
-@pytest.mark.slow
-def test_compiled_run_survives_the_unfreezing_of_the_backbone(tiny_folder, tmp_path):
-    """Head phase then full phase: requires_grad changes, Dynamo recompiles, training goes on (2 cores: ~70 s with
-    cold compile caches, ~12 s after the test above compiled the full phase)."""
-    result = train(TrainConfig(data=str(tiny_folder), arch="resnet18", weights="none", epochs=2, head_epochs=1,
-                               compile=True, ema=True, output_dir=str(tmp_path / "runs"), export=False, **FAST))
-    assert [h["phase"] for h in result.history] == ["head", "full"]
-    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
