@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from support import QUICK_EXPORT, QUICK_EXPORT_FLAGS, hymenoptera_subset, shadowing_packages
+from support import QUICK_EXPORT, QUICK_EXPORT_FLAGS, hymenoptera_subset
 import torch
 
 from tuneserve.models.store import load_model
@@ -146,23 +146,3 @@ def test_real_photos_finetune_and_evaluate_agree(hymenoptera, tmp_path, capsys):
     assert f"top-1 {result.best_metrics['top1']:.2%}" in out and "ants" in out
     assert cli_main(["models"]) == 0
     assert result.model.tag in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_torchrun_two_cpu_ranks(tiny_folder, tmp_path):
-    """The same `tuneserve train` under torchrun: gloo on CPU, every validation image counted once, rank 0 writes;
-    run from a folder whose own `models`/`service`/`training` packages must not be imported."""
-    shadowing_packages(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
-         "--data", str(tiny_folder), "--epochs", "2", "--batch-size", "2", "--loader-workers", "0",
-         "--output-dir", str(tmp_path / "runs"), "--no-export", "--device", "cpu",  # CPU ranks on a CUDA host too
-         "--image-size", str(SMALL_INPUT)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = (tmp_path / "runs").iterdir()
-    history = json.loads((run / "history.json").read_text())
-    assert [int(np.array(h["val"]["confusion"]).sum()) for h in history] == [3, 3]  # 3 val images, not 2 x 2
-    assert history[0]["train_images"] == 16  # 15 training images, padded to 8 per rank by DistributedSampler
-    assert proc.stdout.count("run folder:") == 1
