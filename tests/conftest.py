@@ -16,6 +16,13 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="tuneserve-test-prometheus-"))
 
 from shared_data import HYMENOPTERA  # noqa: E402  (benchmarks/, on pytest's pythonpath)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Run by pytest-xdist (`-n 2`): each worker's in-process torch work on one thread, so two workers share two
+    # cores instead of four spinning OpenMP threads taking turns. Subprocesses (servers, torchrun) are unchanged.
+    import torch
+
+    torch.set_num_threads(1)
 from support import QUICK_EXPORT, builtin_model, hymenoptera_subset, standin_hymenoptera, write_image  # noqa: E402
 
 
