@@ -4,12 +4,14 @@ torch.multiprocessing.spawn (they must live in an importable module). Each rank 
 through the project's own `setup`, runs real training code, and leaves what it saw in a file for the test."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import functools
 import io
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +46,29 @@ QUICK_EXPORT_FLAGS = ["--exporter", "torchscript"]  # the same for `tuneserve tr
 
 @functools.lru_cache(maxsize=None)
 def builtin_model() -> StoredModel:
-    """The built-in ImageNet model in this session's BentoML home (exported once, ~15 s)."""
+    """The built-in ImageNet model in this session's BentoML home (exported once, ~15 s). Under pytest-xdist the
+    first worker to ask exports it and leaves a copy of its store folder; the others copy that into their own
+    homes instead of exporting again. The copy goes when its worker exits; a worker that asks later exports."""
+    from filelock import FileLock
+
+    from tuneserve.models.store import load_model
     from tuneserve.training.builtin import ensure_builtin_model
 
-    return ensure_builtin_model()
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        return ensure_builtin_model()
+    shared = Path(tempfile.gettempdir()) / f"tuneserve-test-builtin-{run}"
+    with FileLock(f"{shared}.lock"):
+        if shared.is_dir():
+            name = shared / "name"
+            shutil.copytree(shared / "store", Path(os.environ["BENTOML_HOME"]) / "models" / name.read_text())
+            return load_model(name.read_text())
+        model = ensure_builtin_model()
+        shutil.copytree(model.path.parent, shared / "store")  # the name's folder: its version(s) and `latest`
+        (shared / "name").write_text(model.name)
+        atexit.register(shutil.rmtree, shared, ignore_errors=True)
+        atexit.register(Path(f"{shared}.lock").unlink, missing_ok=True)
+        return model
 
 
 def model_inputs(session: OnnxClassifier, sources, pp: Preprocessing) -> np.ndarray:
