@@ -23,6 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
 from support import QUICK_EXPORT, builtin_model, hymenoptera_subset, standin_hymenoptera, write_image  # noqa: E402
 
 

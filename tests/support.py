@@ -44,6 +44,7 @@ from tuneserve.training.schedule import fixed_factor
 QUICK_EXPORT: dict[str, Any] = {"exporter": "torchscript"}
 QUICK_EXPORT_FLAGS = ["--exporter", "torchscript"]  # the same for `tuneserve train` on the command line
 
+
 @functools.lru_cache(maxsize=None)
 def builtin_model() -> StoredModel:
     """The built-in ImageNet model in this session's BentoML home (exported once, ~15 s). Under pytest-xdist the
