@@ -61,9 +61,9 @@ def builtin_model() -> StoredModel:
     shared = Path(tempfile.gettempdir()) / f"tuneserve-test-builtin-{run}"
     with FileLock(f"{shared}.lock"):
         if shared.is_dir():
-            name = shared / "name"
-            shutil.copytree(shared / "store", Path(os.environ["BENTOML_HOME"]) / "models" / name.read_text())
-            return load_model(name.read_text())
+            name = (shared / "name").read_text()
+            shutil.copytree(shared / "store", Path(os.environ["BENTOML_HOME"]) / "models" / name)
+            return load_model(name)
         model = ensure_builtin_model()
         shutil.copytree(model.path.parent, shared / "store")  # the name's folder: its version(s) and `latest`
         (shared / "name").write_text(model.name)
