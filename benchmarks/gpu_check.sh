@@ -32,12 +32,13 @@ dry=${GPU_CHECK_DRY:-0}
 model=gpu-check-resnet50
 
 if [ "$dry" = 1 ]; then
-  # The same steps and files in seconds on a CPU: tiny photos and model, two-second loads after a one-second
-  # warm-up. Not a measurement.
+  # The same steps in seconds on a CPU: tiny photos and model, one-second loads after half a second of
+  # warm-up, one load of each request kind (the 1-image one at the most connections). Not a measurement.
   arch=resnet18; model_flags="--image-size 64 --parity-images 8"
   photo_flags="--train 32 --val 16 --classes 4 --scale 0.3"
   engine_flags="--batch-sizes 1,8 --seconds 0.2"
-  load_flags="--duration 2 --warmup 1 --processes 1 --engine-seconds 0.1"
+  load_flags="--duration 1 --warmup 0.5 --processes 1 --engine-seconds 0.1"
+  loads=1x256,16x64
   train_flags="--arch $arch --weights none --image-size 64 --epochs 1 --head-epochs 0 --batch-size 8 --no-export"
   load_timeout=60
 else
@@ -46,6 +47,7 @@ else
   engine_flags="--batch-sizes 1,32,64,128,256 --seconds 2"
   # 4 generator processes: one tops out at a few thousand requests/s (benchmarks/serve_load.py).
   load_flags="--duration 12 --warmup 4 --processes 4 --engine-seconds 0.5"
+  loads=1x256,16x256,1x64,16x64
   # Users' defaults on CUDA (cache pipeline, bf16, channels_last, cuDNN autotuning); a batch an H100 fills.
   train_flags="--arch resnet50 --weights none --epochs 3 --head-epochs 0 --batch-size 256 --no-export"
   load_timeout=75
@@ -60,7 +62,7 @@ step engine 120 "$py" benchmarks/engine.py --model "$model" --precisions served 
 step train 150 "$py" benchmarks/train_check.py --data "$photos" --runs "$scratch/runs" --log "$out/train-run.log" \
   --out "$out/train.json" -- $train_flags --cache-dir "$scratch/cache"
 # Last: a cut-short serve step keeps the loads it finished (one JSON each), the 256-connection ones first.
-step serve 300 "$py" benchmarks/serve_check.py --model "$model" --images "$photos/val" --loads 1x256,16x256,1x64,16x64 \
+step serve 300 "$py" benchmarks/serve_check.py --model "$model" --images "$photos/val" --loads "$loads" \
   --outdir "$out" --load-timeout "$load_timeout" -- $load_flags
 
 # The table, whatever the budget says (it reads files; a few seconds).

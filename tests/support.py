@@ -38,11 +38,13 @@ from tuneserve.training.schedule import fixed_factor
 # --- images and models ------------------------------------------------------------------------------------------
 
 # Registrations whose subject is not the exporter use TorchScript's: 0.7 s for EfficientNet-Lite0 against 6 s
-# for torch.export, the default (benchmarks/results/export-time.json), some twenty times a session. The default
+# for torch.export, the default (benchmarks/results/export-time.json), some twenty times a session; and they
+# make no INT8 variant (its calibration and agreement check: ~3.5 s a registration). The default exporter
 # stays tested where the export is the subject: the built-in model (every served test), test_training's tiny
-# run, the compiled run's export, the default architecture's maps in test_explain.
-QUICK_EXPORT: dict[str, Any] = {"exporter": "torchscript"}
-QUICK_EXPORT_FLAGS = ["--exporter", "torchscript"]  # the same for `tuneserve train` on the command line
+# run, the compiled run's export, the default architecture's maps in test_explain; the INT8 variant on the
+# built-in model (test_runtime, test_service_http) and a fine-tune of real photos (test_distributed).
+QUICK_EXPORT: dict[str, Any] = {"exporter": "torchscript", "int8_calibration_images": 0}
+QUICK_EXPORT_FLAGS = ["--exporter", "torchscript", "--int8-calibration-images", "0"]  # the same for `tuneserve train`
 
 
 @functools.lru_cache(maxsize=None)

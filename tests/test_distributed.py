@@ -1,4 +1,5 @@
-"""Distributed training on CPU (gloo): exact DDP equivalence, local SGD, two hosts, `--gpus`, and 2-rank quality."""
+"""Distributed training on CPU (gloo): exact DDP equivalence, local SGD, two hosts, `--gpus`, and 2-rank quality
+against a one-process fine-tune of real photos, which is also served as it was validated."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from tuneserve.training.data import Sample
 from tuneserve.training.distributed import DistEnv, make_local_sgd
 from tuneserve.training.train import _check_distributed, train
 from tuneserve.cli import main as cli_main
+from tuneserve.training.evaluate import evaluate_stored
 from tuneserve.launch import torchrun_command
 from tuneserve.parsers import build_parser
 
@@ -220,25 +222,57 @@ def test_gpus_relaunches_the_same_flags_under_torchrun_without_itself():
     assert child.device == "cuda"
 
 
+# The one-process fine-tune both tests below judge: real photos (16 + 10 a class, one bee fewer in each split, so
+# 31 training and 19 validation photos: odd counts, whose rank shards need padding), effective batch 8.
+ONE_RANK = dict(epochs=3, head_epochs=2, loader_workers=0, lr=2e-3, device="cpu")  # CPU ranks on a CUDA host too
+
+
+@pytest.fixture(scope="module")
+def one_rank(hymenoptera, tmp_path_factory):
+    """(photos folder, TrainResult): the fine-tune in one process, registered as "hym-one-rank" with its INT8
+    variant (calibrated on the training photos, gated on the validation photos)."""
+    tmp = tmp_path_factory.mktemp("one-rank")
+    subset = hymenoptera_subset(hymenoptera, tmp / "hym", train=16, val=10)
+    for split in ("train", "val"):
+        sorted((subset / split / "bees").iterdir())[-1].unlink()
+    result = train(TrainConfig(data=str(subset), batch_size=8, output_dir=str(tmp / "runs"), name="hym-one-rank",
+                               exporter=QUICK_EXPORT["exporter"], **ONE_RANK))
+    return subset, result
+
+
 @pytest.mark.slow
-def test_two_cpu_ranks_register_a_model_as_good_as_one(hymenoptera, tmp_path):
+def test_a_real_photos_fine_tune_is_served_as_it_was_validated(one_rank, capsys):
+    """The registered ONNX model, evaluated through the serving runtime and preprocessing, reproduces training's
+    own validation numbers; its INT8 variant was calibrated and gated on the photos the run had."""
+    subset, result = one_rank
+    # On the CPU: training validates in fp32 there, as the served graph computes; on CUDA it validates under
+    # bf16 autocast, which moves the loss by more than the 1e-3 compared below.
+    assert result.best_metrics["top1"] >= 0.8  # ImageNet features separate ants from bees almost at once
+    served = evaluate_stored(load_model(result.model.tag), str(subset))
+    assert served["confusion"] == result.best_metrics["confusion"]
+    assert served["loss"] == pytest.approx(result.best_metrics["loss"], abs=1e-3)
+    int8 = result.model.card.variants["int8"]
+    assert int8["calibration_images"] == 31 and int8["images"] == 19 and int8["kept"] == (int8["top1_agreement"] >= 0.99)
+    assert (result.model.path / "model.int8.onnx").is_file() == int8["kept"]
+    assert cli_main(["evaluate", result.model.tag, "--data", str(subset)]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {result.best_metrics['top1']:.2%}" in out and "ants" in out
+    assert cli_main(["models"]) == 0
+    assert result.model.tag in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_register_a_model_as_good_as_one(one_rank, tmp_path):
     """The same fine-tune (effective batch 8, same lr and schedule) as 1 process x batch 8 and as `torchrun
     --nproc-per-node 2 ... tuneserve train` x batch 4: both register a model, of the same validation quality.
     Under torchrun: gloo on CPU, every validation image counted once, rank 0 alone writes, and the run starts
     from a folder whose own `models`/`service`/`training` packages must not be imported."""
-    subset = hymenoptera_subset(hymenoptera, tmp_path / "hym", train=16, val=10)
-    # Odd counts (31 training, 19 validation photos): the ranks' shards need padding, which validation must not count.
-    for split in ("train", "val"):
-        sorted((subset / split / "bees").iterdir())[-1].unlink()
-    # CPU ranks on a CUDA host too; no INT8 variant (4 s a registration; not what is compared here).
-    common = dict(epochs=3, head_epochs=2, loader_workers=0, lr=2e-3, device="cpu", int8_calibration_images=0)
-    train(TrainConfig(data=str(subset), batch_size=8, output_dir=str(tmp_path / "one"), name="hym-one-rank", **common,
-                      **QUICK_EXPORT))
+    subset, _ = one_rank
     project = shadowing_packages(tmp_path / "project")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
          "--data", str(subset), "--batch-size", "4", "--output-dir", str(tmp_path / "two"), "--name", "hym-two-ranks",
-         *[f"--{k.replace('_', '-')}={v}" for k, v in common.items()], *QUICK_EXPORT_FLAGS],
+         *[f"--{k.replace('_', '-')}={v}" for k, v in ONE_RANK.items()], *QUICK_EXPORT_FLAGS],
         capture_output=True, text=True, timeout=300, cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1

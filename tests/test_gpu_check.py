@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh rehearsed on the CPU (GPU_CHECK_DRY=1): every step runs for real on tiny inputs (photos
-generated, a random-weight model registered, the engine, a service under 1- and 16-image loads at 64 and 256
-connections, `tuneserve train`), and writes the files the GPU run writes, each with its command, machine and
+generated, a random-weight model registered, the engine, a service under a 1-image load at 256 connections and a
+16-image one at 64 (the GPU run adds the other two pairs), `tuneserve train`), and writes the files the GPU run writes, each with its command, machine and
 date; and the budget stops steps without stopping the script."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["machine", "photos", "model", "engine", "train", "serve", "summary"]
-RESULTS = ["machine.json", "model.json", "engine.json", "serve-check.json", "serve-b1c64.json", "serve-b1c256.json",
-           "serve-b16c64.json", "serve-b16c256.json", "train.json", "summary.json"]
+RESULTS = ["machine.json", "model.json", "engine.json", "serve-check.json", "serve-b1c256.json", "serve-b16c64.json",
+           "train.json", "summary.json"]
 
 
 def run_check(out: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
@@ -43,10 +43,10 @@ def test_dry_run_runs_every_step_and_writes_the_gpu_runs_files(tmp_path):
     model = json.loads((out / "model.json").read_text())
     assert model["fp16"]["kept"] and model["parity"]["images"] > 0  # kept whatever a random network's agreement
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["dry_run"] and len(summary["serve"]) == 4
+    assert summary["dry_run"] and len(summary["serve"]) == 2
     assert all(row["precision"] == summary["engine"]["precision"] == "fp32" for row in summary["serve"])
-    # Two shared cores do not answer 16-image requests from 256 connections within a two-second window; the
-    # loads they do answer have every figure, the ratio against the engine in the served precision among them.
+    # Two shared cores may answer nothing within a one-second window; the loads they do answer have every
+    # figure, the ratio against the engine in the served precision among them.
     answered = [row for row in summary["serve"] if row["images_per_s"] > 0]
     assert answered and all(row["p99_ms"] >= row["p50_ms"] > 0 for row in answered)
     for row in answered:  # the ratio, or why there is none (the batch histogram not read within the window)

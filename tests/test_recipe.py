@@ -57,7 +57,7 @@ def test_crop_scale_bounds_the_random_crops():
 def test_image_size_reaches_the_exported_model(tiny_folder, tmp_path):
     result = train(TrainConfig(data=str(tiny_folder), epochs=1, head_epochs=1, batch_size=4, loader_workers=0,
                                output_dir=str(tmp_path / "runs"), name="small-input", image_size=96,
-                               int8_calibration_images=0, **QUICK_EXPORT))
+                               **QUICK_EXPORT))
     pp = result.model.card.preprocessing
     assert (pp.input_size, pp.resize_size) == (96, 110)  # lite0's 224 of 256, kept: 96 of round(109.7)
     clf = OnnxClassifier(result.model.onnx_path, device="cpu")

@@ -180,7 +180,7 @@ def test_the_probe_is_exported_when_no_epoch_beats_it(tmp_path):
     # A learning rate that moves nothing: the trained epoch keeps the new random head.
     result = train(TrainConfig(data=str(tmp_path / "data"), epochs=1, head_epochs=1, lr=1e-12, batch_size=4,
                                loader_workers=0, image_size=64, output_dir=str(tmp_path / "runs"), parity_images=4,
-                               int8_calibration_images=0, **QUICK_EXPORT))
+                               **QUICK_EXPORT))
     assert result.best_epoch == 0 and result.best_metrics["top1"] == 1.0  # the probe, judged on the val photos
     assert result.history[0]["val_top1"] < 1.0  # the epoch, with the new head, did not beat it
     clf = OnnxClassifier(result.model.onnx_path, device="cpu")

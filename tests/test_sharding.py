@@ -193,7 +193,7 @@ def test_torchrun_shard_fsdp_trains_like_ddp_and_registers_a_model(tiny_folder, 
     9 validation images, so rank 0 has one batch more than rank 1) against the same run under DDP: the same
     history and, up to float32 summation order, the same weights; full checkpoints; a registered model."""
     fsdp = _torchrun(tiny_folder, tmp_path / "fsdp", "tiny-fsdp", "--shard", "fsdp", "--parity-images", "4",
-                     "--int8-calibration-images", "0", *QUICK_EXPORT_FLAGS)
+                     *QUICK_EXPORT_FLAGS)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "FSDP (sharded): 2 ranks x batch 2" in fsdp.stderr
     ddp = _torchrun(tiny_folder, tmp_path / "ddp", "tiny-ddp", "--no-export")
