@@ -12,11 +12,15 @@ import io
 import os
 import shutil
 import tempfile
+import time
+import traceback
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.multiprocessing as torch_mp
 import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
@@ -27,6 +31,7 @@ from tuneserve.models.samples import sample_photos
 from tuneserve.models.store import StoredModel
 from tuneserve.models.weights import build_model, head_parameters
 from tuneserve.service.engine.batch_metrics import read_batch_sizes
+from tuneserve.service.process import free_port
 from tuneserve.training.config import TrainConfig
 from tuneserve.training.data import Sample
 from tuneserve.training.distributed import DistEnv, cleanup, setup
@@ -165,6 +170,70 @@ def inference_batches(metrics_text: str) -> tuple[int, int]:
 
 
 # --- distributed ranks ------------------------------------------------------------------------------------------
+
+class Ranks:
+    """`world_size` rank processes kept for a test module: `ranks.run(fn, *args)` calls `fn(rank, world_size,
+    port, *args)` on every rank with a fresh port, as `torch.multiprocessing.spawn` would, without starting new
+    processes each time (each imports torch and tuneserve: ~4 s of CPU, twice per spawn). A rank that fails,
+    dies or outlives the timeout stops them all (the others may be waiting for it in a collective) and fails
+    the call with its traceback; the next call starts fresh processes."""
+
+    def __init__(self, world_size: int = 2):
+        self.world_size = world_size
+        self._ranks: list[tuple[Any, Any]] = []  # (process, connection)
+
+    def run(self, fn, *args: Any, timeout: float = 300.0) -> None:
+        if not self._ranks:
+            ctx = torch_mp.get_context("spawn")
+            for _ in range(self.world_size):
+                ours, theirs = ctx.Pipe()
+                process = ctx.Process(target=_rank_loop, args=(theirs,))  # not daemonic: ranks may start workers
+                process.start()
+                theirs.close()
+                self._ranks.append((process, ours))
+        port = free_port()
+        for rank, (_, conn) in enumerate(self._ranks):
+            conn.send((fn, (rank, self.world_size, port, *args)))
+        waiting = {conn: rank for rank, (_, conn) in enumerate(self._ranks)}
+        deadline = time.monotonic() + timeout
+        try:
+            while waiting:
+                ready = mp_connection.wait(list(waiting), max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise AssertionError(f"ranks {sorted(waiting.values())} still running after {timeout:.0f} s")
+                for conn in ready:
+                    rank = waiting.pop(conn)
+                    try:
+                        error = conn.recv()
+                    except EOFError:
+                        error = "the process died (its stderr is above)"
+                    if error is not None:
+                        raise AssertionError(f"rank {rank} of {self.world_size} failed:\n{error}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for process, conn in self._ranks:
+            conn.close()
+            process.kill()
+            process.join(10)
+        self._ranks = []
+
+
+def _rank_loop(conn) -> None:
+    """A rank process: run each (fn, args) received, answer None or the traceback; stop when the pipe closes."""
+    while True:
+        try:
+            fn, args = conn.recv()
+        except EOFError:
+            return
+        try:
+            fn(*args)
+            conn.send(None)
+        except BaseException:  # noqa: BLE001 - the test reports it
+            conn.send(traceback.format_exc())
+
 
 ARCH = "efficientnet_lite0"  # the default architecture, with its real (offline) ImageNet weights
 # Eval preprocessing (resize, centre crop, normalise) at 64 px: no random augmentation, and fast on 2 cores.
@@ -344,7 +413,10 @@ def local_sgd_rank(rank: int, world_size: int, port: int, cfg: dict[str, Any], l
         return real_evaluate(model, *args, **kwargs)
 
     tt.train_one_epoch, tt.evaluate = epoch_spy, evaluate_spy
-    tt.train(TrainConfig(**cfg))
+    try:
+        tt.train(TrainConfig(**cfg))
+    finally:  # the process serves the next test's ranks too (Ranks)
+        tt.train_one_epoch, tt.evaluate = real_epoch, real_evaluate
     torch.save({"steps": steps, "evals": evals}, Path(out) / f"rank{rank}.pt")
 
 

@@ -13,11 +13,9 @@ import uuid
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from support import QUICK_EXPORT, QUICK_EXPORT_FLAGS, hymenoptera_subset, shadowing_packages, write_image
-from support import ARCH, equivalence_rank, equivalence_steps, local_sgd_rank
-from tuneserve.service.process import free_port
+from support import ARCH, Ranks, equivalence_rank, equivalence_steps, local_sgd_rank
 from tuneserve.models.store import load_model
 from tuneserve.models.weights import build_model
 from tuneserve.training.config import TrainConfig
@@ -30,8 +28,12 @@ from tuneserve.launch import torchrun_command
 from tuneserve.parsers import build_parser
 
 
-def _spawn(fn, *args, world_size: int = 2) -> None:
-    mp.spawn(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
+@pytest.fixture(scope="module")
+def ranks():
+    """Two rank processes for this module's tests (support.Ranks)."""
+    pool = Ranks(2)
+    yield pool
+    pool.close()
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -39,13 +41,13 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.slow
-def test_two_ranks_step_exactly_like_one_process_with_twice_the_batch(tmp_path):
+def test_two_ranks_step_exactly_like_one_process_with_twice_the_batch(ranks, tmp_path):
     """2 ranks x batch 3 end with the parameters of 1 process x batch 6 after 3 steps, and 2 ranks x 3 x 2
     accumulation steps with those of 1 x 12; train-mode BatchNorm (per-rank batch statistics) is the control."""
     samples = [Sample(str(write_image(tmp_path / "img" / f"{i}.png", seed=i, size=(48, 40))), i % 3) for i in range(36)]
     runs = [dict(images=18, batch=3, accum=1, bn="frozen"), dict(images=36, batch=3, accum=2, bn="frozen"),
             dict(images=18, batch=3, accum=1, bn="train")]
-    _spawn(equivalence_rank, samples, runs, str(tmp_path))
+    ranks.run(equivalence_rank, samples, runs, str(tmp_path))
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
 
     one = DistEnv()  # this process, batch 2 x 3 (x 2 for the accumulation run), no process group
@@ -62,7 +64,7 @@ def test_two_ranks_step_exactly_like_one_process_with_twice_the_batch(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("intra_node", [False, True], ids=["local", "intra-node"])
-def test_local_sgd_ranks_agree_after_each_averaging_and_differ_between(intra_node, tiny_folder, tmp_path):
+def test_local_sgd_ranks_agree_after_each_averaging_and_differ_between(ranks, intra_node, tiny_folder, tmp_path):
     """The real train() on 2 ranks with local SGD (period 3 after 2 synchronous steps), head phase then full
     phase (a new DDP wrapper): ranks hold the same parameters after the synchronous steps and right after each
     averaging, different ones on the local steps between, and always evaluate the same (averaged) model.
@@ -71,7 +73,7 @@ def test_local_sgd_ranks_agree_after_each_averaging_and_differ_between(intra_nod
     cfg = dict(data=str(tiny_folder), epochs=3, head_epochs=1, batch_size=2, loader_workers=0, export=False,
                output_dir=str(tmp_path / "runs"), local_sgd_period=period, local_sgd_warmup_steps=warmup,
                local_sgd_intra_node=intra_node, image_size=64)  # 64 px: 12x less compute than 224, same steps
-    _spawn(local_sgd_rank, cfg, 2 if intra_node else 1, str(tmp_path))  # ranks per node: 2, or 1 (two "nodes")
+    ranks.run(local_sgd_rank, cfg, 2 if intra_node else 1, str(tmp_path))  # ranks per node: 2, or 1 (two "nodes")
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert len(rank0["steps"]) == len(rank1["steps"]) == 12  # 15 images -> 8 per rank, batch 2: 4 steps x 3 epochs
     gaps = [(a - b).abs().max().item() for a, b in zip(rank0["steps"], rank1["steps"])]

@@ -11,16 +11,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
-from support import (ARCH, QUICK_EXPORT_FLAGS, equivalence_steps, fsdp_equivalence_rank, sharded_checkpoint_rank,
+from support import (ARCH, QUICK_EXPORT_FLAGS, Ranks, equivalence_steps, fsdp_equivalence_rank, sharded_checkpoint_rank,
                      write_image)
 from tuneserve.cli import main as cli_main
 from tuneserve.models.architectures import get_architecture
 from tuneserve.models.store import load_model
 from tuneserve.models.weights import build_model
-from tuneserve.service.process import free_port
 from tuneserve.training import checkpoint as ckpt_io
 from tuneserve.training.config import TrainConfig
 from tuneserve.training.data import Sample
@@ -30,8 +28,12 @@ from tuneserve.training.sharding import shard_plan
 from tuneserve.training.train import train
 
 
-def _spawn(fn, *args, world_size: int = 2) -> None:
-    mp.spawn(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
+@pytest.fixture(scope="module")
+def ranks():
+    """Two rank processes for this module's tests (support.Ranks)."""
+    pool = Ranks(2)
+    yield pool
+    pool.close()
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -74,8 +76,8 @@ def test_mixed_precision_policy_is_bf16_all_gathers_with_fp32_reductions_only_un
 
 
 @pytest.mark.slow
-def test_a_channels_last_model_shards_and_all_gathers_in_bf16(tmp_path):
-    _spawn(_bf16_channels_last_rank, str(tmp_path))
+def test_a_channels_last_model_shards_and_all_gathers_in_bf16(ranks, tmp_path):
+    ranks.run(_bf16_channels_last_rank, str(tmp_path))
     dtypes = torch.load(tmp_path / "dtypes.pt")
     assert dtypes == {"forward": "torch.bfloat16", "grad": "torch.float32", "master": "torch.float32"}
 
@@ -140,12 +142,12 @@ def test_one_process_trains_unsharded_with_full_state_checkpoints_and_resumes(ti
 
 
 @pytest.mark.slow
-def test_two_sharded_ranks_step_exactly_like_one_process(tmp_path):
+def test_two_sharded_ranks_step_exactly_like_one_process(ranks, tmp_path):
     """FSDP2 over 2 ranks x batch 3 x 2 accumulation steps (reduce-scattered gradients, the global norm clipped
     from the shards) ends with the parameters of 1 process x batch 12, in float64 (as the DDP test does)."""
     samples = [Sample(str(write_image(tmp_path / "img" / f"{i}.png", seed=i, size=(48, 40))), i % 3) for i in range(24)]
     run = dict(images=24, batch=3, accum=2)
-    _spawn(fsdp_equivalence_rank, samples, run, str(tmp_path))
+    ranks.run(fsdp_equivalence_rank, samples, run, str(tmp_path))
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     single = equivalence_steps(DistEnv(), samples, 12, 1, "frozen")
     assert _max_diff(rank0, rank1) == 0.0
@@ -156,8 +158,8 @@ def test_two_sharded_ranks_step_exactly_like_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_checkpoints_hold_the_full_state_and_load_back(tmp_path):
-    _spawn(sharded_checkpoint_rank, str(tmp_path))
+def test_sharded_checkpoints_hold_the_full_state_and_load_back(ranks, tmp_path):
+    ranks.run(sharded_checkpoint_rank, str(tmp_path))
     saved = torch.load(tmp_path / "saved.pt", weights_only=True)
     reloaded = torch.load(tmp_path / "reloaded.pt", weights_only=True)
     plain = build_model(ARCH, 3, "none")
