@@ -479,9 +479,12 @@ def _sync_buffers(model: nn.Module, env: DistEnv) -> None:
 
 
 def _broadcast_from_rank0(tensors: Iterable[torch.Tensor], env: DistEnv) -> None:
+    # Under no_grad: a broadcast into a parameter that requires grad is otherwise recorded by autograd, and every
+    # backward after it warns that c10d::broadcast_ has no autograd kernel.
     if env.distributed:
-        for t in tensors:
-            torch.distributed.broadcast(t, src=0)
+        with torch.no_grad():
+            for t in tensors:
+                torch.distributed.broadcast(t, src=0)
 
 
 def _save_epoch(run_dir: Path, meta: ckpt_io.RunMeta, trainables: ckpt_io.Trainables, progress: Progress,
