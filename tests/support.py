@@ -388,6 +388,14 @@ def sample_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten()[:64] for p in model.parameters()]).clone()
 
 
+def train_rank(rank: int, world_size: int, port: int, cfg: dict[str, Any]) -> None:
+    """`train()` on this rank, as `torchrun ... tuneserve train` runs it."""
+    from tuneserve.training.train import train
+
+    join(rank, world_size, port)
+    train(TrainConfig(**cfg))
+
+
 def local_sgd_rank(rank: int, world_size: int, port: int, cfg: dict[str, Any], local_world_size: int, out: str) -> None:
     """Run `train()` unchanged, with spies (not mocks) on the loop functions it calls: a snapshot of the
     parameters after every optimizer step (after the local SGD averager ran), and of the model evaluated."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from support import (ARCH, QUICK_EXPORT_FLAGS, Ranks, equivalence_steps, fsdp_equivalence_rank, sharded_checkpoint_rank,
-                     write_image)
+                     train_rank, write_image)
 from tuneserve.cli import main as cli_main
 from tuneserve.models.architectures import get_architecture
 from tuneserve.models.store import load_model
@@ -181,16 +181,21 @@ def test_sharded_checkpoints_hold_the_full_state_and_load_back(ranks, tmp_path):
     assert torch.load(tmp_path / "rank1.pt")["n_averaged"] == 2  # the EMA's count reached every rank
 
 
+# The run both launches below make: `torchrun ... tuneserve train --shard fsdp`, and its DDP reference in this
+# module's rank processes (the same train(), without two more process starts).
+TINY_RUN = dict(device="cpu", epochs=2, head_epochs=1, batch_size=2, val_fraction=0.5, grad_clip=0.1, loader_workers=0,
+                image_size=64)
+
+
 def _torchrun(data, out, name: str, *flags: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
-           "--data", str(data), "--device", "cpu", "--epochs", "2", "--head-epochs", "1", "--batch-size", "2",
-           "--val-fraction", "0.5", "--grad-clip", "0.1", "--ema", "--loader-workers", "0", "--image-size", "64",
+           "--data", str(data), *[f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items()], "--ema",
            "--output-dir", str(out), "--name", name, *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent)
 
 
 @pytest.mark.slow
-def test_torchrun_shard_fsdp_trains_like_ddp_and_registers_a_model(tiny_folder, tmp_path):
+def test_torchrun_shard_fsdp_trains_like_ddp_and_registers_a_model(ranks, tiny_folder, tmp_path):
     """`torchrun --nproc-per-node 2 -m tuneserve train --shard fsdp` (head phase, then full phase; weight EMA;
     9 validation images, so rank 0 has one batch more than rank 1) against the same run under DDP: the same
     history and, up to float32 summation order, the same weights; full checkpoints; a registered model."""
@@ -198,8 +203,8 @@ def test_torchrun_shard_fsdp_trains_like_ddp_and_registers_a_model(tiny_folder, 
                      *QUICK_EXPORT_FLAGS)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "FSDP (sharded): 2 ranks x batch 2" in fsdp.stderr
-    ddp = _torchrun(tiny_folder, tmp_path / "ddp", "tiny-ddp", "--no-export")
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ranks.run(train_rank, dict(data=str(tiny_folder), ema=True, export=False, output_dir=str(tmp_path / "ddp"),
+                               name="tiny-ddp", **TINY_RUN))
     (run_f,), (run_d,) = (tmp_path / "fsdp").iterdir(), (tmp_path / "ddp").iterdir()
     hist_f, hist_d = (json.loads((r / "history.json").read_text()) for r in (run_f, run_d))
     assert [h["phase"] for h in hist_f] == ["head", "full"]
