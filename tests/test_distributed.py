@@ -226,7 +226,8 @@ def test_gpus_relaunches_the_same_flags_under_torchrun_without_itself():
 
 # The one-process fine-tune both tests below judge: real photos (16 + 10 a class, one bee fewer in each split, so
 # 31 training and 19 validation photos: odd counts, whose rank shards need padding), effective batch 8.
-ONE_RANK = dict(epochs=3, head_epochs=2, loader_workers=0, lr=2e-3, device="cpu")  # CPU ranks on a CUDA host too
+ONE_RANK = dict(epochs=3, head_epochs=2, loader_workers=0, lr=2e-3, device="cpu",  # CPU ranks on a CUDA host too
+                image_size=128)  # a third of 224 px's compute; ants and bees still part at once
 
 
 @pytest.fixture(scope="module")
