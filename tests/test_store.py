@@ -151,8 +151,11 @@ def test_a_registration_killed_at_any_instant_leaves_all_or_nothing(tmp_path):
     onnx, extra = tmp_path / "big.onnx", tmp_path / "history.csv"
     onnx.write_bytes(os.urandom(32 * 2**20))
     extra.write_bytes(os.urandom(8 * 2**20))
-    tmp_before = set(glob.glob(f"{tempfile.gettempdir()}/*"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # The saver's own temporary folder: what it leaves there is its own, whatever other tests (another pytest-xdist
+    # worker's servers) put in the shared /tmp meanwhile.
+    saver_tmp = tmp_path / "saver-tmp"
+    saver_tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TMPDIR": str(saver_tmp)}
 
     def run(kill_after_s: float | None) -> float | None:
         proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(onnx), str(extra), str(tmp_path / "small.onnx")],
@@ -179,4 +182,4 @@ def test_a_registration_killed_at_any_instant_leaves_all_or_nothing(tmp_path):
             m.tag for m in complete if m.name == "killed"}  # BentoML's listing works and agrees
         prune()
         assert not list((bentoml_home() / STAGING_DIR).iterdir())
-    assert set(glob.glob(f"{tempfile.gettempdir()}/*")) <= tmp_before  # nothing left in /tmp
+    assert not list(saver_tmp.iterdir())  # nothing left in the temporary folder

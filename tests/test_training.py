@@ -22,6 +22,7 @@ FAST = dict(batch_size=4, loader_workers=0, head_epochs=1)
 SMALL_INPUT = 64  # image_size for runs whose checks do not depend on it: 12x less compute than the default 224
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_everything_and_registers(tiny_folder, tmp_path):
     result = train(TrainConfig(data=str(tiny_folder), epochs=2, output_dir=str(tmp_path / "runs"), name="tiny",
                                class_weighting="inverse", **FAST))
@@ -70,6 +71,7 @@ def test_a_run_with_mixup_and_cutmix_trains_and_registers(tiny_folder, tmp_path)
         TrainConfig(data=str(tiny_folder), mixup=-1.0)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tiny_folder, tmp_path):
     """Same seed on CPU: stop after epoch 2 of 3 (Ctrl-C), resume, and end with identical weights."""
     # On the CPU: cuDNN's autotuned kernels and bf16 are not bit-reproducible, which is what this compares.
