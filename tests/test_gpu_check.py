@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.sh rehearsed on the CPU (GPU_CHECK_DRY=1): every step runs for real on tiny inputs (photos
 generated, a random-weight model registered, the engine, a service under a 1-image load at 256 connections and a
-16-image one at 64 (the GPU run adds the other two pairs), `tuneserve train`), and writes the files the GPU run writes, each with its command, machine and
-date; and the budget stops steps without stopping the script."""
+16-image one at 64 (the GPU run adds the other two pairs), `tuneserve train`), and writes the files the GPU run
+writes, each with its command, machine and date; and the budget stops steps without stopping the script."""
 from __future__ import annotations
 
 import json

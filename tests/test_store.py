@@ -145,7 +145,8 @@ _SAVER = textwrap.dedent("""
 
 def test_a_registration_killed_at_any_instant_leaves_all_or_nothing(tmp_path):
     """kill -9 at ten points spread over a save of 40 MB; after each, the store holds only complete versions,
-    BentoML can list it, and what the save left behind is in staging, where prune removes it, not in /tmp."""
+    BentoML can list it, and what the save left behind is in staging, where prune removes it, not in the
+    temporary folder."""
     import bentoml
 
     onnx, extra = tmp_path / "big.onnx", tmp_path / "history.csv"
