@@ -2,18 +2,30 @@
 never touch the user's store."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
+
+def _session_folder(prefix: str) -> str:
+    """A temporary folder for this process's session, removed when it exits (a session's store holds models
+    and Bentos: 0.3-1.2 GB each, left behind run after run otherwise)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 # Before anything imports bentoml: it reads BENTOML_HOME once.
-os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tuneserve-test-bentoml-")
+os.environ["BENTOML_HOME"] = _session_folder("tuneserve-test-bentoml-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 # prometheus_client picks its multi-process mode when first imported; `bentoml serve` sets this variable for its
 # workers, and the in-process BentoML app in tests/test_service_http.py needs one too.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="tuneserve-test-prometheus-"))
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _session_folder("tuneserve-test-prometheus-")
 
 from shared_data import HYMENOPTERA  # noqa: E402  (benchmarks/, on pytest's pythonpath)
 
