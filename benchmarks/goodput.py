@@ -9,8 +9,10 @@ tuneserve's preprocessing, interleaved level by level in one run.
 
 The load is wrk (C, a fraction of a core) with benchmarks/wrk/goodput.lua, which times each request itself so
 the 200s' latency is kept apart from the 503s'; a Python generator would share the 2 cores with the server it
-measures. Both servers run for the whole benchmark (the idle one costs nothing measurable) and the levels
-alternate between them, so a drift of the machine shows in both. Every request is the same photo (a
+measures. Every server runs for the whole benchmark and the levels alternate between them, so a drift of the
+machine shows in all; while one is measured the others are stopped (SIGSTOP to their process groups), because
+an idle server is not idle for all: LitServe's processes poll their queues, 2.4 s of CPU in 10 idle seconds on
+2 cores (tuneserve's: 0.05 s), which the measured server would lose. Every request is the same photo (a
 hymenoptera validation JPEG, or a generated one without ../shared) as multipart field `image`, the upload
 format both serve. Meanwhile a thread asks tuneserve's /readyz every 100 ms and keeps the slowest answer.
 """
@@ -22,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 import compare  # noqa: E402  (benchmarks/peers/compare.py: the servers, as the peers benchmark starts them)
@@ -154,14 +158,16 @@ def main() -> None:
                 compare.wait_answering(urls[name], body.read_bytes(), None, None, compare.READY_TIMEOUT_S)
             else:
                 urls[name] = stack.enter_context(compare.server(name, env, body.read_bytes(), work, {}))
+        groups = {name: process_group(url) for name, url in urls.items()}
         for level in levels:
             for name in servers:
                 url = urls[name]
-                if args.warmup > 0:
-                    wrk(url, body, level, args.warmup, work / "warmup.json")
-                probe_url = f"{url}/health" if name == "litserve-same-pre" else f"{url}/readyz"
-                with ReadyProbe(probe_url) as probe:
-                    result = wrk(url, body, level, args.seconds, work / "run.json")
+                with only_running(name, groups):
+                    if args.warmup > 0:
+                        wrk(url, body, level, args.warmup, work / "warmup.json")
+                    probe_url = f"{url}/health" if name == "litserve-same-pre" else f"{url}/readyz"
+                    with ReadyProbe(probe_url) as probe:
+                        result = wrk(url, body, level, args.seconds, work / "run.json")
                 runs.append({"server": name, "connections": level, **result,
                              "ready_max_ms": _r(max(probe.times, default=None)),
                              "ready_p99_ms": _r(percentile(probe.times, 99)), "ready_failed": probe.failed})
@@ -170,6 +176,29 @@ def main() -> None:
     if args.out:
         write_result(args.out, levels=levels, seconds=args.seconds, warmup=args.warmup, runs=runs,
                      versions=compare.versions())
+
+
+def process_group(url: str) -> int:
+    """The process group of the server listening on `url`'s port (each server is started in its own session,
+    its worker processes with it)."""
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+            return os.getpgid(c.pid)
+    raise RuntimeError(f"no process listens on port {port} ({url})")
+
+
+@contextlib.contextmanager
+def only_running(measured: str, groups: dict[str, int]):
+    """Every server but `measured` stopped (SIGSTOP) for the block, continued (SIGCONT) after it."""
+    others = [group for name, group in groups.items() if name != measured]
+    for group in others:
+        os.killpg(group, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for group in others:
+            os.killpg(group, signal.SIGCONT)
 
 
 def add_load_arguments(ap: argparse.ArgumentParser) -> None:
