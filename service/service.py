@@ -13,6 +13,7 @@ registered tags (the CLI registers the built-in model).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -116,6 +117,11 @@ class _Classifier:
         except Exception as e:  # noqa: BLE001 - whatever it is, this worker cannot serve: stop, do not loop
             lifecycle.fail_worker(f"cannot serve {', '.join(m.tag for m in PLAN.models)} on {PLAN.device}: "
                                   f"{type(e).__name__}: {e}")
+        # What start-up made (BentoML, onnxruntime, the loaded models) lives as long as the worker: frozen, the
+        # cyclic collector's full passes no longer walk it. Unfrozen, each full pass took ~80 ms and freed nothing
+        # while holding the GIL, so the event loop and every request stood still (2 such passes in 15 s at 16
+        # connections; docs/benchmarks.md "Goodput under a flood").
+        gc.freeze()
         health.mark_ready()
 
     # BentoML's clients (bentoml.SyncHTTPClient(url).classify(image=...)) find these in /schema.json. Over HTTP
