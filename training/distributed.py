@@ -70,6 +70,16 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor], env: DistEnv) -> None:
+    """Every rank's `tensors` replaced in place by rank 0's. Under no_grad: a broadcast into a parameter that
+    requires grad is otherwise recorded by autograd, and every backward after it warns that c10d::broadcast_ has
+    no autograd kernel."""
+    if env.distributed:
+        with torch.no_grad():
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

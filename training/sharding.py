@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
 from tuneserve.training import checkpoint as ckpt_io
-from tuneserve.training.distributed import DistEnv
+from tuneserve.training.distributed import DistEnv, broadcast_from_rank0
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ def shard_model(model: nn.Module, env: DistEnv, mixed_precision: torch.dtype | N
     mesh = init_device_mesh(env.device.type, (env.world_size,))  # gloo on CPU ranks, NCCL on CUDA
     # Every rank starts from rank 0's weights, as DDP's constructor makes it: the ranks' fresh heads differ
     # (their seeds include the rank), and each rank would otherwise keep its own rows of the head.
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            torch.distributed.broadcast(t, src=0)
+    broadcast_from_rank0(model.state_dict().values(), env)
     plan = shard_plan(model)
     log.debug("FSDP units (then the root): %s", ", ".join(plan))
     for name in plan:

@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ from tuneserve.training.data import Dataset, discover
 from tuneserve.training.diagnostics import after_training
 from tuneserve.training.ema import make_ema, resolve_decay
 from tuneserve.training.loaders import eval_loader, make_loaders
-from tuneserve.training.distributed import DistEnv, LocalSGD, barrier, cleanup, make_local_sgd, setup
+from tuneserve.training.distributed import (DistEnv, LocalSGD, barrier, broadcast_from_rank0, cleanup, make_local_sgd,
+                                            setup)
 from tuneserve.training.sharding import (EvenBatches, FullStateTrainables, is_sharded, replicated, shard_model,
                                          update_ema)
 from tuneserve.training.export import export_checkpoint, load_weights
@@ -142,7 +143,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         new_head = {k: v.clone() for k, v in head_module.state_dict().items()}
         probed = fit_head(model, arch.head, eval_loader(ds.train, pp, cfg, env), env, len(ds.classes),
                           weights, cfg.label_smoothing, cfg.seed, channels_last)
-        _broadcast_from_rank0(head_parameters(model, cfg.arch), env)
+        broadcast_from_rank0(head_parameters(model, cfg.arch), env)
         if cfg.probe_candidate:
             val0 = evaluate(model, val_loader, env, amp_dtype, channels_last, ds.classes, desc="val (probe)")
             probe_row = {"epoch": 0, "phase": "probe", "probe_head": probed, "val": val0,
@@ -236,7 +237,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
             local_sgd.average_now(p for p in model.parameters() if p.requires_grad)
         _sync_buffers(model, env)
         if ema is not None:  # sharded: the parameters agree by construction, only buffers can differ
-            _broadcast_from_rank0(replicated(ema) if sharded else ema.state_dict().values(), env)
+            broadcast_from_rank0(replicated(ema) if sharded else ema.state_dict().values(), env)
         val, live = _validate(model, ema, val_loader, env, amp_dtype, channels_last, ds.classes)
         row = {"epoch": epoch + 1, "phase": phase, "lr": lr_now, **stats,
                **{f"val_{k}": v for k, v in val.items() if k in ("loss", "top1", "top5", "macro_f1")},
@@ -475,16 +476,7 @@ def _set_train_mode(model: nn.Module, head: set[int], phase: str) -> None:
 
 def _sync_buffers(model: nn.Module, env: DistEnv) -> None:
     """Ranks' BatchNorm running statistics drift apart after their last local batch; take rank 0's."""
-    _broadcast_from_rank0(model.buffers(), env)
-
-
-def _broadcast_from_rank0(tensors: Iterable[torch.Tensor], env: DistEnv) -> None:
-    # Under no_grad: a broadcast into a parameter that requires grad is otherwise recorded by autograd, and every
-    # backward after it warns that c10d::broadcast_ has no autograd kernel.
-    if env.distributed:
-        with torch.no_grad():
-            for t in tensors:
-                torch.distributed.broadcast(t, src=0)
+    broadcast_from_rank0(model.buffers(), env)
 
 
 def _save_epoch(run_dir: Path, meta: ckpt_io.RunMeta, trainables: ckpt_io.Trainables, progress: Progress,
