@@ -36,7 +36,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-from support import QUICK_EXPORT, builtin_model, hymenoptera_subset, standin_hymenoptera, write_image  # noqa: E402
+from support import (QUICK_EXPORT, Ranks, builtin_model, hymenoptera_subset, standin_hymenoptera,  # noqa: E402
+                     write_image)
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +54,14 @@ def hymenoptera(tmp_path_factory) -> Path:
 def model():
     """The built-in ImageNet model (EfficientNet-Lite0, 1000 classes), registered in this session's store."""
     return builtin_model()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """Two rank processes for this module's tests (support.Ranks)."""
+    pool = Ranks(2)
+    yield pool
+    pool.close()
 
 
 @pytest.fixture

@@ -171,6 +171,16 @@ def inference_batches(metrics_text: str) -> tuple[int, int]:
 
 # --- distributed ranks ------------------------------------------------------------------------------------------
 
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest |a - b| over the floating-point tensors of `b`, in float64."""
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in b if b[k].is_floating_point())
+
+
+def cli_flags(settings: dict[str, Any]) -> list[str]:
+    """TrainConfig keyword arguments as `tuneserve train` flags: {"head_epochs": 1} -> ["--head-epochs=1"]."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+
 class Ranks:
     """`world_size` rank processes kept for a test module: `ranks.run(fn, *args)` calls `fn(rank, world_size,
     port, *args)` on every rank with a fresh port, as `torch.multiprocessing.spawn` would, without starting new

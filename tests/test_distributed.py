@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from support import QUICK_EXPORT, QUICK_EXPORT_FLAGS, hymenoptera_subset, shadowing_packages, write_image
-from support import ARCH, Ranks, equivalence_rank, equivalence_steps, local_sgd_rank
+from support import ARCH, cli_flags, equivalence_rank, equivalence_steps, local_sgd_rank, max_diff
 from tuneserve.models.store import load_model
 from tuneserve.models.weights import build_model
 from tuneserve.training.config import TrainConfig
@@ -26,18 +26,6 @@ from tuneserve.cli import main as cli_main
 from tuneserve.training.evaluate import evaluate_stored
 from tuneserve.launch import torchrun_command
 from tuneserve.parsers import build_parser
-
-
-@pytest.fixture(scope="module")
-def ranks():
-    """Two rank processes for this module's tests (support.Ranks)."""
-    pool = Ranks(2)
-    yield pool
-    pool.close()
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in b if b[k].is_floating_point())
 
 
 @pytest.mark.slow
@@ -53,13 +41,13 @@ def test_two_ranks_step_exactly_like_one_process_with_twice_the_batch(ranks, tmp
     one = DistEnv()  # this process, batch 2 x 3 (x 2 for the accumulation run), no process group
     single = [equivalence_steps(one, samples[: r["images"]], 2 * r["batch"] * r["accum"], 1, r["bn"]) for r in runs]
     for i, run in enumerate(runs):
-        assert _max_diff(rank0[i], rank1[i]) == 0.0, run  # DDP keeps the ranks in lockstep
-    assert _max_diff(rank0[0], single[0]) < 1e-10  # float64: equal up to rounding
-    assert _max_diff(rank0[1], single[1]) < 1e-10  # no_sync gradient accumulation included
-    assert _max_diff(rank0[2], single[2]) > 1e-4  # per-rank BatchNorm statistics: a different run
+        assert max_diff(rank0[i], rank1[i]) == 0.0, run  # DDP keeps the ranks in lockstep
+    assert max_diff(rank0[0], single[0]) < 1e-10  # float64: equal up to rounding
+    assert max_diff(rank0[1], single[1]) < 1e-10  # no_sync gradient accumulation included
+    assert max_diff(rank0[2], single[2]) > 1e-4  # per-rank BatchNorm statistics: a different run
     torch.manual_seed(0)
     start = dict(build_model(ARCH, 3, "imagenet").double().named_parameters())
-    assert _max_diff(rank0[0], {k: v for k, v in start.items() if not k.startswith("classifier")}) > 1e-4  # it trained
+    assert max_diff(rank0[0], {k: v for k, v in start.items() if not k.startswith("classifier")}) > 1e-4  # it trained
 
 
 @pytest.mark.slow
@@ -275,7 +263,7 @@ def test_two_cpu_ranks_register_a_model_as_good_as_one(one_rank, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
          "--data", str(subset), "--batch-size", "4", "--output-dir", str(tmp_path / "two"), "--name", "hym-two-ranks",
-         *[f"--{k.replace('_', '-')}={v}" for k, v in ONE_RANK.items()], *QUICK_EXPORT_FLAGS],
+         *cli_flags(ONE_RANK), *QUICK_EXPORT_FLAGS],
         capture_output=True, text=True, timeout=300, cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1

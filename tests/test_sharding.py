@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from support import (ARCH, QUICK_EXPORT_FLAGS, Ranks, equivalence_steps, fsdp_equivalence_rank, sharded_checkpoint_rank,
-                     train_rank, write_image)
+from support import (ARCH, QUICK_EXPORT_FLAGS, cli_flags, equivalence_steps, fsdp_equivalence_rank, max_diff,
+                     sharded_checkpoint_rank, train_rank, write_image)
 from tuneserve.cli import main as cli_main
 from tuneserve.models.architectures import get_architecture
 from tuneserve.models.store import load_model
@@ -26,18 +26,6 @@ from tuneserve.training.distributed import DistEnv
 from tuneserve.training.ema import ema_weights
 from tuneserve.training.sharding import shard_plan
 from tuneserve.training.train import train
-
-
-@pytest.fixture(scope="module")
-def ranks():
-    """Two rank processes for this module's tests (support.Ranks)."""
-    pool = Ranks(2)
-    yield pool
-    pool.close()
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in b if b[k].is_floating_point())
 
 
 def _bf16_channels_last_rank(rank: int, world_size: int, port: int, out: str) -> None:
@@ -150,11 +138,11 @@ def test_two_sharded_ranks_step_exactly_like_one_process(ranks, tmp_path):
     ranks.run(fsdp_equivalence_rank, samples, run, str(tmp_path))
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     single = equivalence_steps(DistEnv(), samples, 12, 1, "frozen")
-    assert _max_diff(rank0, rank1) == 0.0
-    assert _max_diff(rank0, single) < 1e-10
+    assert max_diff(rank0, rank1) == 0.0
+    assert max_diff(rank0, single) < 1e-10
     torch.manual_seed(0)
     start = dict(build_model(ARCH, 3, "imagenet").double().named_parameters())
-    assert _max_diff(rank0, {k: v for k, v in start.items() if not k.startswith("classifier")}) > 1e-4  # it trained
+    assert max_diff(rank0, {k: v for k, v in start.items() if not k.startswith("classifier")}) > 1e-4  # it trained
 
 
 @pytest.mark.slow
@@ -189,7 +177,7 @@ TINY_RUN = dict(device="cpu", epochs=2, head_epochs=1, batch_size=2, val_fractio
 
 def _torchrun(data, out, name: str, *flags: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
-           "--data", str(data), *[f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items()], "--ema",
+           "--data", str(data), *cli_flags(TINY_RUN), "--ema",
            "--output-dir", str(out), "--name", name, *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent)
 
