@@ -52,6 +52,9 @@ def test_bentoml_build_offline(tmp_path):
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04" in dockerfile
     assert f"TUNESERVE_MODELS={model.tag}" in dockerfile  # the image serves exactly the packed version
+    # ... set after the packages are installed: an image of another model version reuses that layer.
+    assert dockerfile.index("env/python/install.sh") < dockerfile.index("ARG TUNESERVE_MODELS=")
+    assert dockerfile.count("ARG TUNESERVE_MODELS=") == 1 and "ARG BENTOML_DO_NOT_TRACK=True" in dockerfile
     assert "uv venv -p 3.11" in dockerfile and "USER bentoml" in dockerfile  # uv's Python 3.11, run as non-root
     assert "build-essential" not in dockerfile and " git" not in dockerfile  # deploy/Dockerfile.template's lean base
     assert "onnxruntime-gpu==1.31.*" in requirements and "bentoml==" in requirements
