@@ -1,6 +1,6 @@
 """`--shard fsdp` (FSDP2) on CPU ranks (gloo): the sharding plan, the settings it refuses, one process, exact
 steps against one process in float64, full-state checkpoints that round-trip, and the real CLI under torchrun
-against DDP."""
+against DDP (both from the decoded-image cache, built once for both ranks)."""
 from __future__ import annotations
 
 import json
@@ -186,13 +186,16 @@ def _torchrun(data, out, name: str, *flags: str) -> subprocess.CompletedProcess:
 def test_torchrun_shard_fsdp_trains_like_ddp_and_registers_a_model(ranks, tiny_folder, tmp_path):
     """`torchrun --nproc-per-node 2 -m tuneserve train --shard fsdp` (head phase, then full phase; weight EMA;
     9 validation images, so rank 0 has one batch more than rank 1) against the same run under DDP: the same
-    history and, up to float32 summation order, the same weights; full checkpoints; a registered model."""
+    history and, up to float32 summation order, the same weights; full checkpoints; a registered model.
+    Both train from the decoded-image cache (--pipeline cache), which local rank 0 builds while rank 1 waits."""
     fsdp = _torchrun(tiny_folder, tmp_path / "fsdp", "tiny-fsdp", "--shard", "fsdp", "--parity-images", "4",
-                     *QUICK_EXPORT_FLAGS)
+                     "--pipeline", "cache", "--cache-dir", str(tmp_path / "cache-fsdp"), *QUICK_EXPORT_FLAGS)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "FSDP (sharded): 2 ranks x batch 2" in fsdp.stderr
     ranks.run(train_rank, dict(data=str(tiny_folder), ema=True, export=False, output_dir=str(tmp_path / "ddp"),
-                               name="tiny-ddp", **TINY_RUN))
+                               name="tiny-ddp", pipeline="cache", cache_dir=str(tmp_path / "cache-ddp"), **TINY_RUN))
+    for cache in ("cache-fsdp", "cache-ddp"):  # one cache each, built once for both ranks, no leftovers
+        assert [p.suffix for p in (tmp_path / cache).iterdir()] == [".u8"], cache
     (run_f,), (run_d,) = (tmp_path / "fsdp").iterdir(), (tmp_path / "ddp").iterdir()
     hist_f, hist_d = (json.loads((r / "history.json").read_text()) for r in (run_f, run_d))
     assert [h["phase"] for h in hist_f] == ["head", "full"]
