@@ -74,7 +74,7 @@ def test_a_worker_that_cannot_start_stops_the_server_instead_of_restarting(model
     from tuneserve.service.config import ServiceConfig
     from tuneserve.service.plan import ServingPlan
 
-    config = ServiceConfig(models=model.tag, device="cuda")
+    config = ServiceConfig(models=model.tag, device="cuda", grpc_port=0)  # 8001 may be another server's
     plan = dataclasses.replace(ServingPlan.resolve(dataclasses.replace(config, device="cpu")), config=config,
                                device="cuda", device_reason="handed over as if a CUDA session had run")
     started = time.monotonic()
