@@ -83,7 +83,8 @@ def ants_bees(hymenoptera, tmp_path_factory):
 
     root = hymenoptera_subset(hymenoptera, tmp_path_factory.mktemp("hym-subset"), 10, 6)
     result = train(TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0,
-                               name="e2e-hym", output_dir=str(root / "runs"), parity_images=8, **QUICK_EXPORT))
+                               name="e2e-hym", output_dir=str(root / "runs"), parity_images=8, diagnostics=False,
+                               **QUICK_EXPORT))
     assert result.model is not None
     return result.model, result.run_dir
 
@@ -100,7 +101,8 @@ def two_tones(tmp_path_factory):
         for i in range(8):
             write_image(root / cls / f"{i}.png", seed=500 + c * 100 + i, size=(48, 40))
     result = train(TrainConfig(data=str(root), epochs=1, head_epochs=1, batch_size=8, loader_workers=0,
-                               name="tones", output_dir=str(root.parent / "runs"), parity_images=4, **QUICK_EXPORT))
+                               name="tones", output_dir=str(root.parent / "runs"), parity_images=4, diagnostics=False,
+                               **QUICK_EXPORT))
     assert result.model is not None
     return result.model
 

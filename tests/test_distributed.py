@@ -154,7 +154,7 @@ def test_two_hosts_torchrun_c10d(two_hosts, tiny_folder, tmp_path):
                "--local-addr", addr,
                "-m", "tuneserve", "train", "--data", str(tiny_folder), "--epochs", "2", "--batch-size", "2",
                "--loader-workers", "0", "--output-dir", str(tmp_path / "runs"), "--no-export", "--device", "cpu",
-               "--image-size", "64"]
+               "--image-size", "64", "--no-diagnostics"]
         with open(tmp_path / f"{ns}.out", "w") as out, open(tmp_path / f"{ns}.err", "w") as err:  # no pipe to fill
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, cwd=tmp_path,
                                           env={**os.environ, "GLOO_SOCKET_IFNAME": dev}))
@@ -227,7 +227,7 @@ def one_rank(hymenoptera, tmp_path_factory):
     for split in ("train", "val"):
         sorted((subset / split / "bees").iterdir())[-1].unlink()
     result = train(TrainConfig(data=str(subset), batch_size=8, output_dir=str(tmp / "runs"), name="hym-one-rank",
-                               exporter=QUICK_EXPORT["exporter"], **ONE_RANK))
+                               exporter=QUICK_EXPORT["exporter"], diagnostics=False, **ONE_RANK))
     return subset, result
 
 
@@ -263,7 +263,7 @@ def test_two_cpu_ranks_register_a_model_as_good_as_one(one_rank, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
          "--data", str(subset), "--batch-size", "4", "--output-dir", str(tmp_path / "two"), "--name", "hym-two-ranks",
-         *cli_flags(ONE_RANK), *QUICK_EXPORT_FLAGS],
+         *cli_flags(ONE_RANK), *QUICK_EXPORT_FLAGS, "--no-diagnostics"],
         capture_output=True, text=True, timeout=300, cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1

@@ -22,7 +22,7 @@ from tuneserve.models.weights import build_model
 from tuneserve.training.cam import CamModel
 from tuneserve.training.export import export_onnx, load_parity_images
 
-from support import QUICK_EXPORT
+from support import QUICK_EXPORT, builtin_model
 
 CAM_TOLERANCE = 1e-4  # what the issue asks of the served heatmap against PyTorch
 
@@ -87,18 +87,22 @@ def test_cams_agree_with_a_pytorch_reference_on_real_photos(arch, tmp_path):
     torchvision's weights need a download, so those networks are random, made realistic; a random deep network
     in float32 (PyTorch's own as much as onnxruntime's) is 1e-5 of the maps' range from the exact values, so
     for them the bound is 1e-4 of that range (docs/training.md lists the measured differences).
-    The default architecture goes through the default exporter (torch.export); the others through TorchScript's,
-    seconds instead of tens (tests/support.py QUICK_EXPORT): the maps are the network's, and each registration's
-    parity gate checks them again through whichever exporter it used."""
+    The default architecture is the built-in model's graph, as registered through the default exporter
+    (torch.export) and served; the others go through TorchScript's, seconds instead of tens (tests/support.py
+    QUICK_EXPORT): the maps are the network's, and each registration's parity gate checks them again through
+    whichever exporter it used."""
     torch.manual_seed(0)
+    builtin = builtin_model() if arch == DEFAULT_ARCH else None  # exported once a session, with its maps
     # 160 px (a 5 x 5 grid) rather than each network's own 224-260: the same graph, a third of the compute.
-    pp = dataclasses.replace(get_architecture(arch).preprocessing, input_size=160, resize_size=182)
+    pp = builtin.card.preprocessing if builtin else dataclasses.replace(get_architecture(arch).preprocessing,
+                                                                        input_size=160, resize_size=182)
     pixels = load_parity_images([str(p) for p in sample_photos()], pp)  # 5 real photos, uint8 (5, S, S, 3)
     x = torch.from_numpy(normalise(pixels, pp))
     trained = arch.startswith("efficientnet_lite")
     model = build_model(arch, 1000, "imagenet").eval() if trained else realistic(build_model(arch, 4, "none"), arch, x)
-    exporter = "dynamo" if arch == DEFAULT_ARCH else QUICK_EXPORT["exporter"]
-    session = OnnxClassifier(export_onnx(model, pp, tmp_path / "m.onnx", exporter, arch=arch), device="cpu")
+    graph = builtin.explain_path if builtin else export_onnx(model, pp, tmp_path / "m.onnx", QUICK_EXPORT["exporter"],
+                                                             arch=arch)
+    session = OnnxClassifier(graph, device="cpu")
     got_logits, cams = session.explain(pixels)
     with torch.no_grad():
         own = CamModel(model, arch)(x)[1].numpy()  # PyTorch's own float32 maps, for comparison
@@ -106,7 +110,7 @@ def test_cams_agree_with_a_pytorch_reference_on_real_photos(arch, tmp_path):
         logits = exact(x.double()).numpy()
         expected = reference_cams(exact, arch, x.double()).numpy()
     classes, (h, w) = logits.shape[1], expected.shape[2:]
-    assert cams.shape == (5, classes, h, w) and cams.dtype == np.float32 and (h, w) == (5, 5)
+    assert cams.shape == (5, classes, h, w) and cams.dtype == np.float32 and h == w == pp.input_size // 32
     scale = 1.0 if trained else max(1.0, float(np.abs(expected).max()))
     diff = float(np.abs(cams - expected).max())
     print(f"{arch}: max |CAM diff| onnxruntime {diff:.2e}, PyTorch float32 {np.abs(own - expected).max():.2e}; "

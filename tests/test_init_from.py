@@ -68,7 +68,9 @@ def test_continuing_on_more_data_keeps_the_old_validation_accuracy(hym_parent, h
     same = [(Path(path).name, label) for path, label in val_photos(root)]
     assert same == [(Path(path).name, label) for path, label in val_photos(parent_run.parent.parent)]  # the parent's
     result = train(TrainConfig(data=str(root), init_from=parent.name, epochs=1, head_epochs=0, batch_size=8,
-                               loader_workers=0, output_dir=str(tmp_path / "runs"), parity_images=4, **QUICK_EXPORT))
+                               loader_workers=0, output_dir=str(tmp_path / "runs"), parity_images=4, diagnostics=False,
+                               **QUICK_EXPORT))
+    assert not {"top_losses.png", "label_issues.csv", "label_issues.png"} & {p.name for p in result.run_dir.iterdir()}
     child = result.model
     assert child.name == parent.name and child.version != parent.version  # the parent's next version
     assert child.card.parent == parent.tag and child.card.train_config["init_from"] == parent.tag
@@ -91,7 +93,8 @@ def test_a_new_class_keeps_the_old_classes_predictions(hym_parent, hymenoptera, 
         for i in range(n):
             write_image(root / split / "stripes" / f"{i}.png", seed=500 + i + 100 * (split == "val"), size=(64, 48))
     result = train(TrainConfig(data=str(root), init_from=parent.tag, name="hym-three", epochs=1, head_epochs=1,
-                               batch_size=8, loader_workers=0, output_dir=str(tmp_path / "runs"), parity_images=4, **QUICK_EXPORT))
+                               batch_size=8, loader_workers=0, output_dir=str(tmp_path / "runs"), parity_images=4,
+                               diagnostics=False, **QUICK_EXPORT))
     child = result.model
     assert child.card.labels == ["ants", "bees", "stripes"] and child.card.parent == parent.tag
     old_photos = [(p, label) for p, label in val_photos(root) if label in ("ants", "bees")]

@@ -177,7 +177,7 @@ TINY_RUN = dict(device="cpu", epochs=2, head_epochs=1, batch_size=2, val_fractio
 
 def _torchrun(data, out, name: str, *flags: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tuneserve", "train",
-           "--data", str(data), *cli_flags(TINY_RUN), "--ema",
+           "--data", str(data), *cli_flags(TINY_RUN), "--ema", "--no-diagnostics",
            "--output-dir", str(out), "--name", name, *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent)
 
@@ -192,8 +192,9 @@ def test_torchrun_shard_fsdp_trains_like_ddp_and_registers_a_model(ranks, tiny_f
                      "--pipeline", "cache", "--cache-dir", str(tmp_path / "cache-fsdp"), *QUICK_EXPORT_FLAGS)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "FSDP (sharded): 2 ranks x batch 2" in fsdp.stderr
-    ranks.run(train_rank, dict(data=str(tiny_folder), ema=True, export=False, output_dir=str(tmp_path / "ddp"),
-                               name="tiny-ddp", pipeline="cache", cache_dir=str(tmp_path / "cache-ddp"), **TINY_RUN))
+    ranks.run(train_rank, dict(data=str(tiny_folder), ema=True, export=False, diagnostics=False,
+                               output_dir=str(tmp_path / "ddp"), name="tiny-ddp", pipeline="cache",
+                               cache_dir=str(tmp_path / "cache-ddp"), **TINY_RUN))
     for cache in ("cache-fsdp", "cache-ddp"):  # one cache each, built once for both ranks, no leftovers
         assert [p.suffix for p in (tmp_path / cache).iterdir()] == [".u8"], cache
     (run_f,), (run_d,) = (tmp_path / "fsdp").iterdir(), (tmp_path / "ddp").iterdir()

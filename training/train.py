@@ -287,9 +287,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
         plot_confusion(best_row["val"]["confusion"], ds.classes, run_dir / "confusion_matrix.png")
         if cfg.export:
             result.model = export_checkpoint(run_dir / "best.pt", name, ds, cfg)
-        # top_losses.png, label_issues.csv/.png (training/diagnostics.py), before the trackers take the files
-        after_training(run_dir / "best.pt", ds.classes, ds.train, ds.val, env.device, cfg.batch_size,
-                       cfg.effective_loader_workers(1), cfg.seed)
+        if cfg.diagnostics:  # top_losses.png, label_issues.csv/.png, before the trackers take the files
+            after_training(run_dir / "best.pt", ds.classes, ds.train, ds.val, env.device, cfg.batch_size,
+                           cfg.effective_loader_workers(1), cfg.seed)
         trackers.finish(best_row["val"], run_dir, result.model.path if result.model else None)
     barrier(env)
     return result
