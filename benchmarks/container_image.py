@@ -7,7 +7,10 @@ cannot pull nvidia/cuda), containerizes it with podman and reports: the image's 
 tuneserve adds (Python venv + Bento), the largest installed Python packages, the build's time (every layer built;
 the wheels downloaded beforehand, not timed) and that of an image for another model version (the package layer
 cached), and cold start (`podman run` to
-the first 200 from /readyz, and to the first answered /classify) over --runs fresh containers.
+the first 200 from /readyz, and to the first answered /classify) over --runs fresh containers, with the Kubernetes
+Deployment's settings: once with the workers the service chooses for this machine's CPUs, and once, alternated,
+with the Deployment's TUNESERVE_WORKERS (4: one per 2 of the 8 CPUs it requests beside a GPU), whose every worker
+loads the service and the model at once, which a machine with fewer CPUs than that pays for.
 Needs podman, runc, debootstrap (apt-get install podman runc debootstrap) and runs as root.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import podman_image as cs  # the recipe tests/test_container.py builds and proves
 from results_io import write_result
 from shared_data import HYMENOPTERA, ROOT
+from tuneserve.service.config import ServiceConfig
 from tuneserve.service.process import free_port
 
 PHOTO = HYMENOPTERA / "val" / "bees"
@@ -48,11 +52,20 @@ def largest_packages(image: str, env: dict[str, str], n: int = 6) -> list[tuple[
     return [(line.split()[0], int(line.split()[1])) for line in out.stdout.splitlines()]
 
 
-def cold_start(image: str, env: dict[str, str], photo: bytes) -> tuple[float, float]:
-    """Seconds from `podman run` to /readyz 200, and to the first /classify answer."""
+def manifest_setting(name: str) -> int:
+    """A literal environment value of the Deployment's container, as an int."""
+    (container,) = cs.deployment_manifest()["spec"]["template"]["spec"]["containers"]
+    return int(next(e["value"] for e in container["env"] if e["name"] == name))
+
+
+def cold_start(image: str, env: dict[str, str], photo: bytes, workers: int | None = None) -> tuple[float, float]:
+    """Seconds from `podman run` to /readyz 200, and to the first /classify answer. `workers` replaces the
+    Deployment's TUNESERVE_WORKERS (None: keep it)."""
     name, port = f"tuneserve-bench-{uuid.uuid4().hex[:8]}", free_port()
     key = secrets.token_hex(16)
     flags = cs.podman_flags_like_kubernetes(cs.deployment_manifest(), {"tuneserve-keys": {"api-key": key}})
+    if workers is not None:
+        flags += ["-e", f"TUNESERVE_WORKERS={workers}"]  # the last -e of a name wins
     start = time.monotonic()
     try:
         subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", *flags, image],
@@ -116,12 +129,18 @@ def main() -> None:
             size, base_size = image_bytes(image, env), image_bytes(base, env)
             packages = largest_packages(image, env)
             photo = sorted(PHOTO.glob("*.jpg"))[0].read_bytes()
-            starts = [cold_start(image, env, photo) for _ in range(args.runs)]
+            here = ServiceConfig().worker_count("cpu")  # what the image chooses on this machine (no GPU here)
+            manifest_workers = manifest_setting("TUNESERVE_WORKERS")
+            starts, manifest_starts = [], []
+            for _ in range(args.runs):  # alternated: the machine's drift reaches both alike
+                starts.append(cold_start(image, env, photo, workers=here))
+                manifest_starts.append(cold_start(image, env, photo))
         finally:
             subprocess.run(["podman", "rmi", "-f", image], env=env, capture_output=True)
 
     ready = [r for r, _ in starts]
     first = [f for _, f in starts]
+    manifest_ready = [r for r, _ in manifest_starts]
     result = {
         "model": model.tag, "build_s_with_cached_base": round(build_s, 1),
         "rebuild_s_another_model_version": round(rebuild_s, 1),
@@ -129,6 +148,9 @@ def main() -> None:
         "largest_packages_mb": {name: round(b / 1e6) for name, b in packages},
         "ready_s": {"median": round(statistics.median(ready), 2), "max": round(max(ready), 2), "runs": len(ready)},
         "first_answer_s": {"median": round(statistics.median(first), 2), "max": round(max(first), 2)},
+        "workers": here, "manifest_workers": manifest_workers,
+        "ready_s_manifest_workers": {"median": round(statistics.median(manifest_ready), 2),
+                                     "max": round(max(manifest_ready), 2), "runs": len(manifest_ready)},
     }
     write_result(args.out, **result)
 
@@ -140,8 +162,11 @@ def main() -> None:
         print(f"{'    ' + name:34s} {mb} MB")
     print(f"{'build (bento + image, base cached)':34s} {result['build_s_with_cached_base']} s")
     print(f"{'rebuild, another model version':34s} {result['rebuild_s_another_model_version']} s")
-    print(f"{'cold start to /readyz 200':34s} median {result['ready_s']['median']} s, max {result['ready_s']['max']} s ({len(ready)} runs)")
+    print(f"{'cold start to /readyz 200':34s} median {result['ready_s']['median']} s, max {result['ready_s']['max']} s "
+          f"({len(ready)} runs, {here} workers)")
     print(f"{'cold start to first /classify':34s} median {result['first_answer_s']['median']} s, max {result['first_answer_s']['max']} s")
+    print(f"{'  with the Deployment workers':34s} median {result['ready_s_manifest_workers']['median']} s, max "
+          f"{result['ready_s_manifest_workers']['max']} s ({manifest_workers} workers)")
     print(f"written to {args.out}")
 
 
