@@ -71,6 +71,7 @@ class Health:
         """Worker processes of this server that serve now (this one included); 1 outside a BentoML server.
         A worker that died, or one started in its place and still loading its model, is not counted."""
         return max(len(ready_worker_pids()), 1)
+
     def report(self) -> dict:
         alive = self.workers_alive()
         now = time.monotonic()
