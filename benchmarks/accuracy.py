@@ -65,8 +65,9 @@ PUBLISHED_TOP1 = {"neu-surface-defect": 1.0, "leeds-butterfly": 0.895}  # the fi
 # photo moves the recall by more than 1/15 and the figure says little.
 MIN_SUPPORT = 15
 IMBALANCE = 10  # the -imbalanced sets keep 1 in this many training photos of their first class
-# The -dominant sets' first class holds this share of each split: the inspection set behind the issue had 73%,
-# and 70% leaves a 3-class 256 px aerial set (rsscn7-3classes-dominant) >= 15 validation photos a minority class.
+# The -dominant sets' first class holds this share of each split: inspection sets often hold ~70-75% defect-free
+# photos, and 70% leaves a 3-class 256 px aerial set (rsscn7-3classes-dominant) >= 15 validation photos a minority
+# class.
 DOMINANT_SHARE = 0.70
 
 

@@ -93,7 +93,7 @@ def test_cams_agree_with_a_pytorch_reference_on_real_photos(arch, tmp_path):
     whichever exporter it used."""
     torch.manual_seed(0)
     builtin = builtin_model() if arch == DEFAULT_ARCH else None  # exported once a session, with its maps
-    # 160 px (a 5 x 5 grid) rather than each network's own 224-260: the same graph, a third of the compute.
+    # The others at 160 px (a 5 x 5 grid) rather than their own 224-260: the same graph, a third of the compute.
     pp = builtin.card.preprocessing if builtin else dataclasses.replace(get_architecture(arch).preprocessing,
                                                                         input_size=160, resize_size=182)
     pixels = load_parity_images([str(p) for p in sample_photos()], pp)  # 5 real photos, uint8 (5, S, S, 3)
