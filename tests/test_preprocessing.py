@@ -177,7 +177,8 @@ def test_draft_decoding_keeps_the_models_answers(hymenoptera, tmp_path):
     pixel_diff = np.abs(drafted.astype(np.int16) - exact)  # in 1/255 units
     assert pixel_diff.mean() < 1.0, pixel_diff.mean()
     session = OnnxClassifier(model.onnx_path, "cpu")
-    p_drafted, p_exact = (softmax(session(session.inputs(pixels, prep))) for pixels, prep in ((drafted, pp), (exact, full)))
+    p_drafted, p_exact = (softmax(session(session.inputs(pixels, prep)))
+                          for pixels, prep in ((drafted, pp), (exact, full)))
     assert np.abs(p_drafted - p_exact).max() <= 0.05
     # The same top-1 wherever the full decode's answer is not a coin toss (one photo here is 0.407 vs 0.403):
     # 20 of these 22 photos (18 of the stand-in's crops without ../shared).
