@@ -37,6 +37,7 @@ caveats.
 from __future__ import annotations
 
 import argparse
+import collections
 import random
 import re
 import tempfile
@@ -97,9 +98,7 @@ def parse_set(name: str) -> tuple[str, list[str]]:
 def dominant_quota(samples) -> dict[int, int]:
     """How many photos of each class a -dominant split keeps: the first class all of its own, every other class
     the same fraction of its own, so that the first holds DOMINANT_SHARE of the split."""
-    counts: dict[int, int] = {}
-    for s in samples:
-        counts[s.label] = counts.get(s.label, 0) + 1
+    counts = collections.Counter(s.label for s in samples)
     others = sum(n for label, n in counts.items() if label != 0)
     keep = counts.get(0, 0) * (1 - DOMINANT_SHARE) / DOMINANT_SHARE / max(1, others)
     return {label: n if label == 0 else max(1, round(n * keep)) for label, n in counts.items()}
