@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--batch-sizes", default="1,8,32,128")
     ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default, every "
+                    "core; a CPU service worker gets the cores over the workers: 1 with 2 workers on 2 cores)")
     ap.add_argument("--precisions", default="all",
                     help="all, served (what the service picks here for --model), or a list such as fp16,fp32")
     ap.add_argument("--io-binding", default="both", choices=("both", "on", "off"))
@@ -119,8 +121,8 @@ def main() -> None:
                     for nhwc in (switch[args.nhwc] if on_cuda else (None,))]
         for precision, io_binding, nhwc in variants:
             options = None if nhwc is None else {"prefer_nhwc": "1" if nhwc else "0"}
-            session = OnnxClassifier(graphs[precision], args.device, io_binding=io_binding,
-                                     buckets=False, cuda_options=options)
+            session = OnnxClassifier(graphs[precision], args.device, intra_op_threads=args.threads,
+                                     io_binding=io_binding, buckets=False, cuda_options=options)
             x_all = random_input(session, max(sizes), size)
             for b in sizes:
                 ips = measure(session, x_all[:b], args.seconds)
@@ -136,7 +138,7 @@ def main() -> None:
         cells = [r["images_per_s"] for r in rows if (r["precision"], r["io_binding"], r["nhwc"]) == (precision, io_binding, nhwc)]
         print(f"{precision:9s} {str(io_binding):7s} {str(nhwc):5s} " + " ".join(f"{c:9.1f}" for c in cells))
     if args.out:
-        write_result(args.out, model=name, rows=rows, machine=machine(rows[0]["provider"]))
+        write_result(args.out, model=name, rows=rows, threads=args.threads, machine=machine(rows[0]["provider"]))
 
 
 def machine(provider: str) -> str:

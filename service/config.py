@@ -19,14 +19,15 @@ DEVICES = ("auto", "cuda", "cpu")
 MODEL_CONTROL = ("none", "poll", "explicit")
 
 # Batching defaults per device, chosen by measurement (docs/benchmarks.md, "Serving: batching").
-# CPU (2 cores, EfficientNet-Lite0): onnxruntime alone is no faster per image in batches there
-# (394 img/s at batch 1, 361 at 8), and the service is CPU-bound on decoding; with the in-process batcher,
-# bounds of 4, 8 and 16 land within run-to-run noise (138-154 img/s at 16 clients) and batching off is
-# 127 img/s. 8 lets a burst drain in one call. The latency bound only decides when queued work is shed with
-# 503 (measured: 100 ms shed 35% of requests at 16 clients, 1000 ms 3% at 64 clients).
+# CPU (2 cores, EfficientNet-Lite0, one onnxruntime thread per worker as served): onnxruntime's cost per image is
+# flat up to batch 4 and grows past it as a batch's activations outgrow the caches (200 / 205 / 198 img/s at
+# batch 1 / 2 / 4, 177 at 8, 164 at 16; ResNet-50 flat at 27-28 from 1 to 16). Under a flood every call is
+# full, so the bound is the batch size the model runs at: 4 served 5% and 8% more 200s than 8 at 64 and 256
+# closed-loop connections (one run, interleaved). A call still takes whatever is queued, up to the bound.
+# The latency bound only decides when queued work is shed with 503.
 # CUDA: not measured (benchmarks/gpu_suite.sh measures it). EfficientNet-class models keep gaining throughput
 # up to batch 32-64 on a data-centre GPU, where a batch of 64 takes milliseconds: 64 is the starting point.
-BATCHING_DEFAULTS = {"cpu": (8, 1000), "cuda": (64, 1000)}
+BATCHING_DEFAULTS = {"cpu": (4, 1000), "cuda": (64, 1000)}
 
 
 def _setting(default: Any, env: str, help: str, minimum: int | None = None, choices: tuple[str, ...] | None = None,

@@ -119,7 +119,7 @@ def test_device_comes_from_a_session_that_ran(model, monkeypatch):
     device, reason = probe_device("auto", model)  # listed, but it cannot run: the session falls back or fails
     assert device == "cpu" and "did not run" in reason
     plan = ServingPlan.resolve(ServiceConfig(models=model.tag))
-    assert plan.device == "cpu" and plan.device_reason == reason and plan.max_batch_size == 8  # CPU defaults
+    assert plan.device == "cpu" and plan.device_reason == reason and plan.max_batch_size == BATCHING_DEFAULTS["cpu"][0]  # CPU defaults
     with pytest.raises(ModelUnusable, match="TUNESERVE_DEVICE=cuda, but the CUDA provider did not run"):
         probe_device("cuda", model)
 
