@@ -27,8 +27,8 @@ from bentoml.validators import ContentType
 
 from tuneserve.service import health, lifecycle
 from tuneserve.service.config import ServiceConfig, check_exposure
-from tuneserve.service.edges import grpc_edge, http_protocol
-from tuneserve.service.edges.front import Front, Keys, header_checks
+from tuneserve.service.edges import grpc_edge
+from tuneserve.service.edges.front import Front, Keys, header_checks, use_in_uvicorn
 from tuneserve.service.edges.route_table import CLIENT_ROUTES, RouteTable
 from tuneserve.service.edges.routes import batch_results, create_app, parse_top_k, predictions
 from tuneserve.service.engine.decode_budget import limit_malloc_arenas
@@ -101,7 +101,7 @@ HEADER_CHECKS = header_checks(PLAN.config, TABLE, KEYS, ADMISSION, on_refused=la
 http_app = create_app(engine=lambda: bentoml.get_current_service().engine,
                       openapi_base=lambda: Classifier.openapi_spec.asdict(), management=KEYS.admin is not None)
 if lifecycle.in_worker():
-    lifecycle.resolve_or_exit(http_protocol.use_in_uvicorn)  # header limits and timeouts, JSON framing errors, cheap and paced refusals
+    lifecycle.resolve_or_exit(use_in_uvicorn)  # header limits and timeouts, JSON framing errors, cheap and paced refusals
     limit_malloc_arenas()  # before the decoding and inference threads exist
 
 

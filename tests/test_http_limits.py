@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tuneserve.service.edges.http_protocol import MAX_HEADER_BYTES, MAX_HEADERS
+from tuneserve.service.edges.front import MAX_HEADER_BYTES, MAX_HEADERS
 from tuneserve.service.process import running_server
 from support import photo
 
@@ -155,7 +155,7 @@ def test_uvicorn_is_a_version_the_protocol_was_tested_with():
     range, every private member it relies on is there, and another version stops the service with the reason."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    from tuneserve.service.edges.http_protocol import check_uvicorn
+    from tuneserve.service.edges.front import check_uvicorn
 
     check_uvicorn()
     with pytest.raises(RuntimeError, match=r"uvicorn 0\.56\.0 is installed, but .* tested with uvicorn >=0\.55,<0\.56"):

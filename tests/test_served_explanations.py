@@ -16,7 +16,7 @@ from tuneserve.models.explain import normalise_heatmap
 from tuneserve.models.preprocessing import load_image, preprocess_pixels
 from tuneserve.models.runtime import OnnxClassifier
 from tuneserve.models.store import save_model
-from support import RecordingMetrics, make_engine, photo, photo_path, routes_client
+from support import RecordingMetrics, make_engine, photo, routes_client
 
 
 @pytest.fixture(scope="module")

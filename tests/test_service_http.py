@@ -4,7 +4,6 @@ dynamic batcher, the thread pool and the limits work as under `bentoml serve`; a
 (/livez, /readyz, /metrics, the OpenAPI document) through the BentoML service's ASGI app."""
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import re
 from concurrent.futures import ThreadPoolExecutor

@@ -1,6 +1,6 @@
 """Every HTTP route the service answers, in one table: the single source of the app's routes
 (routes.py), which key each needs (front.py), which paths exist at all (the HTTP protocol answers 404 for
-the others from the request line, http_protocol.py), which ones admission may refuse from their headers, and
+the others from the request line, front.py), which ones admission may refuse from their headers, and
 which the OpenAPI document describes (openapi.py). Adding a route is one line here and its handler.
 
 Routes whose handler is None are answered by BentoML itself (its probes, metrics, Swagger UI, the API

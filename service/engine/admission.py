@@ -11,7 +11,7 @@ new request would be finished. A request is taken when that is within ADMIT_SHAR
 rest covers the estimate's error, which under overload is large enough that taking work expected to finish
 later costs more (decoded, then shed at its deadline) than it serves.
 
-Pacing: a refused request gets its 503 late, not at once (the HTTP edge holds it, service/edges/http_protocol.py;
+Pacing: a refused request gets its 503 late, not at once (the HTTP edge holds it, service/edges/front.py;
 the gRPC edge sleeps). A closed-loop client that resends the moment it is refused otherwise turns each refusal
 into another request, and the refusals' own CPU crowds out the work (0.40 of capacity at 256 connections,
 docs/benchmarks.md "Goodput under a flood"). A refusal is held at least the latency bound, as long as an
