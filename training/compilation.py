@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 
 
-def check_compile(device: torch.device) -> None:
-    """Compile and run a one-line function on `device`, so that a platform without what torch.compile needs
+def check_compile(device: torch.device, backend: str = "inductor") -> None:
+    """Compile (with `backend`) and run a one-line function on `device`, so that a platform without what torch.compile needs
     (a C++ compiler on CPU, Triton on CUDA, a supported Python) fails now, in one line naming the flag, rather
     than at the first training step in a long traceback."""
     try:
-        torch.compile(_probe, fullgraph=True)(torch.ones(2, device=device))
+        torch.compile(_probe, fullgraph=True, backend=backend)(torch.ones(2, device=device))
     except Exception as e:  # noqa: BLE001 - InductorError, BackendCompilerFailed, RuntimeError: all mean "cannot"
         # The first line that says what failed, not a header such as "backend='inductor' raised:".
         lines = (line.strip() for line in str(e).splitlines())
@@ -23,7 +23,7 @@ def _probe(x: torch.Tensor) -> torch.Tensor:
     return x * 2 + 1
 
 
-def compiled(model: nn.Module) -> nn.Module:
+def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """A compiled view of `model` sharing its parameters, to be wrapped in DDP afterwards: torch's guide ("Where
     to apply torch.compile?") compiles the inner module, since Dynamo does not handle DDP wrappers well."""
-    return torch.compile(model)
+    return torch.compile(model, backend=backend)

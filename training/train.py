@@ -93,7 +93,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     reporters = parse_report_to(cfg.report_to)  # before anything slow: a bad value or a missing library
     check_installed(reporters)
     if cfg.compile:
-        check_compile(env.device)
+        check_compile(env.device, cfg.compile_backend)
     name = validate_name(cfg.model_name())
     arch = get_architecture(cfg.arch)
     pp = _preprocessing(parent.card.preprocessing if parent is not None else arch.preprocessing, cfg.image_size)
@@ -205,7 +205,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_epoch_end: Callable[[int, dict[str
     local_sgd = make_local_sgd(cfg.local_sgd_period, cfg.local_sgd_warmup_steps, cfg.local_sgd_intra_node,
                                scheduler.last_epoch, env)
     after_step = _after_step(model, optimizer, local_sgd, ema)
-    step_module = compiled(model) if cfg.compile else model
+    step_module = compiled(model, cfg.compile_backend) if cfg.compile else model
 
     stopped_early = False
     ddp_model: nn.Module = model
