@@ -81,6 +81,9 @@ def test_work_refused_after_admission_does_not_raise_the_rate():
 def test_deadline():
     d = Deadline(arrived=10.0, expires=11.0)
     assert not d.expired(now=10.5) and d.expired(now=11.01)
+    admission = Admission(bound_s=1.0, max_in_flight=8, clock=lambda: 20.0)
+    assert admission.deadline() == Deadline(20.0, 21.0)  # arriving now
+    assert admission.deadline(arrived=19.5) == Deadline(19.5, 20.5)  # the edge began it earlier: the bound counts from there
 
 
 def test_a_refusal_is_held_the_bound_and_longer_when_many_are_held_at_most_max_hold():

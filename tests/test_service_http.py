@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -381,6 +382,20 @@ def test_overload_answers_503_at_the_bound(client, engine, monkeypatch):
     assert "TUNESERVE_MAX_IN_FLIGHT=1" in busy.json()["error"] and busy.headers["retry-after"] == "1"
     monkeypatch.undo()
     assert client.post("/classify", content=photo("coffee.png")).status_code == 200
+
+
+def test_the_bound_counts_from_when_the_route_began_the_request(client, engine, monkeypatch):
+    """A body that takes longer than the bound to arrive leaves no time to answer in: 503, not a late 200."""
+    monkeypatch.setattr(engine.admission, "bound_s", 0.5)
+
+    def slow_body():  # read by the route (Starlette's TestClient reads it when the app asks for it)
+        time.sleep(0.7)
+        yield photo("coffee.png")
+
+    late = client.post("/classify", content=slow_body())
+    assert late.status_code == 503 and "over the latency bound" in late.json()["error"], late.text
+    monkeypatch.undo()
+    assert client.post("/classify", content=slow_body()).status_code == 200  # the default bound has room
 
 
 def test_batching_can_be_switched_off(model):

@@ -192,6 +192,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        arrived = time.monotonic()  # grpcio has read the message: the bound covers parsing it
         # Admission's first look, before any parsing, as the HTTP protocol judges a request from its headers.
         refused = self.engine.refusal(1)
         if refused is not None:
@@ -202,5 +203,5 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
                                   cfg.max_image_bytes)
         big = grpc_codec.payload_bytes(request) > PARSE_OFF_LOOP_BYTES
         parsed = await asyncio.to_thread(parse) if big else parse()
-        probs, cams = await oip.infer(self.engine, model, parsed)
+        probs, cams = await oip.infer(self.engine, model, parsed, arrived)
         return grpc_codec.model_infer_response(model.name, model.version, parsed, probs, model.labels, cams)

@@ -88,13 +88,15 @@ def pixels_spec(model: ModelVersion) -> PixelsSpec:
     return PixelsSpec.of(model.input_size, model.takes_pixels)
 
 
-async def infer(engine: Engine, model: ModelVersion, request: InferRequest) -> tuple[np.ndarray, np.ndarray | None]:
+async def infer(engine: Engine, model: ModelVersion, request: InferRequest,
+                arrived: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The one engine call of a v2 inference request, whichever transport carried it (REST or gRPC):
     (probabilities float32 (N, classes), the maps float32 (N, classes, h, w) when asked for, else None). An
-    image that fails fails the request."""
+    image that fails fails the request. `arrived`: when the edge began it (Engine.classify)."""
     images = request.pixels if request.pixels is not None else [
         ImageInput(str(i), data) for i, data in enumerate(request.images)]
-    result = await engine.classify(model.name, images, version=model.version, explain=request.wants_cams)
+    result = await engine.classify(model.name, images, version=model.version, explain=request.wants_cams,
+                                   arrived=arrived)
     return np.stack(result.results), (np.stack(result.cams) if request.wants_cams else None)
 
 

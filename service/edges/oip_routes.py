@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from typing import Callable
 
 from starlette.requests import Request
@@ -53,6 +54,7 @@ class OipHandlers:
                                              self.engine.config.max_batch_images))
 
     async def infer(self, request: Request) -> Response:
+        arrived = time.monotonic()  # the bound covers reading and parsing the body too
         model, cfg = self._served(request), self.engine.config
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
@@ -64,6 +66,6 @@ class OipHandlers:
         parse = functools.partial(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH),
                                   oip.pixels_spec(model), cfg.max_batch_images, cfg.max_image_bytes)
         parsed = await asyncio.to_thread(parse) if len(body) > 256 * 1024 else parse()
-        probs, cams = await oip.infer(self.engine, model, parsed)
+        probs, cams = await oip.infer(self.engine, model, parsed, arrived)
         content, headers = oip.encode_infer_response(model.name, model.version, parsed, probs, model.labels, cams)
         return Response(content, headers=headers)

@@ -192,16 +192,16 @@ class Handlers:
         return parse_top_k(raw, self.engine.config.top_k, len(self.engine.model(name).labels))
 
     async def classify(self, request: Request) -> Response:
-        name = request.path_params.get("name")
+        arrived, name = time.monotonic(), request.path_params.get("name")  # the bound covers the body's reading too
         image, k = await self._one_image(request, name, "/classify")
-        return JSONResponse(predictions(await self.engine.classify(name, [image]), k))
+        return JSONResponse(predictions(await self.engine.classify(name, [image], arrived=arrived), k))
 
     async def explain(self, request: Request) -> Response:
         """/classify's answer with, per predicted class, its heatmap on the model's grid and a PNG overlay on
         the photo as sent (base64); with `Accept: image/png`, the best class's overlay itself."""
-        name = request.path_params.get("name")
+        arrived, name = time.monotonic(), request.path_params.get("name")
         image, k = await self._one_image(request, name, "/explain")
-        result = await self.engine.classify(name, [image], explain=True)
+        result = await self.engine.classify(name, [image], explain=True, arrived=arrived)
         as_png = "image/png" in request.headers.get("accept", "")
         pp, max_pixels = result.model.model.card.preprocessing, self.engine.config.max_pixels
         # Drawing decodes the photo again and blends a colour map over it: CPU work, off the event loop.
@@ -229,7 +229,7 @@ class Handlers:
                                                   cfg.body_timeout_s)), k
 
     async def classify_batch(self, request: Request) -> Response:
-        cfg, name = self.engine.config, request.path_params.get("name")
+        arrived, cfg, name = time.monotonic(), self.engine.config, request.path_params.get("name")
         k = self._top_k(request.query_params.get("top_k"), name)
         if not is_multipart(request):
             raise RequestError(415, "/classify_batch takes multipart/form-data with one file part per image "
@@ -243,7 +243,7 @@ class Handlers:
                                     f"curl -F images=@a.jpg -F images=@b.jpg; text fields received: {sorted(fields) or 'none'}")
         if "top_k" in fields:
             k = self._top_k(fields["top_k"], name)
-        result = await self.engine.classify(name, files, per_image_errors=True)
+        result = await self.engine.classify(name, files, per_image_errors=True, arrived=arrived)
         return JSONResponse(batch_results(result, files, k))
 
     async def model_info(self, request: Request) -> Response:

@@ -208,10 +208,11 @@ class Admission:
         self.work = WorkEstimate(clock=clock, parallelism=parallelism)
         self.pacing = Pacing(bound_s, clock)
 
-    def deadline(self) -> Deadline:
-        """For a request arriving now: answer within the bound, or not at all."""
-        now = self.clock()
-        return Deadline(now, now + self.bound_s)
+    def deadline(self, arrived: float | None = None) -> Deadline:
+        """For a request that arrived at `arrived` (this clock; None: now): answer within the bound of it, or
+        not at all."""
+        start = self.clock() if arrived is None else arrived
+        return Deadline(start, start + self.bound_s)
 
     def refusal(self, images: int = 1, slack: float = 1.0) -> RequestError | None:
         """The 503 a request of `images` gets now, or None when it is expected to finish within the bound

@@ -107,14 +107,15 @@ class Engine:
 
     async def classify(self, name: str | None, images: Sequence[ImageInput] | np.ndarray, *,
                        version: str | None = None, per_image_errors: bool = False,
-                       explain: bool = False) -> Classification:
+                       explain: bool = False, arrived: float | None = None) -> Classification:
         """Probabilities for `images` (encoded images, or an array (N, ...) already in the model's input form:
         uint8 (N, S, S, 3), or float32 (N, 3, S, S) for models that take it normalised) from model `name`
         (None: the default) at `version` (None: whichever is served). Admission, decoding in the shared pool,
         the version's batcher and the latency bound all happen here. An image that cannot be decoded fails
         the whole call (RequestError 4xx), or with `per_image_errors` gets its own error in the results while
         the others are classified; a call out of time is a 503. `explain`: the class activation maps too, from
-        the same batches (a 422 for a model exported without them)."""
+        the same batches (a 422 for a model exported without them). `arrived`: when the edge began the request
+        (time.monotonic), so that the bound also covers reading and parsing its body; None: now."""
         started, status = time.monotonic(), 500
         model = self.model(name, version)
         if explain and not model.can_explain:
@@ -123,7 +124,7 @@ class Engine:
                                     "`tuneserve export RUN_DIR` and serve the new version")
         try:
             with model.in_use(), self.admission.admitted(len(images)):
-                result = await self._classify(model, images, per_image_errors, explain)
+                result = await self._classify(model, images, per_image_errors, explain, arrived)
             status = 200
             return result
         except RequestError as e:
@@ -133,8 +134,8 @@ class Engine:
             self.metrics.request(model.name, model.version, status, time.monotonic() - started)
 
     async def _classify(self, model: ModelVersion, images: Sequence[ImageInput] | np.ndarray,
-                        per_image_errors: bool, explain: bool = False) -> Classification:
-        deadline = self.admission.deadline()
+                        per_image_errors: bool, explain: bool = False, arrived: float | None = None) -> Classification:
+        deadline = self.admission.deadline(arrived)
         if isinstance(images, np.ndarray):
             prepared: list[np.ndarray | RequestError] = list(images)  # already the model's input
         else:
