@@ -40,22 +40,6 @@ from support import (QUICK_EXPORT, Ranks, builtin_model, hymenoptera_subset, sta
                      write_image)
 
 
-# The README runs the suite with `-n 2 --dist loadfile --no-loadscope-reorder`: whole files go to the two workers
-# in collection order, each worker taking the next file as it runs out. The longest files (CPU or wall seconds in
-# a cold run on 2 cores: the container build ~90 s, mostly downloads; the torchrun files 70-100 s of CPU; the GPU
-# check's rehearsal ~50 s) are collected first, so that the short files even out the end. xdist's own order,
-# by number of tests per file, puts the one-test container file among the last. One cold run each (caches
-# emptied): 356 s in xdist's order, 346 s in this one.
-LONGEST_FIRST = ("test_container.py", "test_distributed.py", "test_sharding.py", "test_gpu_check.py",
-                 "test_training.py", "test_live_updates.py", "test_explain.py", "test_service_e2e.py",
-                 "test_openapi_fuzz.py", "test_service_http.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole, the rest in order
-
-
 @pytest.fixture(scope="session")
 def hymenoptera(tmp_path_factory) -> Path:
     """The real hymenoptera photos ({train,val}/{ants,bees}/*.jpg) where ../shared/datasets is beside the
