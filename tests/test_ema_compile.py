@@ -119,8 +119,9 @@ def test_compiled_run_survives_unfreezing_checkpoints_and_exports_the_plain_mode
     keys = list(ckpt_io.load(compiled.run_dir / "best.pt")["model"])
     assert keys == list(ckpt_io.load(eager.run_dir / "best.pt")["model"])
     assert not any("_orig_mod" in k for k in keys)
-    card = load_model(compiled.model.tag).card if compiled.model is not None else None
-    assert card is not None and (card.train_config["compile"], card.train_config["compile_backend"]) == (True, "aot_eager")
+    assert compiled.model is not None
+    recorded = load_model(compiled.model.tag).card.train_config
+    assert (recorded["compile"], recorded["compile_backend"]) == (True, "aot_eager")
     assert set(load_weights(load_model(compiled.model.tag))) == set(keys)
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 
-def check_compile(device: torch.device, backend: str = "inductor") -> None:
+def check_compile(device: torch.device, backend: str) -> None:
     """Compile (with `backend`) and run a one-line function on `device`, so that a platform without what torch.compile needs
     (a C++ compiler on CPU, Triton on CUDA, a supported Python) fails now, in one line naming the flag, rather
     than at the first training step in a long traceback."""
@@ -23,7 +23,7 @@ def _probe(x: torch.Tensor) -> torch.Tensor:
     return x * 2 + 1
 
 
-def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
+def compiled(model: nn.Module, backend: str) -> nn.Module:
     """A compiled view of `model` sharing its parameters, to be wrapped in DDP afterwards: torch's guide ("Where
     to apply torch.compile?") compiles the inner module, since Dynamo does not handle DDP wrappers well."""
     return torch.compile(model, backend=backend)

@@ -22,6 +22,7 @@ def _opt(default: Any, help: str, **choices: Any) -> Any:
 
 CLASS_WEIGHTINGS = ("auto", "none", "inverse", "sqrt")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile's own: the compiler, and its two debug stages
+DEFAULT_COMPILE_BACKEND = COMPILE_BACKENDS[0]
 # From this ratio of the largest to the smallest training class, "auto" weights the loss; under it is the ordinary
 # spread of a hand-collected set (leeds-butterfly: 55 to 100 photos a class), which the plain loss handles.
 IMBALANCE_RATIO = 3.0
@@ -135,7 +136,7 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the training steps (needs a C++ compiler on CPU, Triton on CUDA): "
                          "faster steps after a compilation of a minute or more, and again when the backbone unfreezes; "
                          "checkpoints and export are unchanged", aliases=("--torchcompile",))
-    compile_backend: str = _opt("inductor", "torch.compile's backend with --compile: inductor generates fused kernels "
+    compile_backend: str = _opt(DEFAULT_COMPILE_BACKEND, "torch.compile's backend with --compile: inductor generates fused kernels "
                                 "(the speed-up); aot_eager traces and differentiates the same graphs without "
                                 "generating code, in seconds instead of a minute (tells a compiler problem from a "
                                 "model problem); eager only traces", choices=COMPILE_BACKENDS)
@@ -207,7 +208,7 @@ class TrainConfig:
              f"shard={self.shard!r} cannot be combined with local_sgd_period={self.local_sgd_period}: local SGD "
              "averages whole parameters through a DDP communication hook, and FSDP has neither; use --shard none "
              "with --local-sgd-period, or --local-sgd-period 0 with --shard fsdp")
-        need(self.compile or self.compile_backend == "inductor",
+        need(self.compile or self.compile_backend == DEFAULT_COMPILE_BACKEND,
              f"compile_backend={self.compile_backend!r} is used only with compile=True: add --compile, or drop "
              "--compile-backend")
         need(self.shard == "none" or not self.compile,

@@ -398,6 +398,7 @@ def _respond(status: int, body: bytes, hold_s: float):
 
 # -- the ASGI middleware and the API keys ----------------------------------------------------------------------
 
+
 def bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, or None."""
     for name, value in headers:
